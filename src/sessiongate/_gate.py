@@ -1,0 +1,361 @@
+"""The gate: at most ``capacity`` sessions at once, a FIFO queue, a deadline on waiting.
+
+Theory of operation
+-------------------
+A session is one ``async with gate.session() as ticket:`` block:
+
+1. *Arrival.* The ticket is stamped with an arrival sequence number (its place in the
+   FIFO) and the Trio clock. A closed gate refuses it (:class:`GateClosed`), so does a
+   full queue (:class:`QueueFull`). Nothing has been taken yet.
+2. *Wait.* Inside a ``trio.move_on_at(arrived_at + max_wait)`` cancel scope, the
+   backend's ``hold(ticket)`` is entered: it queues the ticket, waits until it is the
+   head and a slot is free, and takes the slot. The deadline scope wraps the wait
+   *only*: it is closed before the session's body runs, so a deadline that fires at the
+   very instant a slot is handed over cannot cancel an admitted session, and the body
+   never runs under the queue deadline. If the scope caught its cancellation, the
+   ticket never got a slot: :class:`QueueTimeout`, or :class:`GateClosed` when a drain
+   cut the wait short. An outer cancellation (the caller went away) leaves the queue at
+   once through the same scopes.
+3. *Run.* The slot is held by the ``AsyncExitStack`` that entered ``hold``; leaving the
+   block by any exit (return, exception, cancellation) leaves ``hold`` and frees the
+   slot straight to the head of the queue.
+
+No slot or queue place is released by hand: each is owned by a scope.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from itertools import count
+from typing import TypeVar
+
+import attrs
+import trio
+
+from ._errors import GateClosed, QueueFull, QueueTimeout
+from ._stats import GateStats, HandoffRate, WaitQuantiles
+from .backends._base import Backend
+from .backends.memory import MemoryBackend
+
+T = TypeVar("T")
+
+
+def _new_id() -> str:
+    # 128 random bits: knowing a session's id is what lets a client read or cancel it.
+    return secrets.token_urlsafe(16)
+
+
+@attrs.frozen
+class Arrival:
+    """A place in the FIFO, taken when a request reaches the app (see ``Gate.arrive``)."""
+
+    seq: int
+    at: float
+
+
+@attrs.define(eq=False)
+class Ticket:
+    """One session's pass through the gate.
+
+    Times are on the Trio clock (``trio.current_time()``).
+    """
+
+    seq: int
+    arrived_at: float
+    _gate: Gate = attrs.field(repr=False, alias="gate")
+    _id: str | None = attrs.field(default=None, alias="id")
+    #: When the session got its slot; None while queued (or if it never did).
+    admitted_at: float | None = None
+    #: Distributed mode: the lease's fencing token, a number that only grows. A
+    #: downstream store that remembers the highest token it has seen can refuse a late
+    #: writer whose lease has lapsed. None on the in-memory backend.
+    fencing_token: int | None = None
+
+    @property
+    def id(self) -> str:
+        """An unguessable id (at least 128 random bits), made on first use."""
+        if self._id is None:
+            self._id = _new_id()
+        return self._id
+
+    @property
+    def waited(self) -> float:
+        """Seconds spent queued: until admission, or until now while still queued."""
+        end = self.admitted_at if self.admitted_at is not None else trio.current_time()
+        return end - self.arrived_at
+
+    @property
+    def position(self) -> int | None:
+        """1 for the next to be admitted; None unless queued. O(log n)."""
+        if self.admitted_at is not None:
+            return None
+        return self._gate._backend.position(self)
+
+    @property
+    def eta(self) -> float | None:
+        """Estimated seconds left to wait, from the recent hand-off rate; None if unknown."""
+        position = self.position
+        if position is None:
+            return None
+        return self._gate.estimate_wait(position)
+
+
+def _check_int(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_seconds(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+class Gate:
+    """A session admission gate: a cap, a FIFO queue, a deadline on waiting.
+
+    Args:
+        capacity: most sessions active at once (>= 1).
+        max_wait: most seconds a session may wait for a slot (>= 0; 0 never waits).
+        max_queue: most sessions waiting at once (>= 0; 0 has no queue).
+        backend: where slots and the queue live; the in-memory backend by default.
+    """
+
+    def __init__(
+        self,
+        capacity: int = 50,
+        max_wait: float = 60.0,
+        max_queue: int = 10_000,
+        *,
+        backend: Backend | None = None,
+    ) -> None:
+        _check_int("capacity", capacity, 1)
+        self.max_wait = _check_seconds("max_wait", max_wait)
+        self.max_queue = _check_int("max_queue", max_queue, 0)
+        self._backend: Backend = backend if backend is not None else MemoryBackend(capacity)
+        self._seq = count()
+        self._closed = False
+        # Wait scopes of this process's queued tickets, so a drain can end them.
+        self._waiting: dict[Ticket, trio.CancelScope] = {}
+        self._local_active = 0
+        self._idle: trio.Event | None = None
+        self._admitted = 0
+        self._completed = 0
+        self._failed = 0
+        self._expired = 0
+        self._rejected = 0
+        self._cancelled = 0
+        self._waits = WaitQuantiles()
+        self._handoffs = HandoffRate()
+
+    # -- sizes ------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Sessions allowed at once. Settable: growing admits waiters at once, shrinking
+        never cancels an active session (they finish; admissions resume below the cap)."""
+        return self._backend.capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        self._backend.set_capacity(_check_int("capacity", value, 1))
+
+    async def resize(self, capacity: int) -> None:
+        """Set ``capacity`` and wait until it is in force (everywhere, for Redis)."""
+        await self._backend.resize(_check_int("capacity", capacity, 1))
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def closed(self) -> bool:
+        """True once ``aclose()`` began: nothing new is admitted."""
+        return self._closed
+
+    @property
+    def active(self) -> int:
+        return self._backend.active
+
+    @property
+    def queued(self) -> int:
+        return self._backend.queued
+
+    @property
+    def local_active(self) -> int:
+        """Sessions of this gate object holding a slot (the backend's share, for Redis)."""
+        return self._local_active
+
+    @property
+    def local_queued(self) -> int:
+        """Sessions of this gate object waiting."""
+        return len(self._waiting)
+
+    # -- arrival ------------------------------------------------------------------------
+
+    def arrive(self) -> Arrival:
+        """Take a place in the FIFO now, for a session that will enter a little later.
+
+        A web request stamps its arrival as it reaches the app and enters
+        ``session(arrival=...)`` after reading its body; its place is fixed by the
+        stamp, not by the order in which Trio happens to run the tasks.
+        """
+        return Arrival(next(self._seq), trio.current_time())
+
+    def _check_admissible(self) -> None:
+        if self._closed:
+            self._rejected += 1
+            raise GateClosed()
+        backend = self._backend
+        queued = backend.queued
+        would_queue = queued > 0 or backend.active >= backend.capacity
+        if would_queue and queued >= self.max_queue:
+            self._rejected += 1
+            raise QueueFull(self.max_queue)
+
+    @contextmanager
+    def _registered(self, ticket: Ticket, scope: trio.CancelScope) -> Iterator[None]:
+        self._waiting[ticket] = scope
+        try:
+            yield
+        finally:
+            del self._waiting[ticket]
+
+    # -- sessions -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def session(
+        self, *, arrival: Arrival | None = None, id: str | None = None
+    ) -> AsyncIterator[Ticket]:
+        """Wait FIFO for a slot (at most ``max_wait``), hold it for the block.
+
+        Args:
+            arrival: a place taken earlier with :meth:`arrive`; now, by default.
+            id: the ticket's id (the HTTP session id); a fresh random one by default.
+
+        Raises:
+            QueueFull: the queue already holds ``max_queue`` sessions.
+            QueueTimeout: no slot within ``max_wait`` seconds of arrival.
+            GateClosed: the gate is draining, before or while this session waited.
+        """
+        self._check_admissible()
+        if arrival is None:
+            arrival = self.arrive()
+        ticket = Ticket(arrival.seq, arrival.at, gate=self, id=id)
+        async with AsyncExitStack() as slot:
+            await self._wait_for_slot(ticket, slot)
+            now = trio.current_time()
+            ticket.admitted_at = now
+            waited = now - ticket.arrived_at
+            self._admitted += 1
+            self._waits.add(waited)
+            if waited > 0:
+                self._handoffs.add(now)
+            self._local_active += 1
+            try:
+                yield ticket
+            except trio.Cancelled:
+                self._cancelled += 1
+                raise
+            except BaseException:
+                self._failed += 1
+                raise
+            else:
+                self._completed += 1
+            finally:
+                self._local_active -= 1
+                if self._idle is not None and self._local_active == 0:
+                    self._idle.set()
+
+    async def _wait_for_slot(self, ticket: Ticket, slot: AsyncExitStack) -> None:
+        """Enter the backend's ``hold`` into ``slot``, under the queue deadline."""
+        if self.max_wait == 0:
+            # Never wait: admitted now or expired now, with no deadline scope to race.
+            try:
+                await slot.enter_async_context(self._backend.hold(ticket, wait=False))
+            except trio.WouldBlock:
+                self._expired += 1
+                raise QueueTimeout(0.0, 0.0) from None
+            return
+        deadline = ticket.arrived_at + self.max_wait
+        try:
+            with (
+                trio.move_on_at(deadline) as wait_scope,
+                self._registered(ticket, wait_scope),
+            ):
+                await slot.enter_async_context(self._backend.hold(ticket))
+        except trio.Cancelled:
+            self._cancelled += 1
+            raise
+        if not wait_scope.cancelled_caught:
+            return
+        # The scope caught its own cancellation: the deadline passed, or a drain ended it.
+        waited = trio.current_time() - ticket.arrived_at
+        if self._closed and waited < self.max_wait:
+            self._rejected += 1
+            raise GateClosed("the gate closed while this session waited")
+        self._expired += 1
+        raise QueueTimeout(waited, self.max_wait)
+
+    async def run(self, async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run ``await async_fn(*args)`` inside a session and return its result.
+
+        Raises the same admission errors as :meth:`session`; whatever ``async_fn``
+        raises propagates unchanged.
+        """
+        async with self.session():
+            return await async_fn(*args)
+
+    # -- figures ------------------------------------------------------------------------
+
+    def estimate_wait(self, position: int) -> float | None:
+        """Seconds a waiter at ``position`` is likely to wait, from the hand-off rate."""
+        return self._handoffs.eta(position, trio.current_time())
+
+    def handoff_rate(self) -> float | None:
+        """Slots handed to waiters per second over about the last minute, if any."""
+        return self._handoffs.per_second(trio.current_time())
+
+    def stats(self) -> GateStats:
+        p50, p90, p99 = self._waits.quantiles(0.5, 0.9, 0.99)
+        backend = self._backend
+        return GateStats(
+            capacity=backend.capacity,
+            active=backend.active,
+            queued=backend.queued,
+            max_wait=self.max_wait,
+            max_queue=self.max_queue,
+            admitted=self._admitted,
+            completed=self._completed,
+            failed=self._failed,
+            expired=self._expired,
+            rejected=self._rejected,
+            cancelled=self._cancelled,
+            wait_p50=p50,
+            wait_p90=p90,
+            wait_p99=p99,
+        )
+
+    # -- draining -----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Drain: refuse new sessions, end queued ones (:class:`GateClosed`), and wait
+        for the active ones to finish. Idempotent. Bound it with a cancel scope to give
+        active sessions a grace period."""
+        self._closed = True
+        for scope in list(self._waiting.values()):
+            scope.cancel()
+        if self._local_active:
+            self._idle = trio.Event()
+            await self._idle.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+        await self._backend.aclose()

@@ -35,7 +35,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from ._errors import GateClosed, QueueFull, QueueTimeout
+from ._errors import AdmissionError, GateClosed, QueueTimeout
 from ._stats import GateStats, HandoffRate, WaitQuantiles
 from .backends._base import Backend
 from .backends.memory import MemoryBackend
@@ -210,16 +210,10 @@ class Gate:
         """
         return Arrival(next(self._seq), trio.current_time())
 
-    def _check_admissible(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             self._rejected += 1
             raise GateClosed()
-        backend = self._backend
-        queued = backend.queued
-        would_queue = queued > 0 or backend.active >= backend.capacity
-        if would_queue and queued >= self.max_queue:
-            self._rejected += 1
-            raise QueueFull(self.max_queue)
 
     @contextmanager
     def _registered(self, ticket: Ticket, scope: trio.CancelScope) -> Iterator[None]:
@@ -246,7 +240,7 @@ class Gate:
             QueueTimeout: no slot within ``max_wait`` seconds of arrival.
             GateClosed: the gate is draining, before or while this session waited.
         """
-        self._check_admissible()
+        self._check_open()
         if arrival is None:
             arrival = self.arrive()
         ticket = Ticket(arrival.seq, arrival.at, gate=self, id=id)
@@ -280,10 +274,15 @@ class Gate:
         if self.max_wait == 0:
             # Never wait: admitted now or expired now, with no deadline scope to race.
             try:
-                await slot.enter_async_context(self._backend.hold(ticket, wait=False))
+                await slot.enter_async_context(
+                    self._backend.hold(ticket, wait=False, max_queue=self.max_queue)
+                )
             except trio.WouldBlock:
                 self._expired += 1
                 raise QueueTimeout(0.0, 0.0) from None
+            except AdmissionError:
+                self._rejected += 1
+                raise
             return
         deadline = ticket.arrived_at + self.max_wait
         try:
@@ -291,9 +290,13 @@ class Gate:
                 trio.move_on_at(deadline) as wait_scope,
                 self._registered(ticket, wait_scope),
             ):
-                await slot.enter_async_context(self._backend.hold(ticket))
+                await slot.enter_async_context(self._backend.hold(ticket, max_queue=self.max_queue))
         except trio.Cancelled:
             self._cancelled += 1
+            raise
+        except AdmissionError:
+            # Refused by the backend at once (queue full, backend unreachable).
+            self._rejected += 1
             raise
         if not wait_scope.cancelled_caught:
             return

@@ -54,11 +54,17 @@ class Backend(Protocol):
         """1 for the head of the queue; ``None`` unless ``ticket`` is queued."""
         ...
 
-    def hold(self, ticket: Ticket, *, wait: bool = True) -> AbstractAsyncContextManager[None]:
+    def hold(
+        self, ticket: Ticket, *, wait: bool = True, max_queue: int
+    ) -> AbstractAsyncContextManager[None]:
         """Wait FIFO for a slot, then hold it for the body.
 
-        With ``wait=False`` the ticket is admitted only if it would not queue; otherwise
-        ``__aenter__`` raises :class:`trio.WouldBlock` and nothing is held.
+        ``__aenter__`` raises :class:`~sessiongate.QueueFull` at once, holding nothing,
+        when the ticket would have to queue behind ``max_queue`` others already waiting
+        (checked atomically with the enqueue). With ``wait=False`` the ticket is admitted
+        only if it would not queue at all; otherwise ``__aenter__`` raises
+        :class:`trio.WouldBlock`. Other refusals (an unreachable Redis) are raised as
+        :class:`~sessiongate.AdmissionError` subclasses.
         """
         ...
 

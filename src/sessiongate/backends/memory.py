@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import trio
 from sortedcontainers import SortedList
 
+from .._errors import QueueFull
+
 if TYPE_CHECKING:
     from .._gate import Ticket
 
@@ -111,9 +113,14 @@ class MemoryBackend:
         await event.wait()
 
     @asynccontextmanager
-    async def hold(self, ticket: Ticket, *, wait: bool = True) -> AsyncIterator[None]:
-        if not wait and self._would_wait():
-            raise trio.WouldBlock
+    async def hold(
+        self, ticket: Ticket, *, wait: bool = True, max_queue: int
+    ) -> AsyncIterator[None]:
+        if self._would_wait():
+            if not wait:
+                raise trio.WouldBlock
+            if len(self._queue) >= max_queue:
+                raise QueueFull(max_queue)
         seq = ticket.seq
         with self._place(seq):
             await self._wait_turn(seq)

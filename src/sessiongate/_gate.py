@@ -7,18 +7,20 @@ A session is one ``async with gate.session() as ticket:`` block:
 1. *Arrival.* The ticket is stamped with an arrival sequence number (its place in the
    FIFO) and the Trio clock. A closed gate refuses it (:class:`GateClosed`), so does a
    full queue (:class:`QueueFull`). Nothing has been taken yet.
-2. *Wait.* Inside a ``trio.move_on_at(arrived_at + max_wait)`` cancel scope, the
-   backend's ``hold(ticket)`` is entered: it queues the ticket, waits until it is the
-   head and a slot is free, and takes the slot. The deadline scope wraps the wait
-   *only*: it is closed before the session's body runs, so a deadline that fires at the
-   very instant a slot is handed over cannot cancel an admitted session, and the body
-   never runs under the queue deadline. If the scope caught its cancellation, the
-   ticket never got a slot: :class:`QueueTimeout`, or :class:`GateClosed` when a drain
-   cut the wait short. An outer cancellation (the caller went away) leaves the queue at
-   once through the same scopes.
-3. *Run.* The slot is held by the ``AsyncExitStack`` that entered ``hold``; leaving the
-   block by any exit (return, exception, cancellation) leaves ``hold`` and frees the
-   slot straight to the head of the queue.
+2. *Wait.* The gate makes a cancel scope with deadline ``arrived_at + max_wait`` (the
+   ``move_on_at`` of the design) and the backend's ``hold(ticket)`` enters it around
+   the wait: queue the ticket, wait until it is the head and a slot is free, take the
+   slot (``async with`` the limiter). Then the deadline is lifted
+   (``deadline = math.inf``) before the session's body runs, so the deadline covers
+   waiting only. A deadline that fired at the very instant the slot was handed over
+   is seen (``cancel_called``) before the body starts: the slot goes straight on and
+   the session expires, never cancelled half-way. If the scope caught its
+   cancellation, the ticket never got a slot: :class:`QueueTimeout`, or
+   :class:`GateClosed` when a drain cut the wait short. An outer cancellation (the
+   caller went away) leaves the queue at once through the same scopes.
+3. *Run.* The body runs inside ``hold``; leaving the block by any exit (return,
+   exception, cancellation) leaves the limiter's ``async with`` and frees the slot
+   straight to the head of the queue.
 
 No slot or queue place is released by hand: each is owned by a scope.
 """
@@ -28,7 +30,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from itertools import count
 from typing import TypeVar
 
@@ -216,12 +218,14 @@ class Gate:
             raise GateClosed()
 
     @contextmanager
-    def _registered(self, ticket: Ticket, scope: trio.CancelScope) -> Iterator[None]:
-        self._waiting[ticket] = scope
+    def _waiting_for(self, ticket: Ticket, scope: trio.CancelScope | None) -> Iterator[None]:
+        # Register the wait scope so a drain can end this wait; admission unregisters.
+        if scope is not None:
+            self._waiting[ticket] = scope
         try:
             yield
         finally:
-            del self._waiting[ticket]
+            self._waiting.pop(ticket, None)
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -244,69 +248,71 @@ class Gate:
         if arrival is None:
             arrival = self.arrive()
         ticket = Ticket(arrival.seq, arrival.at, gate=self, id=id)
-        async with AsyncExitStack() as slot:
-            await self._wait_for_slot(ticket, slot)
-            now = trio.current_time()
-            ticket.admitted_at = now
-            waited = now - ticket.arrived_at
-            self._admitted += 1
-            self._waits.add(waited)
-            if waited > 0:
-                self._handoffs.add(now)
-            self._local_active += 1
-            try:
-                yield ticket
-            except trio.Cancelled:
-                self._cancelled += 1
-                raise
-            except BaseException:
-                self._failed += 1
-                raise
-            else:
-                self._completed += 1
-            finally:
-                self._local_active -= 1
-                if self._idle is not None and self._local_active == 0:
-                    self._idle.set()
-
-    async def _wait_for_slot(self, ticket: Ticket, slot: AsyncExitStack) -> None:
-        """Enter the backend's ``hold`` into ``slot``, under the queue deadline."""
-        if self.max_wait == 0:
-            # Never wait: admitted now or expired now, with no deadline scope to race.
-            try:
-                await slot.enter_async_context(
-                    self._backend.hold(ticket, wait=False, max_queue=self.max_queue)
-                )
-            except trio.WouldBlock:
-                self._expired += 1
-                raise QueueTimeout(0.0, 0.0) from None
-            except AdmissionError:
-                self._rejected += 1
-                raise
-            return
-        deadline = ticket.arrived_at + self.max_wait
+        # The queue deadline: a cancel scope the backend enters around the wait only.
+        # max_wait == 0 asks the backend not to wait at all (a deadline scope that is
+        # already due would cancel even an admission into a free slot).
+        wait_scope = (
+            trio.CancelScope(deadline=ticket.arrived_at + self.max_wait)
+            if self.max_wait > 0
+            else None
+        )
+        admitted = False
         try:
-            with (
-                trio.move_on_at(deadline) as wait_scope,
-                self._registered(ticket, wait_scope),
-            ):
-                await slot.enter_async_context(self._backend.hold(ticket, max_queue=self.max_queue))
+            with self._waiting_for(ticket, wait_scope):
+                async with self._backend.hold(
+                    ticket, deadline_scope=wait_scope, max_queue=self.max_queue
+                ):
+                    admitted = True
+                    self._waiting.pop(ticket, None)
+                    self._on_admitted(ticket)
+                    try:
+                        yield ticket
+                    except trio.Cancelled:
+                        self._cancelled += 1
+                        raise
+                    except BaseException:
+                        self._failed += 1
+                        raise
+                    else:
+                        self._completed += 1
+                    finally:
+                        self._on_ended()
+        except (trio.TooSlowError, trio.WouldBlock):
+            if admitted:
+                raise  # the session's own error, not the gate's
+            raise self._wait_ended(ticket) from None
         except trio.Cancelled:
-            self._cancelled += 1
+            if not admitted:
+                self._cancelled += 1  # the caller went away while queued
             raise
         except AdmissionError:
-            # Refused by the backend at once (queue full, backend unreachable).
-            self._rejected += 1
+            if not admitted:
+                self._rejected += 1  # refused by the backend (queue full, unreachable)
             raise
-        if not wait_scope.cancelled_caught:
-            return
-        # The scope caught its own cancellation: the deadline passed, or a drain ended it.
+
+    def _on_admitted(self, ticket: Ticket) -> None:
+        now = trio.current_time()
+        ticket.admitted_at = now
+        waited = now - ticket.arrived_at
+        self._admitted += 1
+        self._waits.add(waited)
+        if waited > 0:
+            self._handoffs.add(now)
+        self._local_active += 1
+
+    def _on_ended(self) -> None:
+        self._local_active -= 1
+        if self._idle is not None and self._local_active == 0:
+            self._idle.set()
+
+    def _wait_ended(self, ticket: Ticket) -> AdmissionError:
+        """The error for a wait that ended without a slot: drained, or timed out."""
         waited = trio.current_time() - ticket.arrived_at
         if self._closed and waited < self.max_wait:
             self._rejected += 1
-            raise GateClosed("the gate closed while this session waited")
+            return GateClosed("the gate closed while this session waited")
         self._expired += 1
-        raise QueueTimeout(waited, self.max_wait)
+        return QueueTimeout(waited, self.max_wait)
 
     async def run(self, async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run ``await async_fn(*args)`` inside a session and return its result.

@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import trio
+
 if TYPE_CHECKING:
     from .._gate import Ticket
 
@@ -18,13 +20,11 @@ if TYPE_CHECKING:
 class Backend(Protocol):
     """Slots and a FIFO queue of tickets.
 
-    Theory of operation: ``hold(ticket)`` is entered under the gate's queue-deadline
-    cancel scope. Its ``__aenter__`` places the ticket in the queue, waits until the
-    ticket is the head *and* a slot is free, takes the slot and leaves the queue; it
-    must not checkpoint after taking the slot, so that a deadline firing at the same
-    instant cannot cancel a session that already holds one. The body of the
-    ``async with`` runs holding the slot; leaving it, by any exit, frees the slot to the
-    next head. Cancelling ``__aenter__`` leaves the queue at once.
+    Theory of operation: ``hold(ticket, deadline_scope=...)`` places the ticket in the
+    queue, waits until it is the head *and* a slot is free, takes the slot and leaves
+    the queue. The body of the ``async with`` runs holding the slot; leaving it, by any
+    exit, frees the slot to the next head. Cancelling ``__aenter__`` leaves the queue
+    at once.
     """
 
     @property
@@ -55,16 +55,24 @@ class Backend(Protocol):
         ...
 
     def hold(
-        self, ticket: Ticket, *, wait: bool = True, max_queue: int
+        self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
     ) -> AbstractAsyncContextManager[None]:
-        """Wait FIFO for a slot, then hold it for the body.
+        """Wait FIFO for a slot under ``deadline_scope``, then hold it for the body.
 
-        ``__aenter__`` raises :class:`~sessiongate.QueueFull` at once, holding nothing,
-        when the ticket would have to queue behind ``max_queue`` others already waiting
-        (checked atomically with the enqueue). With ``wait=False`` the ticket is admitted
-        only if it would not queue at all; otherwise ``__aenter__`` raises
-        :class:`trio.WouldBlock`. Other refusals (an unreachable Redis) are raised as
-        :class:`~sessiongate.AdmissionError` subclasses.
+        ``__aenter__`` enters ``deadline_scope`` (the gate's queue deadline, which the
+        gate also cancels to drain) around the wait, nested inside the backend's own
+        scopes so every scope opened here is closed inside ``hold``. Once the slot is
+        taken: if ``deadline_scope.cancel_called`` (the deadline fired at that very
+        instant), give the slot straight back and raise :class:`trio.TooSlowError`;
+        otherwise lift the deadline (``deadline = math.inf``) and run the body. If the
+        scope catches its cancellation while waiting, raise :class:`trio.TooSlowError`.
+
+        ``deadline_scope=None`` means never wait: admit now or raise
+        :class:`trio.WouldBlock`. ``__aenter__`` raises :class:`~sessiongate.QueueFull`
+        at once, holding nothing, when the ticket would queue behind ``max_queue``
+        others (checked atomically with the enqueue). Other refusals (an unreachable
+        Redis) are :class:`~sessiongate.AdmissionError` subclasses. An outer
+        cancellation leaves the queue at once.
         """
         ...
 

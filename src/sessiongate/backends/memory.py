@@ -8,9 +8,10 @@ its waiters are ordered by when their tasks reach ``acquire()``, and Trio may ru
 of woken tasks in reverse. So only one ticket at a time (the *turn holder*) waits inside
 the limiter; the rest wait in a ``SortedList`` keyed by their arrival stamp, each on its
 own ``trio.Event``. When the turn holder is admitted or leaves, the lowest stamp left
-gets the turn. Invariant: the turn holder, if any, is the ticket with the lowest stamp
-at the time the turn was given, and every ticket in the queue either holds the turn or
-waits for it.
+gets the turn. Invariant: the turn holder, if any, is the queued ticket with the lowest
+stamp, and every other queued ticket waits for the turn. A ticket stamped earlier that
+registers late (its task ran after a later one's) takes the turn back, unless the limiter
+has already handed the turn holder a slot.
 
 Positions are O(log n) (``SortedList.bisect_left``), so asking for a waiter's place in a
 queue of 10 000 never walks the queue.
@@ -18,6 +19,7 @@ queue of 10 000 never walks the queue.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
@@ -42,6 +44,9 @@ class MemoryBackend:
         self._turn_events: dict[int, trio.Event] = {}
         # The stamp that may wait inside the limiter; None when nobody does.
         self._turn: int | None = None
+        # The turn holder's task and its cancel scope while it waits in the limiter.
+        self._turn_task: trio.lowlevel.Task | None = None
+        self._turn_scope: trio.CancelScope | None = None
 
     # -- sizes ------------------------------------------------------------------------
 
@@ -83,11 +88,23 @@ class MemoryBackend:
         """Hold a place in the queue for the ``with`` body; leaving it passes the turn on."""
         self._queue.add(seq)
         if self._turn is None:
-            self._turn = seq
+            self._give_turn(seq)
+        elif seq < self._turn and not self._turn_is_served():
+            # An earlier arrival reached the gate after a later one took the turn (Trio
+            # ran their tasks out of order): the earlier one takes the turn back.
+            if self._turn_scope is not None:
+                self._turn_scope.cancel()
+            self._give_turn(seq)
         try:
             yield
         finally:
             self._leave(seq)
+
+    def _turn_is_served(self) -> bool:
+        # True once the limiter has handed the turn holder its token: from then on it is
+        # admitted, whether or not its task has run yet, and must not be disturbed.
+        task = self._turn_task
+        return task is not None and task in self._limiter.statistics().borrowers
 
     def _leave(self, seq: int) -> None:
         # Idempotent: called once on admission and again when the place's scope exits.
@@ -97,39 +114,57 @@ class MemoryBackend:
         self._turn_events.pop(seq, None)
         if self._turn == seq:
             self._turn = None
+            self._turn_scope = self._turn_task = None
             if self._queue:
                 self._give_turn(self._queue[0])
 
     def _give_turn(self, seq: int) -> None:
         self._turn = seq
+        self._turn_scope = self._turn_task = None
         event = self._turn_events.get(seq)
         if event is not None:
             event.set()
 
     async def _wait_turn(self, seq: int) -> None:
-        if self._turn == seq:
-            return
-        event = self._turn_events[seq] = trio.Event()
-        await event.wait()
+        while self._turn != seq:
+            event = self._turn_events[seq] = trio.Event()
+            await event.wait()
 
     @asynccontextmanager
     async def hold(
-        self, ticket: Ticket, *, wait: bool = True, max_queue: int
+        self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
     ) -> AsyncIterator[None]:
         if self._would_wait():
-            if not wait:
+            if deadline_scope is None:
                 raise trio.WouldBlock
             if len(self._queue) >= max_queue:
                 raise QueueFull(max_queue)
+        # Never waiting: the gate asked for no deadline scope, so nothing can cancel
+        # the wait; an unbounded scope stands in for it.
+        wait_scope = deadline_scope if deadline_scope is not None else trio.CancelScope()
         seq = ticket.seq
-        with self._place(seq):
-            await self._wait_turn(seq)
-            # The turn holder is the limiter's only waiter, so the limiter's own FIFO
-            # hand-off on release goes to the oldest arrival.
-            async with self._limiter:
-                # Admitted: give the next ticket its turn now, not when the session ends.
-                self._leave(seq)
-                yield
+        with self._place(seq), wait_scope:
+            while True:
+                await self._wait_turn(seq)
+                # The turn holder is the limiter's only waiter, so the limiter's own FIFO
+                # hand-off on release goes to the oldest arrival. The turn scope lets an
+                # earlier arrival take the turn back while this one is still parked.
+                with trio.CancelScope() as turn_scope:
+                    self._turn_scope = turn_scope
+                    self._turn_task = trio.lowlevel.current_task()
+                    async with self._limiter:
+                        # Served: the next ticket gets its turn now, not at our exit.
+                        self._leave(seq)
+                        if not wait_scope.cancel_called:
+                            # The deadline covers waiting only: lift it for the session.
+                            wait_scope.deadline = math.inf
+                            yield
+                            return
+                        # Served at the very instant the wait ended (deadline or drain):
+                        # leaving the limiter hands the slot straight on.
+                if not turn_scope.cancelled_caught:
+                    break
+        raise trio.TooSlowError
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

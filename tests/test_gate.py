@@ -1,0 +1,489 @@
+"""The core gate's contract, on the mock clock: cap, FIFO, deadline, cancellation,
+resize, queue bound, drain, statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+import trio.testing
+
+import sessiongate
+from sessiongate import Gate, GateClosed, QueueFull, QueueTimeout
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+class Recorder:
+    """Runs sessions and records what happened to each, by name."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.admitted: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+        self.refused: dict[str, sessiongate.AdmissionError] = {}
+        self.peak = 0
+        self.tickets: dict[str, sessiongate.Ticket] = {}
+
+    async def session(self, name: str, run_for: float, *, arrival: object = None) -> None:
+        try:
+            async with self.gate.session() as ticket:
+                self.tickets[name] = ticket
+                self.admitted[name] = trio.current_time()
+                self.peak = max(self.peak, self.gate.active)
+                await trio.sleep(run_for)
+            self.ended[name] = trio.current_time()
+        except sessiongate.AdmissionError as exc:
+            self.refused[name] = exc
+
+
+async def test_defaults_match_the_article() -> None:
+    gate = Gate()
+    assert (gate.capacity, gate.max_wait, gate.max_queue) == (50, 60.0, 10_000)
+
+
+async def test_cap_of_50_under_200_arrivals(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=50, max_wait=60.0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(rec.session, f"s{i}", 5.0)
+        await settle()
+        assert gate.active == 50
+        assert gate.queued == 150
+    assert rec.peak == 50
+    assert len(rec.admitted) == 200 and not rec.refused
+    # Four waves of 50, five seconds apart: each slot is handed over at once.
+    assert sorted(set(rec.admitted.values())) == [0.0, 5.0, 10.0, 15.0]
+    stats = gate.stats()
+    assert (stats.active, stats.queued, stats.admitted, stats.completed) == (0, 0, 200, 200)
+
+
+async def test_fifo_in_arrival_order(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1, max_wait=100.0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(rec.session, f"s{i}", 1.0)
+            await settle()  # fix the arrival order
+    # Compare admission *times*: s_i gets the slot exactly when s_{i-1} leaves it.
+    assert [rec.admitted[f"s{i}"] for i in range(10)] == [float(i) for i in range(10)]
+
+
+async def test_arrival_stamp_fixes_the_place_not_task_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=100.0)
+    admitted: list[str] = []
+
+    async def stamped(name: str, arrival: sessiongate.Arrival, go: trio.Event) -> None:
+        await go.wait()
+        async with gate.session(arrival=arrival):
+            admitted.append(name)
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Recorder(gate).session, "holder", 1.0)
+        await settle()
+        first, second = gate.arrive(), gate.arrive()
+        go_first, go_second = trio.Event(), trio.Event()
+        nursery.start_soon(stamped, "first", first, go_first)
+        nursery.start_soon(stamped, "second", second, go_second)
+        await settle()
+        go_second.set()  # the later arrival reaches the gate first ...
+        await settle()
+        go_first.set()
+        await settle()
+    assert admitted == ["first", "second"]  # ... but the stamp decides
+
+
+async def test_expiry_at_exactly_max_wait(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1, max_wait=60.0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "holder", 1000.0)
+        await settle()
+        nursery.start_soon(rec.session, "late", 1.0)
+        await settle()
+        await trio.sleep_until(60.0 - 1e-6)
+        await settle()
+        assert "late" not in rec.refused  # not early
+        await trio.sleep_until(60.0)
+        await settle()
+        assert isinstance(rec.refused["late"], QueueTimeout)  # and not one tick later
+        assert trio.current_time() == 60.0
+        nursery.cancel_scope.cancel()
+    exc = rec.refused["late"]
+    assert isinstance(exc, QueueTimeout)
+    assert exc.waited == pytest.approx(60.0) and exc.max_wait == 60.0
+    assert exc.code == "queue_timeout"
+    assert gate.stats().expired == 1
+    assert gate.queued == 0
+
+
+async def test_admitted_just_before_the_deadline_runs_in_full(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=60.0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "holder", 59.0)
+        await settle()
+        nursery.start_soon(rec.session, "next", 500.0)
+    # The deadline covers waiting only: 500 s of run time, far past arrival + 60 s.
+    assert rec.admitted["next"] == 59.0
+    assert rec.ended["next"] == 559.0
+    assert not rec.refused
+
+
+async def test_slot_freed_at_the_deadline_instant_is_not_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=60.0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "holder", 60.0)
+        await settle()
+        nursery.start_soon(rec.session, "edge", 10.0)  # deadline at 60.0, slot free at 60.0
+        await settle()
+        nursery.start_soon(rec.session, "after", 10.0)  # arrives at 0, deadline 60.0 too
+    # Whichever way the instant falls, the slot is used, never stranded, and no one
+    # admitted ran under a cancelled scope.
+    for name, at in rec.admitted.items():
+        assert name in rec.ended
+        assert rec.ended[name] - at == (60.0 if name == "holder" else 10.0)
+    assert gate.active == 0 and gate.queued == 0
+    assert len(rec.admitted) + len(rec.refused) == 3
+
+
+async def test_max_wait_zero_admits_free_slots_and_expires_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "first", 5.0)
+        await settle()
+        nursery.start_soon(rec.session, "second", 5.0)
+        await settle()
+        assert isinstance(rec.refused["second"], QueueTimeout)
+        assert trio.current_time() == 0.0
+    assert rec.admitted == {"first": 0.0}
+
+
+async def test_cancel_a_waiter_leaves_the_queue_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=60.0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "holder", 10.0)
+        await settle()
+        async with trio.open_nursery() as waiters:
+            waiters.start_soon(rec.session, "cancelled", 1.0)
+            await settle()
+            waiters.start_soon(rec.session, "next", 1.0)
+            await settle()
+            assert gate.queued == 2
+            assert rec.gate.stats().queued == 2
+            waiters.cancel_scope.cancel()
+        await settle()
+        assert gate.queued == 0
+        nursery.start_soon(rec.session, "third", 1.0)
+    assert "cancelled" not in rec.admitted and "next" not in rec.admitted
+    assert rec.admitted["third"] == 10.0
+    assert gate.stats().cancelled == 2
+
+
+async def test_cancel_the_head_passes_the_turn_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=60.0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "holder", 10.0)
+        await settle()
+        head_scope = trio.CancelScope()
+        nursery.start_soon(_in_scope, head_scope, rec.session, "head", 1.0)
+        await settle()
+        nursery.start_soon(rec.session, "second", 1.0)
+        await settle()
+        assert rec.tickets == {"holder": rec.tickets["holder"]}
+        head_scope.cancel()
+        await settle()
+        assert gate.queued == 1
+    assert "head" not in rec.admitted
+    assert rec.admitted["second"] == 10.0
+
+
+async def _in_scope(scope: trio.CancelScope, fn: object, *args: object) -> None:
+    # Run fn(*args) under a cancel scope the test can cancel later.
+    with scope:
+        await fn(*args)  # type: ignore[operator]
+
+
+async def test_cancel_a_holder_hands_its_slot_to_the_head(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=60.0)
+    rec = Recorder(gate)
+    holder_scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_in_scope, holder_scope, rec.session, "holder", 100.0)
+        await settle()
+        nursery.start_soon(rec.session, "waiter", 1.0)
+        await settle()
+        await trio.sleep(7.0)
+        holder_scope.cancel()
+    assert rec.admitted["waiter"] == 7.0
+    stats = gate.stats()
+    assert (stats.cancelled, stats.completed, stats.active) == (1, 1, 0)
+
+
+async def test_waiter_cancelled_at_the_instant_of_release(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The holder leaves at t=10 and the head waiter is cancelled at t=10, in the same
+    # tick: the slot must still reach the waiter behind.
+    gate = Gate(capacity=1, max_wait=60.0)
+    rec = Recorder(gate)
+    head_scope = trio.CancelScope(deadline=10.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "holder", 10.0)
+        await settle()
+        nursery.start_soon(_in_scope, head_scope, rec.session, "head", 5.0)
+        await settle()
+        nursery.start_soon(rec.session, "tail", 5.0)
+    assert rec.admitted["tail"] in (10.0, 15.0)
+    if "head" in rec.admitted:
+        # Got the slot in the same tick, then was cancelled: it gave the slot back.
+        assert rec.admitted["tail"] == 10.0
+    else:
+        assert rec.admitted["tail"] == 10.0
+    assert gate.active == 0 and gate.queued == 0
+
+
+async def test_resize_grow_admits_at_once_and_shrink_kills_nobody(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=2, max_wait=60.0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        for i in range(6):
+            nursery.start_soon(rec.session, f"s{i}", 10.0)
+            await settle()
+        await trio.sleep(1.0)
+        gate.capacity = 4
+        await settle()
+        assert gate.active == 4 and gate.queued == 2
+        assert rec.admitted["s2"] == rec.admitted["s3"] == 1.0
+        gate.capacity = 1
+        await settle()
+        assert gate.active == 4  # shrinking never cancels
+        await trio.sleep(9.5)
+        assert gate.active == 2  # s0, s1 ended; s4 not admitted: 2 active > cap 1
+    assert rec.admitted["s4"] == 11.0  # once s2, s3 end, one at a time
+    assert rec.admitted["s5"] == 21.0
+    assert not rec.refused
+
+
+async def test_resize_rejects_bad_values() -> None:
+    gate = Gate(capacity=3)
+    with pytest.raises(ValueError, match="capacity"):
+        gate.capacity = 0
+    with pytest.raises(TypeError):
+        gate.capacity = 2.5  # type: ignore[assignment]
+    assert gate.capacity == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"capacity": 0}, ValueError),
+        ({"max_wait": -1}, ValueError),
+        ({"max_wait": math.nan}, ValueError),
+        ({"max_queue": -1}, ValueError),
+        ({"capacity": True}, TypeError),
+    ],
+)
+def test_constructor_validates(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        Gate(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_queue_bound_refuses_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1, max_wait=60.0, max_queue=2)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(rec.session, f"s{i}", 1.0)
+            await settle()
+        assert trio.current_time() == 0.0
+        assert set(rec.refused) == {"s3", "s4"}
+        assert all(isinstance(e, QueueFull) and e.max_queue == 2 for e in rec.refused.values())
+    assert gate.stats().rejected == 2 and gate.stats().admitted == 3
+
+
+async def test_max_queue_zero_never_queues(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1, max_wait=60.0, max_queue=0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "a", 1.0)
+        await settle()
+        nursery.start_soon(rec.session, "b", 1.0)
+    assert isinstance(rec.refused["b"], QueueFull)
+
+
+async def test_drain_ends_queued_refuses_new_lets_active_finish(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=60.0)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "active", 10.0)
+        await settle()
+        nursery.start_soon(rec.session, "queued", 1.0)
+        await settle()
+        await trio.sleep(2.0)
+        async with trio.open_nursery() as closer:
+            closer.start_soon(gate.aclose)
+            await settle()
+            assert isinstance(rec.refused["queued"], GateClosed)
+            assert gate.closed
+            nursery.start_soon(rec.session, "new", 1.0)
+            await settle()
+            assert isinstance(rec.refused["new"], GateClosed)
+        # aclose returned only once the active session had finished, at t=10.
+        assert trio.current_time() == 10.0
+    assert rec.ended["active"] == 10.0
+    stats = gate.stats()
+    assert (stats.completed, stats.rejected, stats.expired) == (1, 2, 0)
+
+
+async def test_drain_with_a_grace_then_cancel(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=2)
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "long", 1000.0)
+        await settle()
+        with trio.move_on_after(30.0):
+            await gate.aclose()
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() == 30.0
+    assert gate.stats().cancelled == 1 and gate.active == 0
+
+
+async def test_run_returns_the_result_and_propagates_errors(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1)
+
+    async def work(x: int) -> int:
+        await trio.sleep(1)
+        return x * 2
+
+    async def boom() -> None:
+        raise RuntimeError("handler broke")
+
+    assert await gate.run(work, 21) == 42
+    with pytest.raises(RuntimeError, match="handler broke"):
+        await gate.run(boom)
+    stats = gate.stats()
+    assert (stats.completed, stats.failed, stats.active) == (1, 1, 0)
+
+
+async def test_ticket_fields_and_position(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1, max_wait=60.0)
+    rec = Recorder(gate)
+    seen: dict[str, sessiongate.Ticket] = {}
+
+    async def watch(name: str) -> None:
+        async with gate.session(id=f"id-{name}") as ticket:
+            seen[name] = ticket
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "holder", 4.0)
+        await settle()
+        nursery.start_soon(watch, "a")
+        await settle()
+        nursery.start_soon(watch, "b")
+        await settle()
+        assert gate.queued == 2
+    a, b = seen["a"], seen["b"]
+    assert a.id == "id-a" and b.id == "id-b"
+    assert (a.arrived_at, a.admitted_at, a.waited) == (0.0, 4.0, 4.0)
+    assert (b.admitted_at, b.waited) == (5.0, 5.0)
+    assert a.position is None  # admitted
+    holder = rec.tickets["holder"]
+    assert len(holder.id) >= 22  # 128 random bits, url-safe
+
+
+async def test_position_counts_from_the_head(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1, max_wait=600.0)
+    tickets: list[sessiongate.Ticket] = []
+
+    async def queued() -> None:
+        async with gate.session():
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queued)
+        await settle()
+        arrivals = [gate.arrive() for _ in range(4)]
+        tickets = [sessiongate.Ticket(a.seq, a.at, gate=gate) for a in arrivals]
+        for a in arrivals:
+            nursery.start_soon(_session_at, gate, a)
+        await settle()
+        assert [t.position for t in tickets] == [1, 2, 3, 4]
+        await trio.sleep(1.0)
+        await settle()
+        assert [t.position for t in tickets] == [None, 1, 2, 3]
+
+
+async def _session_at(gate: Gate, arrival: sessiongate.Arrival) -> None:
+    async with gate.session(arrival=arrival):
+        await trio.sleep(1)
+
+
+async def test_eta_from_the_handoff_rate(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1, max_wait=600.0)
+    assert gate.handoff_rate() is None and gate.estimate_wait(3) is None
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        for i in range(12):
+            nursery.start_soon(rec.session, f"s{i}", 2.0)
+            await settle()
+        await trio.sleep(11.0)
+        # Five hand-offs (t = 2, 4, 6, 8, 10), the first nine seconds ago.
+        assert gate.handoff_rate() == pytest.approx(5 / 9.0)
+        ticket = rec.tickets["s5"]
+        assert ticket.position is None
+    assert gate.estimate_wait(2) is not None
+
+
+async def test_stats_quantiles(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1, max_wait=600.0)
+    rec = Recorder(gate)
+    assert gate.stats().wait_p50 is None
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(rec.session, f"s{i}", 1.0)
+            await settle()
+    stats = gate.stats()
+    # Waits were 0, 1, ..., 9 seconds.
+    assert (stats.wait_p50, stats.wait_p90, stats.wait_p99) == (4.0, 8.0, 9.0)
+    assert stats.capacity == 1 and stats.max_wait == 600.0
+
+
+async def test_gate_closed_before_arrival_holds_nothing() -> None:
+    gate = Gate(capacity=1)
+    await gate.aclose()
+    with pytest.raises(GateClosed) as info:
+        async with gate.session():
+            pytest.fail("admitted by a closed gate")
+    assert info.value.code == "shutting_down"
+    assert gate.active == 0 and gate.queued == 0

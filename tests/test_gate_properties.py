@@ -1,0 +1,124 @@
+"""Hypothesis drives random arrivals, run times, cancellations, resizes and clock steps
+through a gate, checking the core's invariants after every step against a plain model of
+who is waiting."""
+
+from __future__ import annotations
+
+import attrs
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sessiongate import AdmissionError, Arrival, Gate, QueueFull, QueueTimeout
+
+MAX_WAIT = 5.0
+
+
+@attrs.define
+class Visitor:
+    arrival: Arrival
+    run_for: int
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    state: str = "queued"  # queued, active, done, expired, refused, cancelled
+    admitted_at: float | None = None
+
+    @property
+    def seq(self) -> int:
+        return self.arrival.seq
+
+    @property
+    def arrived_at(self) -> float:
+        return self.arrival.at
+
+
+arrive = st.tuples(st.just("arrive"), st.integers(min_value=0, max_value=6))
+cancel = st.tuples(st.just("cancel"), st.integers(min_value=0, max_value=40))
+resize = st.tuples(st.just("resize"), st.integers(min_value=1, max_value=4))
+step = st.tuples(st.just("step"), st.integers(min_value=1, max_value=3))
+operations = st.lists(st.one_of(arrive, arrive, cancel, resize, step, step), max_size=60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    capacity=st.integers(min_value=1, max_value=3),
+    max_queue=st.integers(min_value=0, max_value=6),
+    ops=operations,
+)
+def test_gate_invariants(capacity: int, max_queue: int, ops: list[tuple[str, int]]) -> None:
+    clock = trio.testing.MockClock()  # moved by hand, one whole second at a time
+    trio.run(_drive, capacity, max_queue, ops, clock, clock=clock)
+
+
+async def _drive(
+    capacity: int, max_queue: int, ops: list[tuple[str, int]], clock: trio.testing.MockClock
+) -> None:
+    gate = Gate(capacity=capacity, max_wait=MAX_WAIT, max_queue=max_queue)
+    visitors: list[Visitor] = []
+    violations: list[str] = []
+
+    def waiting() -> list[Visitor]:
+        return [v for v in visitors if v.state == "queued"]
+
+    async def visit(v: Visitor) -> None:
+        with v.scope:
+            try:
+                async with gate.session(arrival=v.arrival):
+                    now = trio.current_time()
+                    # Admitted: into a gate that had room, in FIFO order, in time.
+                    if gate.active > gate.capacity:
+                        violations.append(f"{v.seq} admitted over the cap")
+                    earlier = [w.seq for w in waiting() if w.seq < v.seq]
+                    if earlier:
+                        violations.append(f"{v.seq} admitted before {earlier}")
+                    if now - v.arrived_at > MAX_WAIT:
+                        violations.append(f"{v.seq} admitted after waiting too long")
+                    v.state, v.admitted_at = "active", now
+                    await trio.sleep(v.run_for)
+                v.state = "done"
+            except QueueTimeout as exc:
+                if exc.waited != MAX_WAIT:
+                    violations.append(f"{v.seq} expired after {exc.waited}")
+                v.state = "expired"
+            except QueueFull:
+                v.state = "refused"
+            except AdmissionError as exc:  # pragma: no cover - nothing else is expected
+                violations.append(f"{v.seq}: unexpected {exc!r}")
+        if v.scope.cancelled_caught:
+            v.state = "cancelled"
+
+    async with trio.open_nursery() as nursery:
+        for op, arg in ops:
+            if op == "arrive":
+                v = Visitor(gate.arrive(), arg)
+                visitors.append(v)
+                nursery.start_soon(visit, v)
+            elif op == "cancel":
+                live = [v for v in visitors if v.state in ("queued", "active")]
+                if live:
+                    live[arg % len(live)].scope.cancel()
+            elif op == "resize":
+                gate.capacity = arg
+            else:
+                for _ in range(arg):
+                    clock.jump(1.0)
+                    await trio.testing.wait_all_tasks_blocked()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not violations, violations
+            # No idle slot while someone waits.
+            if gate.queued:
+                assert gate.active >= gate.capacity
+            assert gate.queued == len(waiting())
+            assert gate.active == sum(v.state == "active" for v in visitors)
+        for v in visitors:
+            v.scope.cancel()
+    # Nothing leaked: no slot, no queue place, no turn.
+    assert gate.active == 0
+    assert gate.queued == 0
+    backend = gate.backend
+    assert backend._turn is None  # type: ignore[attr-defined]
+    assert not backend._turn_events  # type: ignore[attr-defined]
+    stats = gate.stats()
+    assert stats.admitted == stats.completed + stats.cancelled - sum(
+        v.state == "cancelled" and v.admitted_at is None for v in visitors
+    )

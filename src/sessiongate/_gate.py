@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from itertools import count
 from typing import TypeVar
 
@@ -217,16 +217,6 @@ class Gate:
             self._rejected += 1
             raise GateClosed()
 
-    @contextmanager
-    def _waiting_for(self, ticket: Ticket, scope: trio.CancelScope | None) -> Iterator[None]:
-        # Register the wait scope so a drain can end this wait; admission unregisters.
-        if scope is not None:
-            self._waiting[ticket] = scope
-        try:
-            yield
-        finally:
-            self._waiting.pop(ticket, None)
-
     # -- sessions -----------------------------------------------------------------------
 
     @asynccontextmanager
@@ -246,8 +236,9 @@ class Gate:
         """
         self._check_open()
         if arrival is None:
-            arrival = self.arrive()
-        ticket = Ticket(arrival.seq, arrival.at, gate=self, id=id)
+            ticket = Ticket(next(self._seq), trio.current_time(), gate=self, id=id)
+        else:
+            ticket = Ticket(arrival.seq, arrival.at, gate=self, id=id)
         # The queue deadline: a cancel scope the backend enters around the wait only.
         # max_wait == 0 asks the backend not to wait at all (a deadline scope that is
         # already due would cancel even an admission into a free slot).
@@ -256,27 +247,28 @@ class Gate:
             if self.max_wait > 0
             else None
         )
+        if wait_scope is not None:
+            # Registered so that a drain can end the wait; admission unregisters.
+            self._waiting[ticket] = wait_scope
         admitted = False
         try:
-            with self._waiting_for(ticket, wait_scope):
-                async with self._backend.hold(
-                    ticket, deadline_scope=wait_scope, max_queue=self.max_queue
-                ):
-                    admitted = True
-                    self._waiting.pop(ticket, None)
-                    self._on_admitted(ticket)
-                    try:
-                        yield ticket
-                    except trio.Cancelled:
-                        self._cancelled += 1
-                        raise
-                    except BaseException:
-                        self._failed += 1
-                        raise
-                    else:
-                        self._completed += 1
-                    finally:
-                        self._on_ended()
+            async with self._backend.hold(
+                ticket, deadline_scope=wait_scope, max_queue=self.max_queue
+            ):
+                admitted = True
+                self._on_admitted(ticket)
+                try:
+                    yield ticket
+                except trio.Cancelled:
+                    self._cancelled += 1
+                    raise
+                except BaseException:
+                    self._failed += 1
+                    raise
+                else:
+                    self._completed += 1
+                finally:
+                    self._on_ended()
         except (trio.TooSlowError, trio.WouldBlock):
             if admitted:
                 raise  # the session's own error, not the gate's
@@ -289,8 +281,12 @@ class Gate:
             if not admitted:
                 self._rejected += 1  # refused by the backend (queue full, unreachable)
             raise
+        finally:
+            if not admitted:
+                self._waiting.pop(ticket, None)
 
     def _on_admitted(self, ticket: Ticket) -> None:
+        self._waiting.pop(ticket, None)
         now = trio.current_time()
         ticket.admitted_at = now
         waited = now - ticket.arrived_at

@@ -134,14 +134,18 @@ class MemoryBackend:
     async def hold(
         self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
     ) -> AsyncIterator[None]:
-        if self._would_wait():
-            if deadline_scope is None:
-                raise trio.WouldBlock
-            if len(self._queue) >= max_queue:
-                raise QueueFull(max_queue)
-        # Never waiting: the gate asked for no deadline scope, so nothing can cancel
-        # the wait; an unbounded scope stands in for it.
-        wait_scope = deadline_scope if deadline_scope is not None else trio.CancelScope()
+        if not self._would_wait():
+            # Uncontended: nobody queued and a slot free. The limiter admits at once
+            # (its lot is empty: only a turn holder ever waits there), so no queue
+            # place, turn or deadline is needed.
+            async with self._limiter:
+                yield
+            return
+        if deadline_scope is None:
+            raise trio.WouldBlock
+        if len(self._queue) >= max_queue:
+            raise QueueFull(max_queue)
+        wait_scope = deadline_scope
         seq = ticket.seq
         with self._place(seq), wait_scope:
             while True:

@@ -117,7 +117,7 @@ async def _drive(
     assert gate.queued == 0
     backend = gate.backend
     assert backend._turn is None  # type: ignore[attr-defined]
-    assert not backend._turn_events  # type: ignore[attr-defined]
+    assert not backend._turn_waiters  # type: ignore[attr-defined]
     stats = gate.stats()
     assert stats.admitted == stats.completed + stats.cancelled - sum(
         v.state == "cancelled" and v.admitted_at is None for v in visitors

@@ -1,0 +1,289 @@
+"""The Redis side of the distributed gate: one Lua script, one atomic step per call.
+
+Data model (every key carries the hash tag ``{sg:<gate>}``, so a gate lives in one
+Redis Cluster slot):
+
+``sg:{<gate>}:meta`` (hash)
+    ``cap`` the global capacity; ``epoch`` a random id made when the gate was created
+    (a new one means Redis lost the gate's state); ``seq`` and ``fence`` the last arrival
+    number and fencing token handed out; ``ver`` bumped by every state change (the
+    pub/sub stream's sequence number); ``recover`` a Redis time (ms) before which
+    nothing is admitted from the queue (set when the gate is re-created after a loss,
+    so the live holders can re-register first).
+``sg:{<gate>}:queue`` (sorted set)
+    member -> arrival number: the global FIFO, lowest first.
+``sg:{<gate>}:qexp`` (sorted set)
+    member -> lease expiry (Redis ms) of each queued entry.
+``sg:{<gate>}:holders`` (sorted set)
+    member -> lease expiry (Redis ms) of each slot held: its size is the active count.
+``sg:{<gate>}:fences`` (hash)
+    member -> the fencing token of its slot.
+
+Arrival numbers and fencing tokens are ``max(last + 1, Redis TIME in µs)``: they only
+grow within one Redis lifetime, and keep growing after Redis restarts empty (its clock
+went on), so neither a rebuilt queue nor a downstream store sees them go backwards.
+
+Every call reads ``TIME`` once; no client clock is ever written to Redis. A call first
+re-creates the gate if it is missing, then reaps lapsed leases, then does its step,
+then admits from the head of the queue while a slot is free ("the head of the queue
+always gets the next slot"), and finally, if anything changed, bumps ``ver`` and
+publishes one message describing the change on ``sg:{<gate>}:events``::
+
+    V <ver> <active> <queued> <cap> <next deadline ms or -1> <now ms>
+    E <seq> <member>            entered the queue
+    D <member>                  left the queue without a slot (cancelled, lapsed)
+    G <member> <fence> <exp ms> left the queue with a slot (a hand-off)
+
+Each call returns ``[ver, active, queued, cap, next, now, epoch, events, ...]`` (numbers
+as decimal strings; ``events`` the same lines as the message), then its own results.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: ARGV: 1 channel, 2 capacity to create the gate with, 3 lease TTL (ms), 4 the epoch
+#: the caller knew ('' if none), 5 a fresh epoch to use if the gate must be created,
+#: 6 the operation, 7... its arguments.
+GATE_LUA: Final = r"""
+local K_META, K_QUEUE, K_QEXP, K_HOLDERS, K_FENCES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local channel = ARGV[1]
+local ttl = tonumber(ARGV[3])
+local op = ARGV[6]
+
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(now_us / 1000)
+local events = {}
+local changed = false
+
+local function fmt(x) return string.format('%.0f', x) end
+
+-- The gate's settings, creating the gate if it is missing.
+local cap, epoch, recover
+local stored = redis.call('HMGET', K_META, 'cap', 'epoch', 'recover')
+if stored[1] then
+  cap, epoch, recover = tonumber(stored[1]), stored[2], tonumber(stored[3])
+else
+  cap, epoch, recover = tonumber(ARGV[2]), ARGV[5], 0
+  if ARGV[4] ~= '' then
+    -- A caller knew this gate: Redis lost its state. Admit nobody new for one TTL so
+    -- that every live holder can re-register first (the cap is never exceeded).
+    recover = now + ttl
+  end
+  redis.call('HSET', K_META, 'cap', fmt(cap), 'epoch', epoch, 'seq', '0', 'fence', '0',
+             'ver', '0', 'recover', fmt(recover))
+  changed = true
+end
+
+local function next_id(field)
+  local last = tonumber(redis.call('HGET', K_META, field)) or 0
+  local id = math.max(last + 1, now_us)
+  redis.call('HSET', K_META, field, fmt(id))
+  return id
+end
+
+local function raise_to(field, value)
+  local last = tonumber(redis.call('HGET', K_META, field)) or 0
+  if value > last then redis.call('HSET', K_META, field, fmt(value)) end
+end
+
+-- Lapsed leases go first: a dead holder's slot and a dead waiter's place.
+local function reap()
+  local dead = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', now)
+  for _, m in ipairs(dead) do
+    redis.call('ZREM', K_HOLDERS, m)
+    redis.call('HDEL', K_FENCES, m)
+    changed = true
+  end
+  local gone = redis.call('ZRANGEBYSCORE', K_QEXP, '-inf', now)
+  for _, m in ipairs(gone) do
+    redis.call('ZREM', K_QEXP, m)
+    redis.call('ZREM', K_QUEUE, m)
+    events[#events + 1] = 'D ' .. m
+    changed = true
+  end
+end
+
+local function take_slot(m)
+  local fence = next_id('fence')
+  local exp = now + ttl
+  redis.call('ZADD', K_HOLDERS, exp, m)
+  redis.call('HSET', K_FENCES, m, fmt(fence))
+  changed = true
+  return fence, exp
+end
+
+-- Invariant: after this, either the queue is empty or every slot is taken.
+local function admit()
+  if now < recover then return end
+  local active = redis.call('ZCARD', K_HOLDERS)
+  while active < cap do
+    local head = redis.call('ZRANGE', K_QUEUE, 0, 0)
+    if #head == 0 then break end
+    local m = head[1]
+    redis.call('ZREM', K_QUEUE, m)
+    redis.call('ZREM', K_QEXP, m)
+    local fence, exp = take_slot(m)
+    events[#events + 1] = 'G ' .. m .. ' ' .. fmt(fence) .. ' ' .. fmt(exp)
+    active = active + 1
+  end
+end
+
+local function held(m)
+  local exp = redis.call('ZSCORE', K_HOLDERS, m)
+  if not exp then return nil end
+  return {redis.call('HGET', K_FENCES, m) or '0', exp}
+end
+
+local function finish(extra)
+  local ver = tonumber(redis.call('HGET', K_META, 'ver'))
+  if changed then
+    ver = ver + 1
+    redis.call('HSET', K_META, 'ver', fmt(ver))
+  end
+  local active = redis.call('ZCARD', K_HOLDERS)
+  local queued = redis.call('ZCARD', K_QUEUE)
+  local nxt = -1
+  local h = redis.call('ZRANGE', K_HOLDERS, 0, 0, 'WITHSCORES')
+  if #h > 0 then nxt = tonumber(h[2]) end
+  local q = redis.call('ZRANGE', K_QEXP, 0, 0, 'WITHSCORES')
+  if #q > 0 and (nxt < 0 or tonumber(q[2]) < nxt) then nxt = tonumber(q[2]) end
+  if recover > now and (nxt < 0 or recover < nxt) then nxt = recover end
+  local body = table.concat(events, '\n')
+  local header = 'V ' .. fmt(ver) .. ' ' .. active .. ' ' .. queued .. ' ' .. fmt(cap) .. ' '
+                 .. fmt(nxt) .. ' ' .. fmt(now)
+  if changed then
+    if body ~= '' then header = header .. '\n' .. body end
+    redis.call('PUBLISH', channel, header)
+  end
+  local out = {fmt(ver), tostring(active), tostring(queued), fmt(cap), fmt(nxt), fmt(now),
+               epoch, body}
+  for _, v in ipairs(extra) do out[#out + 1] = v end
+  return out
+end
+
+reap()
+local extra = {}
+
+if op == 'enqueue' then
+  -- ARGV 7: count, then per member: member, wait ('1'/'0'), max_queue.
+  -- Results per member: 'G' fence exp | 'Q' seq | 'W' (would wait) | 'F' (queue full).
+  admit()
+  local n = tonumber(ARGV[7])
+  for i = 0, n - 1 do
+    local m, wait, maxq = ARGV[8 + 3 * i], ARGV[9 + 3 * i], tonumber(ARGV[10 + 3 * i])
+    local seq = redis.call('ZSCORE', K_QUEUE, m)
+    local slot = held(m)
+    if seq then
+      extra[#extra + 1] = 'Q'; extra[#extra + 1] = seq; extra[#extra + 1] = ''
+    elseif slot then
+      extra[#extra + 1] = 'G'; extra[#extra + 1] = slot[1]; extra[#extra + 1] = slot[2]
+    else
+      local queued = redis.call('ZCARD', K_QUEUE)
+      if now >= recover and queued == 0 and redis.call('ZCARD', K_HOLDERS) < cap then
+        local fence, exp = take_slot(m)
+        extra[#extra + 1] = 'G'; extra[#extra + 1] = fmt(fence); extra[#extra + 1] = fmt(exp)
+      elseif wait ~= '1' then
+        extra[#extra + 1] = 'W'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
+      elseif queued >= maxq then
+        extra[#extra + 1] = 'F'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
+      else
+        local s = next_id('seq')
+        redis.call('ZADD', K_QUEUE, s, m)
+        redis.call('ZADD', K_QEXP, now + ttl, m)
+        events[#events + 1] = 'E ' .. fmt(s) .. ' ' .. m
+        changed = true
+        extra[#extra + 1] = 'Q'; extra[#extra + 1] = fmt(s); extra[#extra + 1] = ''
+      end
+    end
+  end
+  admit()
+
+elseif op == 'release' then
+  -- ARGV 7...: members leaving, queued or holding (idempotent). With none: a tick.
+  for i = 7, #ARGV do
+    local m = ARGV[i]
+    if redis.call('ZREM', K_HOLDERS, m) == 1 then
+      redis.call('HDEL', K_FENCES, m)
+      changed = true
+    end
+    if redis.call('ZREM', K_QUEUE, m) == 1 then
+      redis.call('ZREM', K_QEXP, m)
+      events[#events + 1] = 'D ' .. m
+      changed = true
+    end
+  end
+  admit()
+
+elseif op == 'renew' then
+  -- ARGV 7 member, 8 the epoch its slot was granted in, 9 its fence.
+  -- Result: 'OK' exp epoch | 'LOST'. A slot missing because Redis lost the gate is
+  -- re-registered if a slot is free (never above the cap).
+  local m = ARGV[7]
+  local exp = now + ttl
+  if redis.call('ZSCORE', K_HOLDERS, m) then
+    redis.call('ZADD', K_HOLDERS, 'XX', exp, m)
+    extra = {'OK', fmt(exp), epoch}
+  elseif epoch ~= ARGV[8] and redis.call('ZCARD', K_HOLDERS) < cap then
+    local fence = tonumber(ARGV[9])
+    redis.call('ZADD', K_HOLDERS, exp, m)
+    redis.call('HSET', K_FENCES, m, ARGV[9])
+    raise_to('fence', fence)
+    changed = true
+    extra = {'OK', fmt(exp), epoch}
+  else
+    extra = {'LOST', '', ''}
+  end
+  admit()
+
+elseif op == 'renew_queue' then
+  -- ARGV 7...: pairs member, seq of this process's waiters. Results per member:
+  -- 'Q' | 'G' fence exp (a hand-off this process has not heard of) | 'R' (missing:
+  -- put back at its own arrival number, e.g. after Redis lost the gate).
+  local exp = now + ttl
+  for i = 7, #ARGV, 2 do
+    local m, seq = ARGV[i], ARGV[i + 1]
+    local slot = held(m)
+    if redis.call('ZSCORE', K_QUEUE, m) then
+      redis.call('ZADD', K_QEXP, 'XX', exp, m)
+      extra[#extra + 1] = 'Q'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
+    elseif slot then
+      extra[#extra + 1] = 'G'; extra[#extra + 1] = slot[1]; extra[#extra + 1] = slot[2]
+    else
+      redis.call('ZADD', K_QUEUE, seq, m)
+      redis.call('ZADD', K_QEXP, exp, m)
+      raise_to('seq', tonumber(seq))
+      events[#events + 1] = 'E ' .. seq .. ' ' .. m
+      changed = true
+      extra[#extra + 1] = 'R'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
+    end
+  end
+  admit()
+
+elseif op == 'resize' then
+  cap = tonumber(ARGV[7])
+  redis.call('HSET', K_META, 'cap', fmt(cap))
+  changed = true
+  admit()
+
+elseif op == 'snapshot' then
+  -- The whole queue (member, seq, ...) and every slot (member, fence, exp, ...), for a
+  -- listener that (re)subscribed and must rebuild its mirror.
+  admit()
+  local q = redis.call('ZRANGE', K_QUEUE, 0, -1, 'WITHSCORES')
+  local h = redis.call('ZRANGE', K_HOLDERS, 0, -1, 'WITHSCORES')
+  extra[1] = tostring(#q / 2)
+  for _, v in ipairs(q) do extra[#extra + 1] = v end
+  for i = 1, #h, 2 do
+    extra[#extra + 1] = h[i]
+    extra[#extra + 1] = redis.call('HGET', K_FENCES, h[i]) or '0'
+    extra[#extra + 1] = h[i + 1]
+  end
+
+else
+  return redis.error_reply('sessiongate: unknown operation ' .. tostring(op))
+end
+
+return finish(extra)
+"""

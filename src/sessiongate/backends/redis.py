@@ -1,0 +1,735 @@
+"""The Redis backend: one global cap and one global FIFO queue per gate name.
+
+Theory of operation
+-------------------
+All shared state lives in Redis and changes only through one Lua script
+(:mod:`._redis_scripts`), one atomic call per step, on Redis's own clock. This module
+is the per-process half:
+
+* **Arrival.** ``hold()`` puts its ticket in a local *pending* list ordered by the
+  ticket's arrival stamp. One *enqueuer* task sends everything pending as one script
+  call, in stamp order, so a process's arrivals keep their order globally and a burst
+  costs one round trip. The script either grants a free slot at once, queues the
+  ticket under a Redis-side arrival number, or refuses it (queue full, would wait).
+  No answer within :data:`FAIL_FAST` seconds: :class:`BackendUnavailable`.
+* **Wait.** A queued ticket waits on a ``trio.Event``, never inside a Redis command.
+  Every script that hands a slot over publishes the hand-off on the gate's channel;
+  the process's one *listener* task receives it and sets the event. Its queue entry is
+  leased: a *queue renewer* task extends the leases of all this process's waiters in
+  one call every TTL/3, which doubles as the slow safety re-check (it reports hand-offs
+  the listener missed, and puts back entries Redis lost).
+* **Run.** The slot is a lease with a fencing token. The body runs inside a cancel
+  scope whose deadline is the moment the lease could lapse, minus a margin, on the
+  local clock (bounded from Redis times by the round trips that carried them). A
+  renewal task, one per session, pushes that deadline forward; if it cannot, the
+  deadline cancels the body before the lease lapses, and ``hold`` raises
+  :class:`LeaseLost`. A holder that was paused finds its deadline passed on resuming
+  and is cancelled before the renewal task touches Redis again.
+* **Leave.** Leaving the block, or cancelling the wait, runs the ``release`` step
+  (shielded, bounded): the slot or the queue place goes, and the head of the queue is
+  admitted in the same atomic step.
+* **Reclaim.** Every answer from Redis carries the nearest lease expiry; a *reaper*
+  task sleeps until then and runs a tick, so a dead holder's slot and a dead waiter's
+  place are reclaimed on time even when nothing else happens.
+
+The sync members (``capacity``, ``active``, ``queued``, ``position``) read a cache kept
+fresh by the listener (which mirrors the global queue from the published changes, so
+positions are exact and O(log n)) and by every script answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from itertools import count
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import attrs
+import coredis
+import coredis.exceptions
+import trio
+from coredis.retry import NoRetryPolicy
+from sortedcontainers import SortedDict, SortedList
+
+from .._errors import BackendUnavailable, LeaseLost, QueueFull
+from ._redis_scripts import GATE_LUA
+
+if TYPE_CHECKING:
+    from .._gate import Ticket
+
+__all__ = ["FAIL_FAST", "RedisBackend", "open_redis_backend"]
+
+logger = logging.getLogger("sessiongate.redis")
+
+#: Seconds an arrival may wait for Redis to answer before it is refused.
+FAIL_FAST: Final = 0.45
+#: Seconds a clean-up step (release, leave) may take, shielded from cancellation.
+CLEANUP_GRACE: Final = 1.0
+#: Fraction of the TTL kept between the body's local deadline and the lease's lapse.
+LEASE_MARGIN: Final = 0.2
+#: Errors that mean "Redis did not answer" (or answered with an error we cannot use).
+_REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError, trio.TooSlowError)
+
+
+class _Unreachable(Exception):
+    """A script call failed or timed out."""
+
+
+def _split(value: str) -> list[str]:
+    return value.split(" ")
+
+
+@attrs.frozen
+class _Figures:
+    """The figures every script answer and published message starts with."""
+
+    ver: int
+    active: int
+    queued: int
+    capacity: int
+    next_deadline: int  # Redis ms, -1 for none
+    now: int  # Redis ms
+    epoch: str
+    events: str
+
+    @classmethod
+    def parse(cls, raw: Sequence[Any]) -> _Figures:
+        return cls(
+            int(raw[0]),
+            int(raw[1]),
+            int(raw[2]),
+            int(raw[3]),
+            int(raw[4]),
+            int(raw[5]),
+            str(raw[6]),
+            str(raw[7]),
+        )
+
+
+@attrs.frozen
+class _Grant:
+    fence: int
+    expires: int  # Redis ms
+
+
+class _ClockBound:
+    """Where a Redis instant falls on the local Trio clock, within round-trip bounds.
+
+    A Redis ``TIME`` read by a call sent at local ``ts`` and answered at ``tr``
+    happened in ``[ts, tr]``, so the offset ``d = redis - local`` lies in
+    ``[redis - tr, redis - ts]``. Only recent samples are used (clocks drift).
+    """
+
+    WINDOW: Final = 30.0
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, float, float]] = deque(maxlen=64)
+
+    def sample(self, redis_ms: int, ts: float, tr: float) -> None:
+        redis_s = redis_ms / 1000
+        self._samples.append((tr, redis_s - tr, redis_s - ts))
+
+    def _recent(self) -> list[tuple[float, float, float]]:
+        now = trio.current_time()
+        recent = [s for s in self._samples if now - s[0] <= self.WINDOW]
+        return recent or list(self._samples)[-1:]
+
+    def earliest(self, redis_ms: int) -> float | None:
+        """The earliest local time at which ``redis_ms`` can come (for lease ends)."""
+        recent = self._recent()
+        if not recent:
+            return None
+        return redis_ms / 1000 - min(s[2] for s in recent)
+
+    def latest(self, redis_ms: int) -> float | None:
+        """The latest local time at which ``redis_ms`` can come (for reaping)."""
+        recent = self._recent()
+        if not recent:
+            return None
+        return redis_ms / 1000 - max(s[1] for s in recent)
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    """One ticket on its way through the queue, in this process."""
+
+    member: str
+    stamp: int
+    wait: bool
+    max_queue: int
+    #: Set once the enqueue step answered (``status`` says how).
+    answered: trio.Event = attrs.field(factory=trio.Event)
+    status: str = ""
+    error: BaseException | None = None
+    #: The Redis arrival number, once queued.
+    seq: str | None = None
+    #: Set when a slot was handed over (``grant`` holds it).
+    granted: trio.Event = attrs.field(factory=trio.Event)
+    grant: _Grant | None = None
+    grant_seen_at: float = 0.0
+
+
+@attrs.define(eq=False)
+class _Lease:
+    member: str
+    fence: int
+    epoch: str
+    #: Local time by which the body must have been cancelled.
+    valid_until: float
+    #: Local time the lease was last confirmed (grant seen, or a renewal sent).
+    basis: float
+
+
+class RedisBackend:
+    """Slots and a FIFO queue shared through Redis by every process using ``gate_name``.
+
+    Made by :func:`open_redis_backend`, which owns its client and tasks; pass it to
+    ``Gate(..., backend=backend)``.
+    """
+
+    def __init__(
+        self,
+        client: coredis.Redis[str],
+        nursery: trio.Nursery,
+        *,
+        gate_name: str,
+        capacity: int,
+        lease_ttl: float,
+    ) -> None:
+        if lease_ttl <= 0:
+            raise ValueError(f"lease_ttl must be > 0, got {lease_ttl}")
+        self._client = client
+        self._nursery = nursery
+        self.gate_name = gate_name
+        self.lease_ttl = float(lease_ttl)
+        self._ttl_ms = max(1, round(lease_ttl * 1000))
+        self._configured_capacity = capacity
+        prefix = f"sg:{{{gate_name}}}"
+        self._keys = [f"{prefix}:{k}" for k in ("meta", "queue", "qexp", "holders", "fences")]
+        self.channel = f"{prefix}:events"
+        self._script = client.register_script(GATE_LUA)
+        self._proc = secrets.token_hex(6)
+        self._counter = count(1)
+        self._clock = _ClockBound()
+        # Cached global figures (from the newest script answer or message).
+        self._ver = -1
+        self._capacity = capacity
+        self._active = 0
+        self._queued = 0
+        self._epoch = ""
+        # Mirror of the global queue, fed in order by the listener: member -> seq.
+        self._mirror: dict[str, int] = {}
+        self._mirror_seqs: SortedList = SortedList()
+        self._mirror_ver = -1
+        self._mirror_ok = False
+        # This process's waiters: by member, and by ticket (for position()).
+        self._waiters: dict[str, _Waiter] = {}
+        self._by_ticket: dict[Ticket, _Waiter] = {}
+        self._pending: SortedDict = SortedDict()  # stamp -> _Waiter, not yet sent
+        self._pending_wakeup = trio.Event()
+        self._healthy = False
+        self._subscribed = False
+        self._reap_at = math.inf
+        self._reap_scope = trio.CancelScope()
+        self._resync_wanted = trio.Event()
+        self._renew_queue_now = trio.Event()
+        #: Script calls made (for measuring round trips per admission).
+        self.calls = 0
+
+    # -- the protocol's sync members --------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def set_capacity(self, capacity: int) -> None:
+        """Resize globally in the background; the cached figure changes at once."""
+        self._capacity = capacity
+        self._nursery.start_soon(self._resize_in_background, capacity)
+
+    async def _resize_in_background(self, capacity: int) -> None:
+        try:
+            await self.resize(capacity)
+        except BackendUnavailable:
+            logger.warning("could not resize gate %r: Redis unreachable", self.gate_name)
+
+    async def resize(self, capacity: int) -> None:
+        try:
+            await self._call("resize", [str(capacity)], limit=CLEANUP_GRACE)
+        except _Unreachable as exc:
+            raise BackendUnavailable("Redis unreachable: the capacity was not changed") from exc
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def healthy(self) -> bool:
+        """Redis answered the latest call and the hand-off listener is subscribed."""
+        return self._healthy and self._subscribed
+
+    def position(self, ticket: Ticket) -> int | None:
+        waiter = self._by_ticket.get(ticket)
+        if waiter is None or waiter.seq is None or waiter.granted.is_set():
+            return None
+        index: int = self._mirror_seqs.bisect_left(int(waiter.seq))
+        return index + 1
+
+    async def aclose(self) -> None:
+        # The client and tasks belong to open_redis_backend's scope.
+        await trio.lowlevel.checkpoint()
+
+    # -- talking to Redis ---------------------------------------------------------------
+
+    async def _call(self, op: str, args: Sequence[str], *, limit: float) -> list[Any]:
+        """Run one step of the gate script; the answer's figures refresh the cache."""
+        return (await self._call_figures(op, args, limit=limit))[1]
+
+    async def _call_figures(
+        self, op: str, args: Sequence[str], *, limit: float
+    ) -> tuple[_Figures, list[Any]]:
+        argv = [
+            self.channel,
+            str(self._configured_capacity),
+            str(self._ttl_ms),
+            self._epoch,
+            secrets.token_hex(8),
+            op,
+            *args,
+        ]
+        self.calls += 1
+        sent = trio.current_time()
+        try:
+            with trio.fail_after(limit):
+                raw: object = await self._script(keys=self._keys, args=argv)
+        except _REDIS_ERRORS as exc:
+            if self._healthy:
+                logger.warning("Redis unreachable (%s): %r", op, exc)
+            self._healthy = False
+            raise _Unreachable(op) from exc
+        answered = trio.current_time()
+        self._healthy = True
+        result = list(cast("Sequence[Any]", raw))
+        figures = _Figures.parse(result)
+        self._clock.sample(figures.now, sent, answered)
+        self._absorb(figures)
+        return figures, result[8:]
+
+    def _absorb(self, figures: _Figures) -> None:
+        """Take in figures and hand-offs from a script answer or a message."""
+        if figures.epoch and figures.epoch != self._epoch:
+            # Only script answers carry the epoch. A new one: Redis lost the gate, and
+            # its version numbers started again.
+            if self._epoch:
+                logger.warning("gate %r was re-created in Redis (state lost)", self.gate_name)
+                self._mirror_ok = False
+                self._resync_wanted.set()
+                self._renew_queue_now.set()
+            self._epoch = figures.epoch
+            self._ver = -1
+        if figures.ver >= self._ver:
+            self._ver = figures.ver
+            self._active = figures.active
+            self._queued = figures.queued
+            self._capacity = figures.capacity
+        for line in figures.events.splitlines():
+            parts = _split(line)
+            if parts[0] == "G":
+                self._deliver(parts[1], _Grant(int(parts[2]), int(parts[3])))
+        self._note_deadline(figures.next_deadline)
+
+    def _deliver(self, member: str, grant: _Grant) -> None:
+        waiter = self._waiters.get(member)
+        if waiter is not None and not waiter.granted.is_set():
+            waiter.grant = grant
+            waiter.grant_seen_at = trio.current_time()
+            waiter.granted.set()
+
+    def _note_deadline(self, redis_ms: int) -> None:
+        if redis_ms < 0:
+            return
+        local = self._clock.latest(redis_ms)
+        if local is None:
+            return
+        # A little jitter so that every process does not reap at the same instant.
+        local += 0.002 + random.random() * min(0.02, self.lease_ttl * 0.01)
+        if local < self._reap_at:
+            self._reap_at = local
+            self._reap_scope.deadline = local
+
+    # -- hold ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def hold(
+        self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
+    ) -> AsyncIterator[None]:
+        waiter = _Waiter(
+            f"{self._proc}:{next(self._counter)}", ticket.seq, deadline_scope is not None, max_queue
+        )
+        async with self._place(ticket, waiter):
+            if deadline_scope is None:
+                await self._wait_for_grant(waiter)  # admitted now, or WouldBlock
+            else:
+                with deadline_scope:
+                    await self._wait_for_grant(waiter)
+                if deadline_scope.cancel_called:
+                    # The wait ended (deadline or drain), perhaps at the very instant a
+                    # slot came: leaving _place hands any such slot straight on.
+                    raise trio.TooSlowError
+                deadline_scope.deadline = math.inf
+            # Admitted: no checkpoint from here to the body.
+            lease = self._lease_from(waiter)
+            ticket.fencing_token = lease.fence
+            with (
+                trio.CancelScope(deadline=lease.valid_until) as body_scope,
+                self._renewing(lease, body_scope),
+            ):
+                yield
+        if body_scope.cancelled_caught:
+            raise LeaseLost(
+                f"the slot lease of gate {self.gate_name!r} could not be kept "
+                f"(fencing token {lease.fence})"
+            )
+
+    @asynccontextmanager
+    async def _place(self, ticket: Ticket, waiter: _Waiter) -> AsyncIterator[None]:
+        """Own the ticket's queue place or slot: leaving frees whichever it holds."""
+        self._waiters[waiter.member] = waiter
+        self._by_ticket[ticket] = waiter
+        try:
+            yield
+        finally:
+            del self._waiters[waiter.member]
+            del self._by_ticket[ticket]
+            self._pending.pop(waiter.stamp, None)
+            with trio.move_on_after(CLEANUP_GRACE, shield=True):
+                await self._leave(waiter)
+
+    async def _leave(self, waiter: _Waiter) -> None:
+        if not waiter.answered.is_set() and waiter.status == "sent":
+            # The enqueue step is in flight: release what it makes once it answers, or
+            # the place would outlive us (a ghost at the head until its lease lapses).
+            self._nursery.start_soon(self._leave_when_answered, waiter)
+            return
+        await self._release(waiter)
+
+    async def _leave_when_answered(self, waiter: _Waiter) -> None:
+        with trio.move_on_after(FAIL_FAST + CLEANUP_GRACE):
+            await waiter.answered.wait()
+            await self._release(waiter)
+
+    async def _release(self, waiter: _Waiter) -> None:
+        if waiter.status not in ("Q", "G"):
+            return
+        try:
+            await self._call("release", [waiter.member], limit=CLEANUP_GRACE)
+        except _Unreachable:
+            logger.warning("could not release %s: its lease will lapse", waiter.member)
+
+    async def _wait_for_grant(self, waiter: _Waiter) -> None:
+        self._pending[waiter.stamp] = waiter
+        self._pending_wakeup.set()
+        with trio.move_on_after(FAIL_FAST * 2) as answer_scope:
+            await waiter.answered.wait()
+        if answer_scope.cancelled_caught or waiter.error is not None:
+            raise BackendUnavailable("Redis did not answer in time") from waiter.error
+        if waiter.status == "F":
+            raise QueueFull(waiter.max_queue)
+        if waiter.status == "W":
+            raise trio.WouldBlock
+        await waiter.granted.wait()
+
+    def _lease_from(self, waiter: _Waiter) -> _Lease:
+        grant = waiter.grant
+        assert grant is not None
+        seen = waiter.grant_seen_at
+        return _Lease(
+            waiter.member, grant.fence, self._epoch, self._valid_until(grant.expires, seen), seen
+        )
+
+    def _valid_until(self, expires: int, fallback_basis: float) -> float:
+        margin = LEASE_MARGIN * self.lease_ttl
+        earliest = self._clock.earliest(expires)
+        if earliest is None:
+            earliest = fallback_basis + self.lease_ttl - margin
+        return earliest - margin
+
+    @contextmanager
+    def _renewing(self, lease: _Lease, body_scope: trio.CancelScope) -> Iterator[None]:
+        scope = trio.CancelScope()
+        self._nursery.start_soon(self._renew_lease, lease, body_scope, scope)
+        try:
+            yield
+        finally:
+            scope.cancel()
+
+    async def _renew_lease(
+        self, lease: _Lease, body_scope: trio.CancelScope, scope: trio.CancelScope
+    ) -> None:
+        every = self.lease_ttl / 3
+        next_at = min(lease.basis + every, (lease.basis + lease.valid_until) / 2)
+        with scope:
+            while True:
+                await trio.sleep_until(next_at)
+                now = trio.current_time()
+                if now >= lease.valid_until:
+                    # Learned locally (e.g. after a pause): never renew a lapsed lease.
+                    body_scope.cancel()
+                    return
+                try:
+                    answer = await self._call(
+                        "renew",
+                        [lease.member, lease.epoch, str(lease.fence)],
+                        limit=max(0.01, min(every, lease.valid_until - now)),
+                    )
+                except _Unreachable:
+                    next_at = trio.current_time() + self.lease_ttl / 10
+                    continue
+                if answer[0] != "OK":
+                    logger.warning("lease %s (fence %d) was lost", lease.member, lease.fence)
+                    body_scope.cancel()
+                    return
+                lease.epoch = str(answer[2])
+                lease.basis = now
+                lease.valid_until = self._valid_until(int(answer[1]), now)
+                body_scope.deadline = lease.valid_until
+                next_at = now + every
+
+    # -- background tasks ---------------------------------------------------------------
+
+    async def _start(self) -> None:
+        try:
+            answer = await self._call("snapshot", [], limit=1.0)
+        except _Unreachable:
+            logger.warning("Redis unreachable at start-up; gate %r will retry", self.gate_name)
+        else:
+            del answer
+            if self._capacity != self._configured_capacity:
+                logger.warning(
+                    "gate %r already has capacity %d in Redis; using it, not %d",
+                    self.gate_name,
+                    self._capacity,
+                    self._configured_capacity,
+                )
+        self._nursery.start_soon(self._enqueuer)
+        self._nursery.start_soon(self._listener)
+        self._nursery.start_soon(self._mirror_keeper)
+        self._nursery.start_soon(self._reaper)
+        self._nursery.start_soon(self._queue_renewer)
+        self._nursery.start_soon(self._health)
+
+    async def _enqueuer(self) -> None:
+        """Send pending arrivals, in stamp order, one script call per batch."""
+        while True:
+            await self._pending_wakeup.wait()
+            self._pending_wakeup = trio.Event()
+            if not self._pending:
+                continue
+            batch: list[_Waiter] = list(self._pending.values())
+            self._pending.clear()
+            args: list[str] = [str(len(batch))]
+            for waiter in batch:
+                waiter.status = "sent"
+                args += [waiter.member, "1" if waiter.wait else "0", str(waiter.max_queue)]
+            try:
+                answer = await self._call("enqueue", args, limit=FAIL_FAST)
+            except _Unreachable as exc:
+                for waiter in batch:
+                    waiter.status = "error"
+                    waiter.error = exc
+                    waiter.answered.set()
+                continue
+            for i, waiter in enumerate(batch):
+                status, a, b = answer[3 * i : 3 * i + 3]
+                waiter.status = str(status)
+                if status == "Q":
+                    waiter.seq = str(a)
+                elif status == "G":
+                    self._deliver(waiter.member, _Grant(int(a), int(b)))
+                waiter.answered.set()
+            await trio.lowlevel.checkpoint()
+
+    async def _listener(self) -> None:
+        """Receive published changes: hand-offs, figures and the queue mirror."""
+        backoff = 0.05
+        while True:
+            try:
+                async with self._client.pubsub(
+                    channels=[self.channel],
+                    ignore_subscribe_messages=True,
+                    retry_policy=NoRetryPolicy(),
+                ) as pubsub:
+                    # Subscribed: anything published from now on reaches us, so a
+                    # snapshot taken now plus the messages after it is complete.
+                    self._subscribed = True
+                    self._resync_wanted.set()
+                    self._renew_queue_now.set()
+                    backoff = 0.05
+                    async for message in pubsub:
+                        if message["type"] == "message":
+                            self._on_message(str(message["data"]))
+            except Exception as exc:  # any failure: reconnect (Cancelled passes through)
+                if self._subscribed:
+                    logger.warning("hand-off listener lost Redis: %r", exc)
+            self._subscribed = False
+            self._mirror_ok = False
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 0.5)
+
+    async def _mirror_keeper(self) -> None:
+        """Rebuild the queue mirror whenever the listener asks (new subscription, gap)."""
+        while True:
+            await self._resync_wanted.wait()
+            self._resync_wanted = trio.Event()
+            if not self._subscribed:
+                continue
+            try:
+                await self._resync()
+            except _Unreachable:
+                await trio.sleep(0.1)
+                self._resync_wanted.set()
+
+    async def _resync(self) -> None:
+        """Rebuild the queue mirror from a snapshot."""
+        figures, answer = await self._call_figures("snapshot", [], limit=2.0)
+        n = int(answer[0])
+        queue = answer[1 : 1 + 2 * n]
+        self._mirror = {str(queue[i]): int(queue[i + 1]) for i in range(0, len(queue), 2)}
+        self._mirror_seqs = SortedList(self._mirror.values())
+        self._mirror_ver = figures.ver
+        self._mirror_ok = True
+        holders = answer[1 + 2 * n :]
+        for i in range(0, len(holders), 3):
+            self._deliver(str(holders[i]), _Grant(int(holders[i + 1]), int(holders[i + 2])))
+
+    def _on_message(self, data: str) -> None:
+        lines = data.split("\n")
+        head = _split(lines[0])
+        figures = _Figures(
+            int(head[1]),
+            int(head[2]),
+            int(head[3]),
+            int(head[4]),
+            int(head[5]),
+            int(head[6]),
+            "",
+            "\n".join(lines[1:]),
+        )
+        self._absorb(figures)
+        if not self._mirror_ok or figures.ver <= self._mirror_ver:
+            return
+        if figures.ver != self._mirror_ver + 1:
+            self._resync_wanted.set()  # missed a change: rebuild from a snapshot
+            return
+        self._mirror_ver = figures.ver
+        for line in lines[1:]:
+            parts = _split(line)
+            if parts[0] == "E":
+                seq, member = int(parts[1]), parts[2]
+                if member not in self._mirror:
+                    self._mirror[member] = seq
+                    self._mirror_seqs.add(seq)
+            else:
+                seq_gone = self._mirror.pop(parts[1], None)
+                if seq_gone is not None:
+                    self._mirror_seqs.remove(seq_gone)
+
+    async def _reaper(self) -> None:
+        """Tick at the nearest lease expiry, so lapsed leases are reclaimed on time."""
+        while True:
+            with trio.CancelScope(deadline=self._reap_at) as self._reap_scope:
+                await trio.sleep_forever()
+            self._reap_at = math.inf
+            try:
+                await self._call("release", [], limit=1.0)
+            except _Unreachable:
+                self._reap_at = trio.current_time() + 0.1
+
+    async def _queue_renewer(self) -> None:
+        """Extend this process's queue leases; pick up missed hand-offs; put back lost
+        entries. One call every TTL/3 for all of this process's waiters."""
+        every = self.lease_ttl / 3
+        while True:
+            with trio.move_on_after(every):
+                await self._renew_queue_now.wait()
+            self._renew_queue_now = trio.Event()
+            waiting = [
+                w for w in self._waiters.values() if w.seq is not None and not w.granted.is_set()
+            ]
+            if not waiting:
+                continue
+            args: list[str] = []
+            for waiter in waiting:
+                args += [waiter.member, str(waiter.seq)]
+            try:
+                answer = await self._call("renew_queue", args, limit=every)
+            except _Unreachable:
+                continue
+            ghosts = []
+            for i, waiter in enumerate(waiting):
+                status, a, b = answer[3 * i : 3 * i + 3]
+                if self._waiters.get(waiter.member) is not waiter:
+                    if status in ("G", "R"):
+                        ghosts.append(waiter.member)  # it left while we renewed it
+                elif status == "G":
+                    self._deliver(waiter.member, _Grant(int(a), int(b)))
+            if ghosts:
+                with suppress(_Unreachable):
+                    await self._call("release", ghosts, limit=CLEANUP_GRACE)
+
+    async def _health(self) -> None:
+        """Ping now and then, so ``healthy`` turns true again once Redis is back."""
+        while True:
+            await trio.sleep(0.25 if not self._healthy else 1.0)
+            try:
+                with trio.fail_after(0.5):
+                    await self._client.ping()
+            except _REDIS_ERRORS:
+                self._healthy = False
+            else:
+                self._healthy = True
+
+
+@asynccontextmanager
+async def open_redis_backend(
+    url: str, *, gate_name: str, capacity: int, lease_ttl: float
+) -> AsyncIterator[RedisBackend]:
+    """Connect to Redis at ``url`` and run a gate backend for ``gate_name``.
+
+    The first process to create the gate sets its capacity; a later one with another
+    ``capacity`` logs a warning and uses the stored one. Redis being unreachable at
+    start is not an error: the backend reports ``healthy == False`` and refuses
+    arrivals with :class:`BackendUnavailable` until Redis answers.
+
+    Args:
+        url: ``redis://host:port/db`` (``rediss://`` and ``unix://`` work too).
+        gate_name: the gate's name in Redis; processes sharing it share the cap.
+        capacity: the capacity to create the gate with.
+        lease_ttl: seconds a slot or queue lease lives without renewal.
+    """
+    client: coredis.Redis[str] = coredis.Redis.from_url(
+        url, decode_responses=True, connect_timeout=FAIL_FAST / 2
+    )
+    async with client:
+        try:
+            async with trio.open_nursery() as nursery:
+                backend = RedisBackend(
+                    client, nursery, gate_name=gate_name, capacity=capacity, lease_ttl=lease_ttl
+                )
+                await backend._start()
+                yield backend
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The background tasks never raise; what is left is the caller's own.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise

@@ -1,0 +1,225 @@
+"""``sessiongate serve``: the HTTP service under Hypercorn's Trio worker.
+
+One worker (the default) serves in this process. On SIGTERM or SIGINT it drains first,
+with the listener still open: new sessions are refused with ``shutting_down``, queued
+ones end at once, active ones get ``--shutdown-grace`` seconds and are then cancelled.
+Only then is Hypercorn told to stop (its ``graceful_timeout`` is the same grace, for
+answers still being written); the process exits 0. A second signal ends the grace now.
+
+``--workers N`` (Redis backend only) runs N worker processes on one listening socket,
+supervised here rather than by Hypercorn's runner (which stops the other workers as
+soon as one exits, cutting their drain short): a signal is passed to every worker, each
+drains within the grace, and a worker that dies otherwise is restarted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .config import ConfigError, Settings, serve_help
+
+log = logging.getLogger("sessiongate.cli")
+
+USAGE = "usage: sessiongate serve [options]   (sessiongate serve --help for the options)"
+#: After the grace, how long a worker may take to exit before it is killed.
+KILL_MARGIN = 10.0
+RESTART_DELAY = 1.0
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"sessiongate: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    if args[0] != "serve":
+        return _fail(f"unknown command {args[0]!r}; {USAGE}")
+    if any(arg in ("-h", "--help") for arg in args[1:]):
+        print(serve_help())
+        return 0
+    try:
+        settings = Settings.from_args(args[1:], os.environ)
+    except ConfigError as error:
+        return _fail(str(error))
+    from .web import HandlerLoadError
+    from .web._handlers import load
+
+    try:
+        load(settings.handler)
+    except HandlerLoadError as error:
+        return _fail(f"invalid --handler: {error}")
+    if settings.redis and importlib.util.find_spec("sessiongate.backends.redis") is None:
+        return _fail("invalid --backend: the redis backend is not available in this build")
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if settings.workers > 1:
+            return trio.run(_supervise, settings)
+        trio.run(serve, settings)
+    except OSError as error:
+        return _fail(f"cannot serve on {settings.bind}: {error}", 1)
+    return 0
+
+
+def hypercorn_config(settings: Settings) -> object:
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [settings.bind]
+    config.accesslog = "-"
+    config.errorlog = "-"
+    # After the drain only answers still being written remain; the grace bounds them.
+    config.graceful_timeout = max(settings.shutdown_grace, 1.0)
+    # Hypercorn's loggers have their own handlers; do not print each line twice.
+    for name in ("hypercorn.error", "hypercorn.access"):
+        logging.getLogger(name).propagate = False
+    return config
+
+
+async def serve(
+    settings: Settings, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until SIGTERM/SIGINT, drain, and return (``task_status`` gets the binds)."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    from .web import create_app
+
+    app = create_app(settings)
+    config = hypercorn_config(settings)
+    assert isinstance(config, Config)
+    stop = trio.Event()
+
+    async def drain_then_stop() -> None:
+        if app.service.started:
+            await app.service.drain()
+        stop.set()
+
+    async def on_signals(*, task_status: trio.TaskStatus[None]) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            received = 0
+            async for signum in signals:
+                received += 1
+                if received == 1:
+                    log.info("%s: draining", signal.Signals(signum).name)
+                    nursery.start_soon(drain_then_stop)
+                else:
+                    log.info("%s again: ending the grace now", signal.Signals(signum).name)
+                    app.service.cut()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(on_signals)
+        # Returns once the app's lifespan has shut down (after the drain).
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
+        nursery.cancel_scope.cancel()
+
+
+# -- several workers -----------------------------------------------------------------
+
+
+def _listen(bind: str) -> socket.socket:
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` worker processes on one socket; drain all on a signal."""
+    if settings.bind.startswith(("unix:", "fd://")):
+        raise OSError("--workers > 1 needs a HOST:PORT bind")
+    sock = _listen(settings.bind)
+    fd = sock.fileno()
+    host, port = sock.getsockname()[:2]
+    print(
+        f"sessiongate: serving http://{host}:{port} with {settings.workers} workers",
+        file=sys.stderr,
+        flush=True,
+    )
+    env = {**os.environ, **settings.to_environ()}
+    env.pop("SESSIONGATE_ADMIN_TOKEN", None)
+    if settings.admin_token is not None:
+        env["SESSIONGATE_ADMIN_TOKEN"] = settings.admin_token
+    command = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", f"fd://{fd}"]
+    command += ["--workers", "1"]
+    stopping = trio.Event()
+    processes: dict[int, trio.Process] = {}
+    failures = 0
+
+    async def worker(index: int) -> None:
+        nonlocal failures
+        while not stopping.is_set():
+            process = await trio.lowlevel.open_process(
+                command, env=env, pass_fds=(fd,), start_new_session=True
+            )
+            processes[index] = process
+            # Shielded: a worker is only ever stopped by a signal, never abandoned.
+            with trio.CancelScope(shield=True):
+                status = await process.wait()
+            if stopping.is_set():
+                if status != 0:
+                    failures += 1
+                return
+            log.warning("worker %d exited with status %s; restarting", index, status)
+            with trio.move_on_after(RESTART_DELAY):
+                await stopping.wait()
+
+    async def stop_all(signum: int) -> None:
+        stopping.set()
+        for process in processes.values():
+            if process.returncode is None:
+                process.send_signal(signum)
+        with trio.move_on_after(settings.shutdown_grace + KILL_MARGIN):
+            for process in processes.values():
+                await process.wait()
+            return
+        for process in processes.values():
+            if process.returncode is None:
+                log.error("worker %d did not drain in time; killing it", process.pid)
+                process.kill()
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as outer:
+
+            async def relay() -> None:
+                async for signum in signals:
+                    if not stopping.is_set():
+                        outer.start_soon(stop_all, signum)
+                    else:  # a second signal: pass it on (ends the workers' grace)
+                        for process in processes.values():
+                            if process.returncode is None:
+                                process.send_signal(signum)
+
+            outer.start_soon(relay)
+            async with trio.open_nursery() as workers:
+                for index in range(settings.workers):
+                    workers.start_soon(worker, index)
+            outer.cancel_scope.cancel()
+    sock.close()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The one settings object of the HTTP service, from CLI flags and ``SESSIONGATE_*`` variables.
+
+Every setting has a flag (``--max-wait``) and a variable (``SESSIONGATE_MAX_WAIT``, the
+flag's name in upper snake case); a flag wins over the variable, the variable over the
+default. Values arrive as strings and are converted and checked here, once: an invalid
+value raises :class:`ConfigError`, whose text is one line naming the setting (the CLI
+prints it and exits with status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+import attrs
+
+ENV_PREFIX = "SESSIONGATE_"
+REFUSAL_STATUSES = (503, 429, 408)
+_GATE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_HANDLER_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; ``str()`` is one line naming the setting."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"invalid {setting}: {reason}")
+        self.setting = setting
+        self.reason = reason
+
+
+# -- converters: a string (or an already typed default) to a checked value -------------
+
+
+def _int(minimum: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text.strip(), 10)
+        except ValueError:
+            raise ValueError(f"must be a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return convert
+
+
+def _seconds(minimum: float) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"must be a number of seconds >= {minimum:g}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number of seconds, got {text!r}")
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum:g} seconds, got {value:g}")
+        return value
+
+    return convert
+
+
+def _refusal_status(text: str) -> int:
+    try:
+        value = int(text.strip(), 10)
+    except ValueError:
+        value = -1
+    if value not in REFUSAL_STATUSES:
+        raise ValueError(f"must be one of 503, 429, 408, got {text!r}")
+    return value
+
+
+def _gate_name(text: str) -> str:
+    if not _GATE_NAME.fullmatch(text):
+        raise ValueError(f"must match [A-Za-z0-9_.-]+, got {text!r}")
+    return text
+
+
+def _backend(text: str) -> str:
+    value = text.strip()
+    if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
+        return value
+    raise ValueError(f"must be 'memory' or a redis:// URL, got {text!r}")
+
+
+def _handler(text: str) -> str:
+    value = text.strip()
+    if value == "sleep" or _HANDLER_PATH.fullmatch(value):
+        return value
+    raise ValueError(f"must be 'sleep' or 'package.module:function', got {text!r}")
+
+
+def _bind(text: str) -> str:
+    value = text.strip()
+    if value.startswith(("unix:", "fd://")):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"must be HOST:PORT (or unix:PATH), got {text!r}")
+    return value
+
+
+def _token(text: str) -> str | None:
+    return text if text else None
+
+
+@attrs.frozen
+class _Option:
+    name: str  # the attribute
+    convert: Callable[[str], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+_OPTIONS = (
+    _Option("bind", _bind, "address to listen on, HOST:PORT"),
+    _Option("capacity", _int(1), "most sessions active at once"),
+    _Option("max_wait", _seconds(0), "most seconds a session waits for a slot (0: never)"),
+    _Option("max_queue", _int(0), "most sessions waiting at once (0: no queue)"),
+    _Option("handler", _handler, "'sleep' or package.module:function"),
+    _Option("max_duration", _seconds(0), "largest 'duration' the sleep handler accepts"),
+    _Option("max_body", _int(1), "largest request body, bytes"),
+    _Option("workers", _int(1), "worker processes (more than 1 needs a redis backend)"),
+    _Option("backend", _backend, "'memory' or redis://host:port/db"),
+    _Option("gate_name", _gate_name, "the gate's name in a shared backend"),
+    _Option("lease_ttl", _seconds(1), "seconds a Redis slot lease lives unrenewed"),
+    _Option("thread_limit", _int(1), "threads for plain-def handlers"),
+    _Option("shutdown_grace", _seconds(0), "seconds active sessions get on SIGTERM"),
+    _Option("result_ttl", _seconds(0), "seconds an ended session stays readable"),
+    _Option("result_max", _int(0), "most ended sessions kept readable"),
+    _Option("admin_token", _token, "bearer token for GET /sessions and /admin/*"),
+    _Option("refusal_status", _refusal_status, "status of refusals: 503, 429 or 408"),
+)
+_BY_NAME = {option.name: option for option in _OPTIONS}
+
+
+@attrs.frozen
+class Settings:
+    """Everything the service is configured with. Build it with a named constructor."""
+
+    bind: str = "127.0.0.1:8000"
+    capacity: int = 50
+    max_wait: float = 60.0
+    max_queue: int = 10_000
+    handler: str = "sleep"
+    max_duration: float = 3600.0
+    max_body: int = 65_536
+    workers: int = 1
+    backend: str = "memory"
+    gate_name: str = "default"
+    lease_ttl: float = 10.0
+    thread_limit: int = 40
+    shutdown_grace: float = 30.0
+    result_ttl: float = 300.0
+    result_max: int = 10_000
+    admin_token: str | None = attrs.field(default=None, repr=False)
+    refusal_status: int = 503
+
+    @property
+    def redis(self) -> bool:
+        """True when the gate lives in Redis (shared by every worker and host)."""
+        return self.backend != "memory"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        """Settings from ``SESSIONGATE_*`` variables, defaults for the rest.
+
+        Raises:
+            ConfigError: a variable has an invalid value.
+        """
+        return cls._build({}, environ)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+        """Settings from ``serve`` flags, then ``SESSIONGATE_*`` variables, then defaults.
+
+        Raises:
+            ConfigError: a flag or variable has an invalid value, or an unknown flag.
+        """
+        namespace = _parser().parse_args(list(argv))
+        flags = {name: value for name, value in vars(namespace).items() if value is not None}
+        return cls._build(flags, environ)
+
+    @classmethod
+    def _build(cls, flags: Mapping[str, str], environ: Mapping[str, str]) -> Settings:
+        values: dict[str, Any] = {}
+        for option in _OPTIONS:
+            if option.name in flags:
+                text, source = flags[option.name], option.flag
+            elif option.env in environ:
+                text, source = environ[option.env], option.env
+            else:
+                continue
+            try:
+                values[option.name] = option.convert(text)
+            except ValueError as error:
+                raise ConfigError(source, str(error)) from None
+        settings = cls(**values)
+        if settings.workers > 1 and not settings.redis:
+            source = "--workers" if "workers" in flags else _BY_NAME["workers"].env
+            raise ConfigError(
+                source,
+                f"{settings.workers} workers need a shared backend (--backend redis://...); "
+                "with the in-memory backend each worker would have its own cap",
+            )
+        return settings
+
+    def to_environ(self) -> dict[str, str]:
+        """These settings as ``SESSIONGATE_*`` variables (to hand to a worker process)."""
+        environ: dict[str, str] = {}
+        for option in _OPTIONS:
+            value = getattr(self, option.name)
+            if value is None:
+                continue
+            environ[option.env] = repr(value) if isinstance(value, float) else str(value)
+        return environ
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (ConfigError), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError("arguments", message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="sessiongate serve", add_help=True)
+    for option in _OPTIONS:
+        parser.add_argument(option.flag, dest=option.name, default=None, help=option.help)
+    return parser
+
+
+def serve_help() -> str:
+    """The ``sessiongate serve --help`` text."""
+    return _parser().format_help()

@@ -1,0 +1,82 @@
+"""Prometheus metrics of the HTTP service, in a private registry per app.
+
+Gauges (capacity, active, queued) are read from the gate when scraped; counters and
+histograms are updated as sessions end. A private ``CollectorRegistry`` per app keeps
+two apps in one process (tests) from clashing over global metric names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ._stats import GateStats
+
+#: Queue waits and run times, seconds: from a hand-off gap to the article's 60 s RTO.
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+#: Reasons a session never got to run (or was stopped from the outside).
+REFUSAL_REASONS = (
+    "queue_full",
+    "queue_timeout",
+    "shutting_down",
+    "backend_unavailable",
+    "cancelled",
+)
+OUTCOMES = ("completed", "failed", "expired", "cancelled", "rejected")
+
+
+class Metrics:
+    """The service's collectors, registered in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.capacity = Gauge("sessiongate_capacity", "Sessions allowed at once.", registry=r)
+        self.active = Gauge("sessiongate_active_sessions", "Sessions holding a slot.", registry=r)
+        self.queued = Gauge("sessiongate_queued_sessions", "Sessions waiting.", registry=r)
+        self.sessions = Counter(
+            "sessiongate_sessions",
+            "Sessions ended, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "sessiongate_refusals",
+            "Sessions that did not run to completion for a gate reason, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "sessiongate_queue_wait_seconds",
+            "Seconds admitted sessions waited for a slot.",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.run_time = Histogram(
+            "sessiongate_session_run_seconds",
+            "Seconds sessions held their slot.",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        for outcome in OUTCOMES:
+            self.sessions.labels(outcome)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason)
+
+    def session_ended(self, outcome: str, waited: float | None, ran: float | None) -> None:
+        self.sessions.labels(outcome).inc()
+        if waited is not None:
+            self.queue_wait.observe(waited)
+        if ran is not None:
+            self.run_time.observe(ran)
+
+    def refused(self, reason: str) -> None:
+        if reason in REFUSAL_REASONS:
+            self.refusals.labels(reason).inc()
+
+    def render(self, stats: GateStats) -> bytes:
+        self.capacity.set(stats.capacity)
+        self.active.set(stats.active)
+        self.queued.set(stats.queued)
+        return generate_latest(self.registry)

@@ -1,0 +1,144 @@
+"""The app factory: a QuartTrio app whose sessions run in a nursery the app owns."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+
+from ..config import Settings
+from ._errors import ApiError, error_response, json_response
+from ._routes import check_admin, register
+from ._service import Service
+
+log = logging.getLogger("sessiongate.web")
+
+#: How long an answer waits for the rest of a request body it did not need.
+BODY_DRAIN_TIMEOUT = 5.0
+
+_HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+class _ShieldedSendConnection(TrioASGIHTTPConnection):
+    """Quart-Trio's HTTP connection with every ASGI ``send`` shielded from cancellation.
+
+    Quart-Trio cancels the request's nursery as soon as Hypercorn reports
+    ``http.disconnect``. Hypercorn reports it from *inside* the app's last ``send``
+    when the response says ``Connection: close``: its close path then checkpoints, the
+    cancellation lands there, and the socket is never closed (the client waits for EOF
+    forever). Shielding the send lets that close finish. A send cannot block for long
+    on its own: Hypercorn already shields its socket writes.
+    """
+
+    async def __call__(self, receive, send) -> None:  # type: ignore[no-untyped-def]
+        async def shielded_send(message) -> None:  # type: ignore[no-untyped-def]
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await super().__call__(receive, shielded_send)
+
+
+class SessionGateApp(QuartTrio):
+    """The sessiongate service app; ``app.service`` holds the gate and its sessions."""
+
+    asgi_http_class = _ShieldedSendConnection
+    service: Service
+
+
+def create_app(
+    settings: Settings | None = None, *, environ: Mapping[str, str] | None = None
+) -> SessionGateApp:
+    """The service as an ASGI app (Quart-Trio), configured by ``settings``.
+
+    Without ``settings``, they are read from ``SESSIONGATE_*`` variables, so
+    ``hypercorn -k trio 'sessiongate.web:create_app()'`` serves it as configured.
+
+    Raises:
+        sessiongate.config.ConfigError: an invalid variable.
+        sessiongate.web.HandlerLoadError: ``--handler`` cannot be imported.
+    """
+    if settings is None:
+        settings = Settings.from_environ(os.environ if environ is None else environ)
+    service = Service(settings)
+    app = SessionGateApp("sessiongate.web", static_folder=None)
+    app.service = service
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body,
+        RESPONSE_TIMEOUT=None,  # sync sessions and event streams last as long as they last
+        PROVIDE_AUTOMATIC_OPTIONS=False,
+        # The owner task drains within the grace; never cut it short.
+        BACKGROUND_TASK_SHUTDOWN_TIMEOUT=settings.shutdown_grace + 10.0,
+    )
+    app.url_map.strict_slashes = False
+
+    @app.before_serving
+    async def start_owner() -> None:
+        await app.nursery.start(service.run)
+
+    @app.after_serving
+    async def stop_owner() -> None:
+        await service.shutdown()
+
+    @app.before_request
+    async def admin_before_routing() -> None:
+        # Every /admin/... path, known or not, is checked before routing.
+        path = request.path
+        if path == "/admin" or path.startswith("/admin/"):
+            check_admin(settings.admin_token)
+
+    @app.after_request
+    async def finish_request_body(response: Response) -> Response:
+        # Never answer with an unread body on a keep-alive connection (Hypercorn would
+        # leave it stuck): read the rest, within --max-body, or close the connection.
+        try:
+            with trio.move_on_after(BODY_DRAIN_TIMEOUT) as scope:
+                await request.get_data(cache=True)
+            if scope.cancelled_caught:
+                response.headers["Connection"] = "close"
+        except (RequestEntityTooLarge, HTTPException):
+            response.headers["Connection"] = "close"
+        return response
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> Response:
+        return error_response(error, settings.refusal_status)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = _HTTP_CODES.get(status, "internal_error" if status >= 500 else "invalid_request")
+        headers: dict[str, str] = {}
+        detail = error.description or error.name
+        if isinstance(error, MethodNotAllowed):
+            methods = sorted(error.valid_methods or [])
+            headers["Allow"] = ", ".join(methods)
+            detail = f"{request.method} is not allowed here; allowed: {', '.join(methods)}"
+        elif status == 404:
+            detail = f"no route {request.path}"
+        elif status == 413:
+            headers["Connection"] = "close"
+            detail = f"the body is larger than {settings.max_body} bytes"
+        return json_response({"error": code, "detail": detail}, status, headers)
+
+    @app.errorhandler(Exception)
+    async def unexpected_error(error: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.path, exc_info=error)
+        return json_response(
+            {"error": "internal_error", "detail": "an unexpected error; see the server log"}, 500
+        )
+
+    register(app, service)
+    return app

@@ -1,0 +1,82 @@
+"""Every answer that is not 200/202: JSON ``{"error", "detail"}`` with the SPEC's status.
+
+A view raises :class:`ApiError`; the app's error handlers turn it, and every werkzeug
+``HTTPException`` (404, 405, 413...) and any unexpected exception, into the same JSON
+shape. No traceback ever reaches a client: unexpected errors are logged and answered
+with a fixed text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import attrs
+from quart import Response
+
+#: Codes answered with the configurable refusal status (503 by default).
+REFUSAL_CODES = frozenset(
+    {"queue_timeout", "queue_full", "shutting_down", "backend_unavailable", "lease_lost"}
+)
+
+#: Fixed statuses of the other codes.
+STATUS = {
+    "invalid_json": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "cancelled": 409,
+    "already_ended": 409,
+    "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_request": 422,
+    "session_failed": 500,
+    "internal_error": 500,
+}
+
+#: Upper bound for Retry-After (a day): past it the estimate says nothing useful.
+MAX_RETRY_AFTER = 86_400
+
+
+def dumps(value: Any) -> bytes:
+    """Strict JSON (no NaN or Infinity), compact, UTF-8."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(value), status=status, headers=headers, mimetype="application/json")
+
+
+@attrs.define
+class ApiError(Exception):
+    """An answer with an error code; raised by views, rendered by the app."""
+
+    code: str
+    detail: str
+    #: Set for refusals: the status comes from ``--refusal-status``.
+    status: int | None = None
+    headers: dict[str, str] = attrs.field(factory=dict)
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+def retry_after(estimate: float | None) -> str:
+    """A whole number of seconds >= 1 from an estimate (1 when there is none)."""
+    if estimate is None or not math.isfinite(estimate):
+        return "1"
+    return str(min(MAX_RETRY_AFTER, max(1, math.ceil(estimate))))
+
+
+def error_response(error: ApiError, refusal_status: int) -> Response:
+    if error.status is not None:
+        status = error.status
+    elif error.code in REFUSAL_CODES:
+        status = refusal_status
+    else:
+        status = STATUS[error.code]
+    body = {"error": error.code, "detail": error.detail, **error.extra}
+    return json_response(body, status, dict(error.headers))

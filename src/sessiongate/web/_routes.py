@@ -1,0 +1,179 @@
+"""The HTTP endpoints (see ``docs/http-api.md``)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from quart import Quart, Response, request
+
+from ..metrics import CONTENT_TYPE_LATEST
+from ._body import read_json_object
+from ._errors import ApiError, json_response
+from ._openapi import openapi_document
+from ._service import Service
+from ._sessions import ACTIVE, COMPLETED, QUEUED
+from ._sse import session_events
+
+MAX_LIST = 1000
+DEFAULT_LIST = 100
+
+
+def wants_async(prefer_headers: list[str]) -> bool:
+    """``Prefer: respond-async`` (RFC 7240); other preferences are ignored."""
+    for header in prefer_headers:
+        for preference in header.split(","):
+            token = preference.split(";", 1)[0].split("=", 1)[0].strip().lower()
+            if token == "respond-async":
+                return True
+    return False
+
+
+def check_admin(token: str | None) -> None:
+    """Bearer-token check for admin operations, in constant time.
+
+    Raises:
+        ApiError: ``forbidden`` (no token configured) or ``unauthorized``.
+    """
+    if token is None:
+        raise ApiError("forbidden", "admin operations are disabled: no admin token is configured")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise ApiError(
+            "unauthorized",
+            "a valid 'Authorization: Bearer <admin token>' is required",
+            headers={"WWW-Authenticate": 'Bearer realm="sessiongate"'},
+        )
+
+
+def stats_json(service: Service) -> dict[str, Any]:
+    stats = service.gate.stats()
+    body: dict[str, Any] = {
+        "capacity": stats.capacity,
+        "active": stats.active,
+        "queued": stats.queued,
+        "max_wait_s": stats.max_wait,
+        "max_queue": stats.max_queue,
+        "admitted_total": stats.admitted,
+        "completed_total": stats.completed,
+        "failed_total": stats.failed,
+        "expired_total": stats.expired,
+        "rejected_total": stats.rejected,
+        "cancelled_total": stats.cancelled,
+        "wait_p50_s": stats.wait_p50,
+        "wait_p90_s": stats.wait_p90,
+        "wait_p99_s": stats.wait_p99,
+    }
+    if service.shared_backend:
+        body["local_active"] = service.gate.local_active
+        body["local_queued"] = service.gate.local_queued
+    return body
+
+
+def register(app: Quart, service: Service) -> None:
+    settings = service.settings
+
+    def find(session_id: str) -> Any:
+        record = service.registry.get(session_id)
+        if record is None:
+            raise ApiError("not_found", "no session with this id (unknown, or ended and evicted)")
+        return record
+
+    @app.post("/sessions")
+    async def create_session() -> Response:
+        # The arrival stamp fixes this session's FIFO place as the request reaches the
+        # app, before the body is read.
+        arrival = service.arrive()
+        body = await read_json_object(settings.max_body)
+        service.validate(body)
+        respond_async = wants_async(request.headers.getlist("Prefer"))
+        record = await service.start_session(arrival, body)
+        if record.refused_at_once:
+            raise service.refusal(record)
+        if respond_async:
+            return json_response(
+                record.to_json(service.gate),
+                202,
+                {"Location": f"/sessions/{record.id}", "Preference-Applied": "respond-async"},
+            )
+        await service.wait_sync(record)
+        if record.state == COMPLETED:
+            return json_response(record.to_json(service.gate), 200)
+        raise service.refusal(record)
+
+    @app.get("/sessions")
+    async def list_sessions() -> Response:
+        check_admin(settings.admin_token)
+        state = request.args.get("state")
+        if state is not None and state not in (QUEUED, ACTIVE):
+            raise ApiError("invalid_request", "'state' must be 'queued' or 'active'")
+        text = request.args.get("limit")
+        limit = DEFAULT_LIST
+        if text is not None:
+            try:
+                limit = int(text, 10)
+            except ValueError:
+                limit = 0
+            if not 1 <= limit <= MAX_LIST:
+                raise ApiError("invalid_request", f"'limit' must be a whole number 1-{MAX_LIST}")
+        records = service.registry.list_live(state, limit)
+        sessions = [r.to_json(service.gate) for r in records]
+        return json_response({"sessions": sessions, "count": len(sessions)})
+
+    @app.get("/sessions/<session_id>")
+    async def get_session(session_id: str) -> Response:
+        return json_response(find(session_id).to_json(service.gate))
+
+    @app.delete("/sessions/<session_id>")
+    async def delete_session(session_id: str) -> Response:
+        record = find(session_id)
+        if not await service.cancel(record):
+            raise ApiError("already_ended", f"the session has already ended ({record.state})")
+        return json_response(record.to_json(service.gate))
+
+    @app.get("/sessions/<session_id>/events")
+    async def session_event_stream(session_id: str) -> Response:
+        record = find(session_id)
+        response = Response(
+            session_events(service, record),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        response.timeout = None
+        return response
+
+    @app.put("/admin/capacity")
+    async def put_capacity() -> Response:
+        body = await read_json_object(settings.max_body)
+        capacity = body.get("capacity")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ApiError("invalid_request", "'capacity' must be a whole number >= 1")
+        await service.gate.resize(capacity)
+        return json_response(stats_json(service))
+
+    @app.get("/stats")
+    async def stats() -> Response:
+        return json_response(stats_json(service))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        data = service.metrics.render(service.gate.stats())
+        return Response(data, status=200, content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response({"status": "ok", "draining": service.draining})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if service.draining:
+            raise ApiError("shutting_down", "the server is draining", status=503)
+        if not service.backend_healthy:
+            raise ApiError("backend_unavailable", "the gate's backend is unreachable", status=503)
+        return json_response({"status": "ready"})
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return json_response(openapi_document(settings.refusal_status))

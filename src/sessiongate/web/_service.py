@@ -1,0 +1,396 @@
+"""The service behind the app: the gate, the sessions nursery, the drain.
+
+Theory of operation
+-------------------
+One *owner* task, started in ``before_serving`` with ``await app.nursery.start(...)``,
+opens everything long-lived (the Redis backend, the handler's lifespan, the gate) and a
+*sessions nursery* of its own. Every session, synchronous or asynchronous, is a task in
+that nursery, started with ``nursery.start`` so that the request learns at once whether
+its session was refused, and every session task handles its own exceptions, so no
+session can take the nursery (or the app) down. A synchronous request only waits for
+its session's ``done`` event; if the request is cancelled (its client went away) it
+cancels the session's scope.
+
+Draining (SIGTERM through the CLI, or the app's ``after_serving``): the gate closes
+(new arrivals are refused with ``shutting_down``, queued sessions end as ``rejected``),
+active sessions get ``shutdown_grace`` seconds, then their scopes are cancelled
+(``cancelled`` / ``shutting_down``). The listener stays open all along. After the drain
+the owner leaves the sessions nursery and closes the long-lived resources, in that order:
+no resource vanishes under a live session.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import secrets
+import time
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from typing import Any
+
+import trio
+
+from .. import _errors as errors
+from .._gate import Arrival, Gate, Ticket
+from ..backends.memory import MemoryBackend
+from ..config import Settings
+from ..metrics import Metrics
+from ._errors import REFUSAL_CODES, ApiError, dumps, retry_after
+from ._handlers import Handler, load
+from ._sessions import (
+    ACTIVE,
+    CANCELLED,
+    COMPLETED,
+    EXPIRED,
+    FAILED,
+    QUEUED,
+    REJECTED,
+    Registry,
+    SessionRecord,
+)
+
+log = logging.getLogger("sessiongate.web")
+
+#: How long cancelled sessions get to finish after the grace cut, and synchronous
+#: callers to take their answers, before the owner stops waiting for them.
+CUT_BOUND = 5.0
+ANSWER_BOUND = 1.0
+
+_DETAILS = {
+    "cancelled": "the session was cancelled (DELETE)",
+    "client_disconnected": "the synchronous caller went away",
+    "shutting_down": "the server is shutting down",
+    "session_failed": "the session's handler raised an error",
+    "lease_lost": "the session's slot lease was lost",
+}
+
+
+def _error(code: str, detail: str | None = None) -> dict[str, Any]:
+    return {"error": code, "detail": detail if detail is not None else _DETAILS[code]}
+
+
+class NotStarted(Exception):
+    """The app's lifespan has not started (use ``app.test_app()`` or a server)."""
+
+
+def open_backend(settings: Settings) -> AbstractAsyncContextManager[Any]:
+    """The Redis backend's context manager (imported only in Redis mode).
+
+    Raises:
+        RuntimeError: the Redis backend is not installed in this build.
+    """
+    try:
+        module = importlib.import_module("sessiongate.backends.redis")
+    except ImportError as error:
+        raise RuntimeError(f"the redis backend is not available: {error}") from error
+    manager: AbstractAsyncContextManager[Any] = module.open_redis_backend(
+        settings.backend,
+        gate_name=settings.gate_name,
+        capacity=settings.capacity,
+        lease_ttl=settings.lease_ttl,
+    )
+    return manager
+
+
+class Service:
+    """The gate and its sessions, owned by one task in the app's nursery."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.handler_fn = load(settings.handler)
+        self.metrics = Metrics()
+        self.backend: Any = None
+        self._gate: Gate | None = None
+        self._registry: Registry | None = None
+        self._handler: Handler | None = None
+        self._sessions: trio.Nursery | None = None
+        self.wall_offset = 0.0
+        self.draining = False
+        self._closed = False
+        self._drain_started = False
+        self._drained = trio.Event()
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+        self._sync_waiters = 0
+        self._answered = trio.Event()
+
+    # -- accessors --------------------------------------------------------------------
+
+    @property
+    def gate(self) -> Gate:
+        if self._gate is None:
+            raise NotStarted("the app is not serving yet")
+        return self._gate
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            raise NotStarted("the app is not serving yet")
+        return self._registry
+
+    @property
+    def started(self) -> bool:
+        return self._sessions is not None
+
+    @property
+    def backend_healthy(self) -> bool:
+        return bool(getattr(self.backend, "healthy", True))
+
+    @property
+    def shared_backend(self) -> bool:
+        return not isinstance(self.gate.backend, MemoryBackend)
+
+    def retry_after(self) -> str:
+        """An honest Retry-After: a newcomer's likely wait at the recent hand-off rate."""
+        gate = self.gate
+        return retry_after(gate.estimate_wait(gate.queued + 1))
+
+    # -- the owner task ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the long-lived resources and the sessions nursery until stopped."""
+        settings = self.settings
+        try:
+            async with AsyncExitStack() as stack:
+                if settings.redis:
+                    self.backend = await stack.enter_async_context(open_backend(settings))
+                self._gate = Gate(
+                    settings.capacity,
+                    settings.max_wait,
+                    settings.max_queue,
+                    backend=self.backend,
+                )
+                self._registry = Registry(self._gate, settings.result_ttl, settings.result_max)
+                self._handler = Handler(
+                    self.handler_fn,
+                    settings.max_duration,
+                    trio.CapacityLimiter(settings.thread_limit),
+                )
+                lifespan = self._handler.lifespan()
+                if lifespan is not None:
+                    await stack.enter_async_context(lifespan)
+                self.wall_offset = time.time() - trio.current_time()
+                async with trio.open_nursery() as sessions:
+                    self._sessions = sessions
+                    task_status.started()
+                    await self._stop.wait()
+                    await self.drain()
+                    self._closed = True
+                    # Backstop: nothing should be left, but never hang the exit on it.
+                    sessions.cancel_scope.deadline = trio.current_time() + CUT_BOUND
+                await self.gate.aclose()
+        finally:
+            self._closed = True
+            self._stopped.set()
+
+    async def shutdown(self) -> None:
+        """Drain (if not done yet), stop the owner and wait for it (``after_serving``)."""
+        self._stop.set()
+        await self._stopped.wait()
+
+    async def drain(self) -> None:
+        """Refuse new sessions, end queued ones, give active ones the grace, then cut.
+
+        Idempotent; a second caller waits for the first drain to finish.
+        """
+        if self._drain_started:
+            await self._drained.wait()
+            return
+        self._drain_started = True
+        self.draining = True
+        gate, registry = self.gate, self.registry
+        log.info(
+            "draining: %d active, %d queued, grace %gs",
+            gate.local_active,
+            gate.local_queued,
+            self.settings.shutdown_grace,
+        )
+        with trio.move_on_after(self.settings.shutdown_grace):
+            await gate.aclose()
+        for record in list(registry.live.values()):
+            record.cancel("shutting_down")
+        with trio.move_on_after(CUT_BOUND):
+            while registry.live:
+                await registry.idle.wait()
+        # Let synchronous callers take their answers before the server stops.
+        with trio.move_on_after(ANSWER_BOUND):
+            while self._sync_waiters:
+                await self._answered.wait()
+        log.info("drained")
+        self._drained.set()
+
+    def cut(self) -> None:
+        """End the grace now: cancel every live session (a second SIGTERM)."""
+        if self._registry is not None:
+            for record in list(self._registry.live.values()):
+                record.cancel("shutting_down")
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def arrive(self) -> Arrival:
+        return self.gate.arrive()
+
+    def validate(self, body: dict[str, Any]) -> None:
+        if self._handler is None:
+            raise NotStarted("the app is not serving yet")
+        self._handler.validate(body)
+
+    async def start_session(self, arrival: Arrival, body: dict[str, Any]) -> SessionRecord:
+        """Make a session and start its task; on return it is queued, active or ended.
+
+        On the in-memory backend the task has run up to its first wait when this
+        returns, so a refusal at once (queue full, draining) is already known.
+        """
+        gate, registry = self.gate, self.registry
+        session_id = secrets.token_urlsafe(16)  # 128 random bits
+        record = SessionRecord(
+            id=session_id,
+            arrival=arrival,
+            body=body,
+            probe=Ticket(arrival.seq, arrival.at, gate=gate, id=session_id),
+            wall_offset=self.wall_offset,
+        )
+        if self._closed or self._sessions is None:
+            record.refused_at_once = True
+            self._end(record, REJECTED, error=_error("shutting_down"))
+            return record
+        registry.add(record)
+        await self._sessions.start(self._session_task, record)
+        if self.shared_backend:
+            await self._settle(record)
+        return record
+
+    async def _settle(self, record: SessionRecord) -> None:
+        # A shared backend queues over the network: give it up to 1 s to say whether
+        # the session is queued, admitted or refused, so a refusal is answered as one.
+        with trio.move_on_after(1.0):
+            while record.state == QUEUED and record.position() is None:
+                with trio.move_on_after(0.01):
+                    await self.registry.pulse.wait()
+
+    async def wait_sync(self, record: SessionRecord) -> None:
+        """Wait for a synchronous caller's session; cancel it if the caller goes away."""
+        self._sync_waiters += 1
+        try:
+            await record.done.wait()
+        finally:
+            self._sync_waiters -= 1
+            if not self._sync_waiters:
+                answered, self._answered = self._answered, trio.Event()
+                answered.set()
+            if not record.ended:
+                record.cancel("client_disconnected")
+
+    async def cancel(self, record: SessionRecord) -> bool:
+        """DELETE: cancel a live session and wait for it to end; False if it had ended."""
+        if not record.cancel("cancelled"):
+            return False
+        await record.done.wait()
+        return record.state == CANCELLED
+
+    async def _session_task(
+        self, record: SessionRecord, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        # Every exception is handled here: a session never takes the nursery down.
+        try:
+            await self._run_session(record, task_status)
+        except Exception:
+            log.exception("session %s: internal error", record.id)
+            if not record.ended:
+                self._end(record, FAILED, error=_error("session_failed"))
+
+    async def _run_session(self, record: SessionRecord, task_status: trio.TaskStatus[None]) -> None:
+        gate = self.gate
+        handler = self._handler
+        assert handler is not None
+        state: str | None = None
+        error: dict[str, Any] | None = None
+        result: Any = None
+        with trio.CancelScope() as scope:
+            record.scope = scope
+            task_status.started()
+            closed_at_arrival = gate.closed
+            try:
+                async with gate.session(arrival=record.arrival, id=record.id) as ticket:
+                    self._admitted(record, ticket)
+                    value = await handler(record.body, ticket)
+                    dumps(value)  # the result must be JSON; if not, the session failed
+                    state, result = COMPLETED, value
+            except errors.QueueTimeout as exc:
+                record.waited = exc.waited
+                state, error = EXPIRED, _error("queue_timeout", str(exc))
+            except errors.GateClosed as exc:
+                record.refused_at_once = closed_at_arrival
+                state, error = REJECTED, _error("shutting_down", str(exc))
+            except errors.AdmissionError as exc:  # queue full, backend unavailable
+                record.refused_at_once = True
+                state, error = REJECTED, _error(exc.code, str(exc))
+            except errors.LeaseLost as exc:
+                state, error = FAILED, _error("lease_lost", str(exc) or None)
+            except Exception:
+                log.exception("session %s: the handler raised", record.id)
+                state, error = FAILED, _error("session_failed")
+        if scope.cancelled_caught or state is None:
+            reason = record.cancel_reason or "cancelled"
+            state, error, result = CANCELLED, _error(reason), None
+        self._end(record, state, error=error, result=result)
+
+    def _admitted(self, record: SessionRecord, ticket: Ticket) -> None:
+        record.ticket = ticket
+        record.admitted_at = ticket.admitted_at
+        record.state = ACTIVE
+        self.registry.changed(record)
+
+    def _end(
+        self,
+        record: SessionRecord,
+        state: str,
+        *,
+        error: dict[str, Any] | None = None,
+        result: Any = None,
+    ) -> None:
+        record.state = state
+        record.error = error
+        record.result = result
+        record.ended_at = trio.current_time()
+        if self._registry is not None:
+            self._registry.finish(record)
+        else:
+            record.done.set()
+        code = record.error_code
+        if code is not None and (code in REFUSAL_CODES or code == "cancelled"):
+            self.metrics.refused(code)
+        elif state == CANCELLED:
+            self.metrics.refused("cancelled")
+        if record.refused_at_once:
+            log.debug("session refused at once: %s", code)
+            return
+        admitted = record.admitted_at
+        end = record.ended_at
+        waited = (admitted if admitted is not None else end) - record.arrival.at
+        ran = end - admitted if admitted is not None else None
+        self.metrics.session_ended(state, waited if admitted is not None else None, ran)
+        log.info(
+            "session %s %s%s waited=%.3fs ran=%.3fs",
+            record.id,
+            state,
+            f" ({code})" if code is not None else "",
+            waited,
+            ran or 0.0,
+        )
+
+    def refusal(self, record: SessionRecord) -> ApiError:
+        """The answer for a session that ended without completing (sync) or was refused."""
+        assert record.error is not None
+        code = record.error_code
+        assert code is not None
+        headers: dict[str, str] = {}
+        extra: dict[str, Any] = {}
+        if code in REFUSAL_CODES:
+            headers["Retry-After"] = self.retry_after()
+        if code == "queue_timeout":
+            waited = record.waited
+            extra["waited_s"] = waited if waited is not None else self.settings.max_wait
+        if code == "client_disconnected":
+            code = "cancelled"  # nobody is listening; any answer will do
+        return ApiError(code, str(record.error["detail"]), headers=headers, extra=extra)

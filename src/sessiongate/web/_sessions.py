@@ -1,0 +1,181 @@
+"""Session records: what the HTTP service knows about each session, and where it keeps them.
+
+Theory of operation
+-------------------
+A :class:`SessionRecord` is made when a valid ``POST /sessions`` has read its body; it is
+*live* (``queued``, then ``active``) until its task ends it with one terminal state
+(``completed``, ``failed``, ``expired``, ``cancelled``, ``rejected``). Each change of
+state is appended to ``transitions`` as a snapshot of the session object, so an event
+stream that wakes late still sends one event per change, in order.
+
+The :class:`Registry` keeps live records by id, and ended ones for ``result_ttl``
+seconds, at most ``result_max`` of them, oldest evicted first: memory stays flat under
+any load. Ended records are kept in the order they ended, so expiry only ever looks at
+the front. A refusal at once (queue full, draining, backend down) is *forgotten*: no
+session object is kept for it.
+
+Every change also sets the registry's ``pulse`` event (and replaces it): an event
+stream of a queued session waits on it to notice when its position may have moved
+(any queued session leaving the queue moves the ones behind it).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import trio
+
+from .._gate import Arrival, Gate, Ticket
+
+QUEUED = "queued"
+ACTIVE = "active"
+COMPLETED = "completed"
+FAILED = "failed"
+EXPIRED = "expired"
+CANCELLED = "cancelled"
+REJECTED = "rejected"
+LIVE_STATES = (QUEUED, ACTIVE)
+TERMINAL_STATES = (COMPLETED, FAILED, EXPIRED, CANCELLED, REJECTED)
+
+
+@attrs.define(eq=False)
+class SessionRecord:
+    """One session as the service sees it. Times are on the Trio clock."""
+
+    id: str
+    arrival: Arrival
+    body: dict[str, Any]
+    #: A ticket with this session's arrival stamp, to ask the backend for its position
+    #: while queued (the gate hands out the real ticket only on admission).
+    probe: Ticket
+    #: Unix time minus Trio time, to show times as Unix time.
+    wall_offset: float
+    state: str = QUEUED
+    ticket: Ticket | None = None
+    admitted_at: float | None = None
+    ended_at: float | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    #: Refused at once (queue full, draining, backend down): answered, then forgotten.
+    refused_at_once: bool = False
+    #: Why the session was cancelled, set by whoever cancels first.
+    cancel_reason: str | None = None
+    #: Seconds waited when the queue deadline passed (for ``waited_s``).
+    waited: float | None = None
+    scope: trio.CancelScope | None = None
+    done: trio.Event = attrs.Factory(trio.Event)
+    transitions: list[dict[str, Any]] = attrs.Factory(list)
+
+    @property
+    def ended(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def error_code(self) -> str | None:
+        return None if self.error is None else str(self.error["error"])
+
+    def position(self) -> int | None:
+        return self.probe.position if self.state == QUEUED else None
+
+    def cancel(self, reason: str) -> bool:
+        """Cancel the session's task (queued or active); False if it already ended."""
+        if self.ended or self.scope is None:
+            return False
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.scope.cancel()
+        return True
+
+    def to_json(self, gate: Gate) -> dict[str, Any]:
+        """The session object, exactly as the SPEC names its fields."""
+        now = trio.current_time()
+        arrived = self.arrival.at
+        position = self.position()
+        eta = gate.estimate_wait(position) if position is not None else None
+        queue_end = self.admitted_at if self.admitted_at is not None else self.ended_at
+        queued_s = (queue_end if queue_end is not None else now) - arrived
+        if self.admitted_at is None:
+            active_s = 0.0
+        else:
+            active_s = (self.ended_at if self.ended_at is not None else now) - self.admitted_at
+        return {
+            "id": self.id,
+            "state": self.state,
+            "position": position,
+            "eta_s": eta,
+            "created_at": self._wall(arrived),
+            "admitted_at": self._wall(self.admitted_at),
+            "ended_at": self._wall(self.ended_at),
+            "queued_s": max(0.0, queued_s),
+            "active_s": max(0.0, active_s),
+            "result": self.result if self.state == COMPLETED else None,
+            "error": self.error,
+        }
+
+    def _wall(self, t: float | None) -> float | None:
+        return None if t is None else t + self.wall_offset
+
+
+@attrs.define
+class Registry:
+    """Live sessions by id, and ended ones for a while (bounded by TTL and count)."""
+
+    gate: Gate
+    result_ttl: float
+    result_max: int
+    live: dict[str, SessionRecord] = attrs.Factory(dict)
+    #: Ended sessions by id, oldest end first, with the Trio time they ended.
+    ended: OrderedDict[str, SessionRecord] = attrs.Factory(OrderedDict)
+    pulse: trio.Event = attrs.Factory(trio.Event)
+    #: Set (and replaced) when the last live session ends.
+    idle: trio.Event = attrs.Factory(trio.Event)
+
+    def add(self, record: SessionRecord) -> None:
+        self.live[record.id] = record
+        self.changed(record)
+
+    def changed(self, record: SessionRecord) -> None:
+        """Record a change of state: a snapshot for event streams, and a pulse."""
+        record.transitions.append(record.to_json(self.gate))
+        pulse, self.pulse = self.pulse, trio.Event()
+        pulse.set()
+
+    def finish(self, record: SessionRecord) -> None:
+        """Move an ended record from live to ended (or forget a refusal at once)."""
+        self.live.pop(record.id, None)
+        if not record.refused_at_once and self.result_max > 0 and self.result_ttl > 0:
+            self.ended[record.id] = record
+            self._evict()
+        record.done.set()
+        self.changed(record)
+        if not self.live:
+            idle, self.idle = self.idle, trio.Event()
+            idle.set()
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        record = self.live.get(session_id)
+        if record is not None:
+            return record
+        self._evict()
+        return self.ended.get(session_id)
+
+    def list_live(self, state: str | None, limit: int) -> list[SessionRecord]:
+        """Live sessions, oldest arrival first, optionally of one state."""
+        records: Iterator[SessionRecord] = iter(self.live.values())
+        if state is not None:
+            records = (r for r in records if r.state == state)
+        return sorted(records, key=lambda r: r.arrival.seq)[:limit]
+
+    def _evict(self) -> None:
+        ended = self.ended
+        while len(ended) > self.result_max:
+            ended.popitem(last=False)
+        horizon = trio.current_time() - self.result_ttl
+        while ended:
+            record = next(iter(ended.values()))
+            if record.ended_at is not None and record.ended_at > horizon:
+                break
+            ended.popitem(last=False)

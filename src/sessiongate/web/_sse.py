@@ -1,0 +1,61 @@
+"""Server-Sent Events of one session: its state now, then one event per change.
+
+The event name is the state and the data is the session object. While queued, a new
+``queued`` event is sent whenever the position changes (an ``eta_s`` change alone is
+not an event). After the terminal event the stream ends. State changes come from the
+record's ``transitions`` (so a stream that wakes late still sends each one, in order);
+position changes are noticed on the registry's ``pulse``, which fires whenever any
+session changes state (the only way a position moves on the in-memory backend). With a
+shared backend, other processes move the queue too, so the position is also rechecked
+every second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+
+from ._errors import dumps
+from ._service import Service
+from ._sessions import QUEUED, TERMINAL_STATES, SessionRecord
+
+RECHECK_SHARED = 1.0
+
+
+def _event(snapshot: dict[str, Any]) -> bytes:
+    return b"event: " + str(snapshot["state"]).encode() + b"\ndata: " + dumps(snapshot) + b"\n\n"
+
+
+async def session_events(service: Service, record: SessionRecord) -> AsyncIterator[bytes]:
+    gate, registry = service.gate, service.registry
+    shared = service.shared_backend
+    seen = len(record.transitions)
+    snapshot = record.to_json(gate)
+    yield _event(snapshot)
+    if snapshot["state"] in TERMINAL_STATES:
+        return
+    last_position = snapshot["position"]
+    while True:
+        pulse = registry.pulse  # taken before looking, so no change is missed
+        fresh = record.transitions[seen:]
+        seen = len(record.transitions)
+        if fresh:
+            for snapshot in fresh:
+                yield _event(snapshot)
+                if snapshot["state"] in TERMINAL_STATES:
+                    return
+            last_position = fresh[-1]["position"]
+            continue
+        if record.state == QUEUED:
+            position = record.position()
+            if position is not None and position != last_position:
+                last_position = position
+                yield _event(record.to_json(gate))
+                continue
+        if shared:
+            with trio.move_on_after(RECHECK_SHARED):
+                await pulse.wait()
+        else:
+            await pulse.wait()

@@ -719,17 +719,27 @@ async def open_redis_backend(
     client: coredis.Redis[str] = coredis.Redis.from_url(
         url, decode_responses=True, connect_timeout=FAIL_FAST / 2
     )
-    async with client:
-        try:
-            async with trio.open_nursery() as nursery:
-                backend = RedisBackend(
-                    client, nursery, gate_name=gate_name, capacity=capacity, lease_ttl=lease_ttl
-                )
-                await backend._start()
-                yield backend
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The background tasks never raise; what is left is the caller's own.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
+    try:
+        async with client, trio.open_nursery() as nursery:
+            backend = RedisBackend(
+                client, nursery, gate_name=gate_name, capacity=capacity, lease_ttl=lease_ttl
+            )
+            await backend._start()
+            yield backend
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Our tasks and coredis's never raise out of these groups (they reconnect); what
+        # is left is the caller's own exception, passed on as it was raised.
+        leaf = _only_leaf(group)
+        if leaf is None:
             raise
+        raise leaf from None
+
+
+def _only_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,556 @@
+"""HTTP semantics through Quart's test client, on Trio's MockClock (autojump)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from .conftest import running
+
+ASYNC = {"Prefer": "respond-async"}
+SESSION_KEYS = [
+    "id",
+    "state",
+    "position",
+    "eta_s",
+    "created_at",
+    "admitted_at",
+    "ended_at",
+    "queued_s",
+    "active_s",
+    "result",
+    "error",
+]
+
+
+async def post(client: Any, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    response = await client.post(
+        "/sessions", json=body if body is not None else {}, headers=headers
+    )
+    return response, await response.get_json()
+
+
+async def stats(client: Any) -> dict[str, Any]:
+    return await (await client.get("/stats")).get_json()  # type: ignore[no-any-return]
+
+
+async def test_sync_session_completes_with_the_session_object(autojump_clock: Any) -> None:
+    async with running(capacity=2) as app:
+        client = app.test_client()
+        start = trio.current_time()
+        response, body = await post(client, {"duration": 2, "x": [1, 2]})
+        assert response.status_code == 200
+        assert list(body) == SESSION_KEYS
+        assert body["state"] == "completed"
+        assert body["result"] == {"data": {"duration": 2, "x": [1, 2]}}
+        assert body["error"] is None and body["position"] is None and body["eta_s"] is None
+        assert body["queued_s"] == 0.0 and body["active_s"] == 2.0
+        assert body["ended_at"] - body["admitted_at"] == pytest.approx(2.0)
+        assert trio.current_time() - start == 2.0
+        assert len(body["id"]) >= 22  # 128 random bits, url-safe base64
+
+
+async def test_default_duration_is_five_seconds(autojump_clock: Any) -> None:
+    async with running() as app:
+        start = trio.current_time()
+        response, body = await post(app.test_client())
+        assert response.status_code == 200
+        assert body["result"] == {"data": {}}
+        assert trio.current_time() - start == 5.0
+
+
+async def test_cap_holds_and_admission_is_fifo(autojump_clock: Any) -> None:
+    async with running(capacity=2) as app:
+        client = app.test_client()
+        start = trio.current_time()
+        ids = []
+        for _ in range(6):
+            response, body = await post(client, {"duration": 10}, ASYNC)
+            assert response.status_code == 202
+            assert response.headers["Location"] == f"/sessions/{body['id']}"
+            ids.append(body["id"])
+        states = [(await (await client.get(f"/sessions/{i}")).get_json()) for i in ids]
+        assert [s["state"] for s in states] == ["active"] * 2 + ["queued"] * 4
+        assert [s["position"] for s in states] == [None, None, 1, 2, 3, 4]
+        assert (await stats(client))["active"] == 2
+        await trio.sleep(40)
+        done = [(await (await client.get(f"/sessions/{i}")).get_json()) for i in ids]
+        assert all(s["state"] == "completed" for s in done)
+        admitted = [round(s["admitted_at"] - done[0]["admitted_at"], 6) for s in done]
+        assert admitted == [0, 0, 10, 10, 20, 20]
+        assert trio.current_time() - start == 40
+        figures = await stats(client)
+        assert (figures["active"], figures["queued"], figures["completed_total"]) == (0, 0, 6)
+
+
+async def test_queued_session_expires_exactly_at_the_deadline(autojump_clock: Any) -> None:
+    async with running(capacity=1, max_wait=3) as app:
+        client = app.test_client()
+        await post(client, {"duration": 100}, ASYNC)
+        start = trio.current_time()
+        response, body = await post(client, {"duration": 1})
+        assert trio.current_time() - start == 3.0
+        assert response.status_code == 503
+        assert body == {"error": "queue_timeout", "detail": body["detail"], "waited_s": 3.0}
+        assert response.headers["Retry-After"] == "1"  # no hand-off seen yet
+        figures = await stats(client)
+        assert figures["expired_total"] == 1 and figures["queued"] == 0
+
+
+async def test_expired_async_session_is_readable(autojump_clock: Any) -> None:
+    async with running(capacity=1, max_wait=2) as app:
+        client = app.test_client()
+        await post(client, {"duration": 100}, ASYNC)
+        _, queued = await post(client, {}, ASYNC)
+        assert queued["state"] == "queued" and queued["position"] == 1
+        await trio.sleep(5)
+        body = await (await client.get(f"/sessions/{queued['id']}")).get_json()
+        assert body["state"] == "expired"
+        assert body["error"]["error"] == "queue_timeout"
+        assert body["queued_s"] == 2.0 and body["admitted_at"] is None
+        assert body["ended_at"] - body["created_at"] == pytest.approx(2.0)
+
+
+async def test_max_wait_zero_answers_queue_timeout_at_once(autojump_clock: Any) -> None:
+    async with running(capacity=1, max_wait=0) as app:
+        client = app.test_client()
+        await post(client, {"duration": 100}, ASYNC)
+        start = trio.current_time()
+        response, body = await post(client)
+        assert response.status_code == 503 and body["error"] == "queue_timeout"
+        assert body["waited_s"] == 0.0
+        assert trio.current_time() == start
+
+
+@pytest.mark.parametrize("headers", [None, ASYNC])
+async def test_full_queue_is_refused_and_keeps_no_session(
+    autojump_clock: Any, headers: dict[str, str] | None
+) -> None:
+    async with running(capacity=1, max_queue=1, refusal_status=429, admin_token="t") as app:
+        client = app.test_client()
+        await post(client, {"duration": 100}, ASYNC)
+        await post(client, {"duration": 100}, ASYNC)
+        response, body = await post(client, {}, headers)
+        assert response.status_code == 429
+        assert body["error"] == "queue_full" and set(body) == {"error", "detail"}
+        assert int(response.headers["Retry-After"]) >= 1
+        figures = await stats(client)
+        assert (figures["rejected_total"], figures["queued"], figures["active"]) == (1, 1, 1)
+        listed = await (
+            await client.get("/sessions", headers={"Authorization": "Bearer t"})
+        ).get_json()
+        assert listed["count"] == 2
+
+
+@pytest.mark.parametrize(
+    "prefer",
+    [
+        "respond-async",
+        "RESPOND-ASYNC",
+        "wait=10, respond-async",
+        "handling=lenient; x, respond-async",
+    ],
+)
+async def test_prefer_respond_async_variants(autojump_clock: Any, prefer: str) -> None:
+    async with running() as app:
+        response, body = await post(app.test_client(), {"duration": 1}, {"Prefer": prefer})
+        assert response.status_code == 202
+        assert response.headers["Location"] == "/sessions/" + body["id"]
+
+
+async def test_async_session_outlives_its_request(autojump_clock: Any) -> None:
+    async with running() as app:
+        client = app.test_client()
+        response, body = await post(client, {"duration": 3, "k": "v"}, ASYNC)
+        assert body["state"] in ("queued", "active")
+        await trio.sleep(3)
+        final = await (await client.get(response.headers["Location"])).get_json()
+        assert final["state"] == "completed" and final["result"] == {
+            "data": {"duration": 3, "k": "v"}
+        }
+
+
+async def test_delete_queued_and_active_sessions(autojump_clock: Any) -> None:
+    async with running(capacity=1) as app:
+        client = app.test_client()
+        _, active = await post(client, {"duration": 100}, ASYNC)
+        _, queued = await post(client, {"duration": 100}, ASYNC)
+        _, behind = await post(client, {"duration": 100}, ASYNC)
+        response = await client.delete(f"/sessions/{queued['id']}")
+        body = await response.get_json()
+        assert response.status_code == 200
+        assert body["state"] == "cancelled" and body["error"]["error"] == "cancelled"
+        moved = await (await client.get(f"/sessions/{behind['id']}")).get_json()
+        assert moved["position"] == 1
+        start = trio.current_time()
+        response = await client.delete(f"/sessions/{active['id']}")
+        assert (await response.get_json())["state"] == "cancelled"
+        assert trio.current_time() == start  # the slot is freed at once
+        admitted = await (await client.get(f"/sessions/{behind['id']}")).get_json()
+        assert admitted["state"] == "active"
+        again = await client.delete(f"/sessions/{active['id']}")
+        assert again.status_code == 409
+        assert (await again.get_json())["error"] == "already_ended"
+        unknown = await client.delete("/sessions/nope")
+        assert unknown.status_code == 404 and (await unknown.get_json())["error"] == "not_found"
+        figures = await stats(client)
+        assert figures["cancelled_total"] == 2 and figures["active"] == 1
+
+
+async def test_sync_caller_of_a_deleted_session_gets_409_cancelled(autojump_clock: Any) -> None:
+    async with running(capacity=1, admin_token="t") as app:
+        client = app.test_client()
+        results: list[Any] = []
+
+        async def caller() -> None:
+            results.append(await post(client, {"duration": 100}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            await trio.testing.wait_all_tasks_blocked()
+            listed = await (
+                await client.get("/sessions", headers={"Authorization": "Bearer t"})
+            ).get_json()
+            (session,) = listed["sessions"]
+            await client.delete(f"/sessions/{session['id']}")
+        response, body = results[0]
+        assert response.status_code == 409 and body["error"] == "cancelled"
+
+
+async def test_resize_grows_and_shrinks_live(autojump_clock: Any) -> None:
+    auth = {"Authorization": "Bearer secret"}
+    async with running(capacity=1, admin_token="secret") as app:
+        client = app.test_client()
+        ids = [(await post(client, {"duration": 10}, ASYNC))[1]["id"] for _ in range(3)]
+        response = await client.put("/admin/capacity", json={"capacity": 3}, headers=auth)
+        assert response.status_code == 200
+        figures = await response.get_json()
+        assert figures["capacity"] == 3
+        await trio.testing.wait_all_tasks_blocked()
+        states = [(await (await client.get(f"/sessions/{i}")).get_json())["state"] for i in ids]
+        assert states == ["active"] * 3
+        response = await client.put("/admin/capacity", json={"capacity": 1}, headers=auth)
+        figures = await response.get_json()
+        assert (figures["capacity"], figures["active"]) == (1, 3)  # nobody is killed
+        for bad in ({"capacity": 0}, {"capacity": "2"}, {"capacity": True}, {}):
+            response = await client.put("/admin/capacity", json=bad, headers=auth)
+            assert response.status_code == 422
+
+
+BAD_INPUT = [
+    (b"{", "application/json", 400, "invalid_json"),
+    (b"NaN", "application/json", 400, "invalid_json"),
+    (b'{"a": Infinity}', "application/json", 400, "invalid_json"),
+    (b'{"a": -Infinity}', "application/json", 400, "invalid_json"),
+    (b"\xff\xfe{}", "application/json", 400, "invalid_json"),
+    (b"[1, 2]", "application/json", 422, "invalid_request"),
+    (b'"text"', "application/json", 422, "invalid_request"),
+    (b"null", "application/json", 422, "invalid_request"),
+    (b'{"duration": -1}', "application/json", 422, "invalid_request"),
+    (b'{"duration": 3601}', "application/json", 422, "invalid_request"),
+    (b'{"duration": "5"}', "application/json", 422, "invalid_request"),
+    (b'{"duration": true}', "application/json", 422, "invalid_request"),
+    (b'{"duration": 1e400}', "application/json", 422, "invalid_request"),
+    (b"{}", "text/plain", 415, "unsupported_media_type"),
+    (b"{}", "", 415, "unsupported_media_type"),
+    (b"{}", "application/jsonx", 415, "unsupported_media_type"),
+    (b"x" * 70_000, "application/json", 413, "body_too_large"),
+]
+
+
+@pytest.mark.parametrize(("data", "content_type", "status", "code"), BAD_INPUT)
+async def test_bad_input_never_creates_a_session(
+    autojump_clock: Any, data: bytes, content_type: str, status: int, code: str
+) -> None:
+    async with running(capacity=1, admin_token="t") as app:
+        client = app.test_client()
+        before = await stats(client)
+        headers = {"Content-Type": content_type} if content_type else {}
+        response = await client.post("/sessions", data=data, headers=headers)
+        body = await response.get_json()
+        assert response.status_code == status
+        assert body == {"error": code, "detail": body["detail"]}
+        assert await stats(client) == before
+        listed = await (
+            await client.get("/sessions", headers={"Authorization": "Bearer t"})
+        ).get_json()
+        assert listed == {"sessions": [], "count": 0}
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/merge-patch+json",
+        "Application/JSON",
+    ],
+)
+async def test_json_media_types_are_accepted(autojump_clock: Any, content_type: str) -> None:
+    async with running() as app:
+        response = await app.test_client().post(
+            "/sessions", data=b'{"duration": 0}', headers={"Content-Type": content_type}
+        )
+        assert response.status_code == 200
+
+
+async def test_empty_body_is_an_empty_object_whatever_its_type(autojump_clock: Any) -> None:
+    async with running() as app:
+        response = await app.test_client().post(
+            "/sessions", data=b"", headers={"Content-Type": "text/plain"}
+        )
+        body = await response.get_json()
+        assert response.status_code == 200 and body["result"] == {"data": {}}
+
+
+async def test_max_duration_bounds_the_sleep(autojump_clock: Any) -> None:
+    async with running(max_duration=10) as app:
+        response, _ = await post(app.test_client(), {"duration": 10.5})
+        assert response.status_code == 422
+        response, _ = await post(app.test_client(), {"duration": 10})
+        assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/sessions"),
+        ("PUT", "/admin/capacity"),
+        ("GET", "/admin/nothing-here"),
+        ("POST", "/admin"),
+    ],
+)
+async def test_admin_paths_without_a_configured_token_are_forbidden(
+    autojump_clock: Any, method: str, path: str
+) -> None:
+    async with running() as app:
+        client = app.test_client()
+        for headers in ({}, {"Authorization": "Bearer anything"}):
+            response = await client.open(path, method=method, headers=headers, json={})
+            assert response.status_code == 403
+            assert (await response.get_json())["error"] == "forbidden"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", "/sessions", 200),
+        ("PUT", "/admin/capacity", 200),
+        ("GET", "/admin/x", 404),
+        ("GET", "/admin/capacity", 405),
+    ],
+)
+async def test_admin_token_is_checked_before_routing(
+    autojump_clock: Any, method: str, path: str, expected: int
+) -> None:
+    async with running(admin_token="s3cret") as app:
+        client = app.test_client()
+        body = {"capacity": 2}
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "Basic s3cret"},
+            {"Authorization": "Bearer s3cret-and-more"},
+        ):
+            response = await client.open(path, method=method, headers=headers, json=body)
+            assert response.status_code == 401, headers
+            assert (await response.get_json())["error"] == "unauthorized"
+        good = {"Authorization": "Bearer s3cret"}
+        response = await client.open(path, method=method, headers=good, json=body)
+        assert response.status_code == expected
+
+
+async def test_list_sessions_filters_limits_and_orders(autojump_clock: Any) -> None:
+    auth = {"Authorization": "Bearer t"}
+    async with running(capacity=2, admin_token="t") as app:
+        client = app.test_client()
+        ids = [(await post(client, {"duration": 50}, ASYNC))[1]["id"] for _ in range(5)]
+
+        async def listing(query: str) -> Any:
+            response = await client.get("/sessions" + query, headers=auth)
+            return response.status_code, await response.get_json()
+
+        status, body = await listing("")
+        assert status == 200 and body["count"] == 5
+        assert [s["id"] for s in body["sessions"]] == ids
+        _, body = await listing("?state=active")
+        assert [s["id"] for s in body["sessions"]] == ids[:2]
+        _, body = await listing("?state=queued&limit=2")
+        assert [s["id"] for s in body["sessions"]] == ids[2:4] and body["count"] == 2
+        for query in ("?state=completed", "?state=", "?limit=0", "?limit=1001", "?limit=x"):
+            status, body = await listing(query)
+            assert status == 422 and body["error"] == "invalid_request", query
+        status, body = await listing("?limit=1000")
+        assert status == 200
+
+
+async def test_ended_sessions_expire_after_the_result_ttl(autojump_clock: Any) -> None:
+    async with running(result_ttl=10) as app:
+        client = app.test_client()
+        _, body = await post(client, {"duration": 1})
+        await trio.sleep(9.5)
+        assert (await client.get(f"/sessions/{body['id']}")).status_code == 200
+        await trio.sleep(1)
+        response = await client.get(f"/sessions/{body['id']}")
+        assert response.status_code == 404
+
+
+async def test_at_most_result_max_ended_sessions_are_kept(autojump_clock: Any) -> None:
+    async with running(result_max=2) as app:
+        client = app.test_client()
+        ids = [(await post(client, {"duration": 0}))[1]["id"] for _ in range(3)]
+        codes = [(await client.get(f"/sessions/{i}")).status_code for i in ids]
+        assert codes == [404, 200, 200]
+        assert len(app.service.registry.ended) == 2
+
+
+async def test_retry_after_and_eta_come_from_the_hand_off_rate(autojump_clock: Any) -> None:
+    async with running(capacity=1, max_queue=3) as app:
+        client = app.test_client()
+        for _ in range(4):  # one active, three queued; a hand-off every 2 s
+            await post(client, {"duration": 2}, ASYNC)
+        await trio.sleep(4.5)  # two hand-offs, at t=2 and t=4
+        gate = app.service.gate
+        assert gate.handoff_rate() is not None
+        listed = [s for s in app.service.registry.list_live("queued", 10)]
+        (queued,) = listed
+        body = await (await client.get(f"/sessions/{queued.id}")).get_json()
+        assert body["position"] == 1
+        assert body["eta_s"] == pytest.approx(gate.estimate_wait(1))
+        await post(client, {"duration": 2}, ASYNC)
+        await post(client, {"duration": 2}, ASYNC)
+        response, refusal = await post(client, {"duration": 2})
+        assert refusal["error"] == "queue_full"
+        expected = gate.estimate_wait(gate.queued + 1)
+        assert expected is not None and expected > 1
+        assert int(response.headers["Retry-After"]) == int(-(-expected // 1))
+
+
+async def test_handler_errors_fail_the_session_cleanly(
+    autojump_clock: Any, sample_handlers: str
+) -> None:
+    for name in ("boom", "sync_boom", "not_json", "nan"):
+        async with running(handler=f"{sample_handlers}:{name}", capacity=1) as app:
+            client = app.test_client()
+            response, body = await post(client, {})
+            assert response.status_code == 500
+            assert body["error"] == "session_failed"
+            assert "secret" not in body["detail"] and "Traceback" not in body["detail"]
+            _, second = await post(client, {}, ASYNC)
+            await app.service.registry.get(second["id"]).done.wait()
+            record = await (await client.get(f"/sessions/{second['id']}")).get_json()
+            assert record["state"] == "failed" and record["error"]["error"] == "session_failed"
+            figures = await stats(client)
+            assert (figures["failed_total"], figures["active"]) == (2, 0), name
+
+
+async def test_user_handlers_async_and_threaded(autojump_clock: Any, sample_handlers: str) -> None:
+    async with running(handler=f"{sample_handlers}:echo") as app:
+        response, body = await post(app.test_client(), {"a": 1})
+        assert body["result"] == {"echo": {"a": 1}, "id": body["id"], "waited": 0.0}
+    async with running(handler=f"{sample_handlers}:sync_echo", thread_limit=1) as app:
+        response, body = await post(app.test_client(), {"b": 2})
+        assert body["result"] == {"thread": True, "body": {"b": 2}}
+
+
+async def test_handler_lifespan_is_entered_once(autojump_clock: Any, sample_handlers: str) -> None:
+    import importlib
+
+    async with running(handler=f"{sample_handlers}:with_resource") as app:
+        module = importlib.import_module(sample_handlers)
+        client = app.test_client()
+        for _ in range(3):
+            _, body = await post(client, {})
+            assert body["result"] == {"resource": "pool"}
+        assert module.RESOURCE["opened"] == 1
+    assert module.RESOURCE["value"] is None
+
+
+async def test_unknown_routes_and_methods_answer_json(autojump_clock: Any) -> None:
+    async with running() as app:
+        client = app.test_client()
+        response = await client.get("/nowhere")
+        assert response.status_code == 404
+        assert (await response.get_json())["error"] == "not_found"
+        response = await client.patch("/sessions")
+        assert response.status_code == 405
+        assert (await response.get_json())["error"] == "method_not_allowed"
+        assert set(response.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+        response = await client.post("/stats")
+        assert response.status_code == 405 and "GET" in response.headers["Allow"]
+        response = await client.get("/sessions/unknown-id")
+        assert response.status_code == 404
+        response = await client.get("/sessions/unknown-id/events")
+        assert response.status_code == 404
+
+
+async def test_stats_and_metrics(autojump_clock: Any) -> None:
+    async with running(capacity=3, max_wait=7, max_queue=9) as app:
+        client = app.test_client()
+        figures = await stats(client)
+        assert figures == {
+            "capacity": 3,
+            "active": 0,
+            "queued": 0,
+            "max_wait_s": 7.0,
+            "max_queue": 9,
+            "admitted_total": 0,
+            "completed_total": 0,
+            "failed_total": 0,
+            "expired_total": 0,
+            "rejected_total": 0,
+            "cancelled_total": 0,
+            "wait_p50_s": None,
+            "wait_p90_s": None,
+            "wait_p99_s": None,
+        }
+        await post(client, {"duration": 1})
+        response = await client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = (await response.get_data()).decode()
+        assert "sessiongate_capacity 3.0" in text
+        assert 'sessiongate_sessions_total{outcome="completed"} 1.0' in text
+        assert "sessiongate_queue_wait_seconds_count 1.0" in text
+        assert "sessiongate_session_run_seconds_sum 1.0" in text
+        assert 'sessiongate_refusals_total{reason="queue_full"} 0.0' in text
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_drain_rejects_queued_and_cuts_active_at_the_grace(autojump_clock: Any) -> None:
+    async with running(capacity=2, shutdown_grace=10) as app:
+        client = app.test_client()
+        _, short = await post(client, {"duration": 5}, ASYNC)
+        results: list[Any] = []
+
+        async def sync_long() -> None:
+            results.append(await post(client, {"duration": 100}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync_long)
+            await trio.testing.wait_all_tasks_blocked()
+            _, queued = await post(client, {"duration": 1}, ASYNC)
+            start = trio.current_time()
+            nursery.start_soon(app.service.drain)
+            await trio.testing.wait_all_tasks_blocked()
+            body = await (await client.get(f"/sessions/{queued['id']}")).get_json()
+            assert body["state"] == "rejected" and body["error"]["error"] == "shutting_down"
+            response, refusal = await post(client, {})
+            assert response.status_code == 503 and refusal["error"] == "shutting_down"
+            assert response.headers["Retry-After"]
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert (await ready.get_json())["error"] == "shutting_down"
+            assert (await client.get("/healthz")).status_code == 200
+        assert trio.current_time() - start == 10.0
+        response, body = results[0]
+        assert response.status_code == 503 and body["error"] == "shutting_down"
+        done = await (await client.get(f"/sessions/{short['id']}")).get_json()
+        assert done["state"] == "completed"
+        figures = await stats(client)
+        assert (figures["active"], figures["queued"]) == (0, 0)
+        assert figures["rejected_total"] == 2 and figures["cancelled_total"] == 1

@@ -1,0 +1,66 @@
+"""User handlers for the tests (imported by path, as ``--handler`` does)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from sessiongate import Ticket
+
+CALLS: list[str] = []
+STARTED = threading.Event()
+RELEASE = threading.Event()
+
+
+async def echo(body: dict[str, Any], ticket: Ticket) -> Any:
+    return {"echo": body, "id": ticket.id, "waited": ticket.waited}
+
+
+async def boom(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise RuntimeError("secret internal detail")
+
+
+def sync_echo(body: dict[str, Any], ticket: Ticket) -> Any:
+    CALLS.append(threading.current_thread().name)
+    return {"thread": threading.current_thread() is not threading.main_thread(), "body": body}
+
+
+def sync_boom(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise ValueError("sync secret")
+
+
+def blocking(body: dict[str, Any], ticket: Ticket) -> Any:
+    STARTED.set()
+    RELEASE.wait(10)
+    return "released"
+
+
+async def not_json(body: dict[str, Any], ticket: Ticket) -> Any:
+    return {1, 2, 3}
+
+
+async def nan(body: dict[str, Any], ticket: Ticket) -> Any:
+    return float("nan")
+
+
+async def with_resource(body: dict[str, Any], ticket: Ticket) -> Any:
+    return {"resource": RESOURCE["value"]}
+
+
+RESOURCE: dict[str, Any] = {"value": None, "opened": 0}
+
+
+@asynccontextmanager
+async def _lifespan() -> AsyncIterator[None]:
+    RESOURCE["opened"] += 1
+    RESOURCE["value"] = "pool"
+    await trio.lowlevel.checkpoint()
+    yield
+    RESOURCE["value"] = None
+
+
+with_resource.lifespan = _lifespan  # type: ignore[attr-defined]

@@ -453,6 +453,7 @@ async def test_user_handlers_async_and_threaded(autojump_clock: Any, sample_hand
         assert body["result"] == {"echo": {"a": 1}, "id": body["id"], "waited": 0.0}
     async with running(handler=f"{sample_handlers}:sync_echo", thread_limit=1) as app:
         response, body = await post(app.test_client(), {"b": 2})
+        assert response.status_code == 200
         assert body["result"] == {"thread": True, "body": {"b": 2}}
 
 

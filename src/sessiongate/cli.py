@@ -84,6 +84,7 @@ def hypercorn_config(settings: Settings) -> object:
     config.bind = [settings.bind]
     config.accesslog = "-"
     config.errorlog = "-"
+    config.backlog = 2048  # bursts of clients, as in the article's load, must not be reset
     # After the drain only answers still being written remain; the grace bounds them.
     config.graceful_timeout = max(settings.shutdown_grace, 1.0)
     # Hypercorn's loggers have their own handlers; do not print each line twice.

@@ -53,6 +53,7 @@ async def real_server(**overrides: Any) -> AsyncIterator[tuple[SessionGateApp, s
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.graceful_timeout = 1.0
+    config.backlog = 1024
     config.errorlog = None
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(serve, app, config)

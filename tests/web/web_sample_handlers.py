@@ -64,3 +64,16 @@ async def _lifespan() -> AsyncIterator[None]:
 
 
 with_resource.lifespan = _lifespan  # type: ignore[attr-defined]
+
+
+CONCURRENCY = {"now": 0, "max": 0}
+
+
+async def tracked(body: dict[str, Any], ticket: Ticket) -> Any:
+    CONCURRENCY["now"] += 1
+    CONCURRENCY["max"] = max(CONCURRENCY["max"], CONCURRENCY["now"])
+    try:
+        await trio.sleep(float(body.get("duration", 0.01)))
+    finally:
+        CONCURRENCY["now"] -= 1
+    return ticket.waited

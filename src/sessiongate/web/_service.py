@@ -256,6 +256,7 @@ class Service:
             return record
         registry.add(record)
         await self._sessions.start(self._session_task, record)
+        registry.poke()
         if self.shared_backend:
             await self._settle(record)
         return record

@@ -140,6 +140,10 @@ class Registry:
     def changed(self, record: SessionRecord) -> None:
         """Record a change of state: a snapshot for event streams, and a pulse."""
         record.transitions.append(record.to_json(self.gate))
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake everything waiting on the pulse (a session took its queue place)."""
         pulse, self.pulse = self.pulse, trio.Event()
         pulse.set()
 

@@ -1,0 +1,214 @@
+"""The service for real: Hypercorn on 127.0.0.1 (port 0), real clients, the real clock."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from sessiongate.web import SessionGateApp
+
+from .conftest import jbody, port_of, raw_request, read_response, real_server, request_bytes
+
+pytestmark = pytest.mark.slow
+
+
+async def wait_for(app: SessionGateApp, condition: Any) -> None:
+    """Wait, without polling, until ``condition()`` holds after some session change."""
+    registry = app.service.registry
+    while not condition():
+        await registry.pulse.wait()
+
+
+async def test_connection_close_is_honoured() -> None:
+    with trio.fail_after(5):
+        async with real_server() as (_, base):
+            for path in ("/healthz", "/nowhere"):
+                stream = await raw_request(
+                    port_of(base), request_bytes("GET", path, headers={"Connection": "close"})
+                )
+                status, _, _ = await read_response(stream)
+                assert status in (200, 404)
+                with trio.fail_after(2):
+                    assert await stream.receive_some() == b""  # the server closed it
+                await stream.aclose()
+
+
+async def test_keep_alive_survives_error_answers() -> None:
+    with trio.fail_after(5):
+        async with real_server(admin_token="t") as (_, base):
+            stream = await trio.open_tcp_stream("127.0.0.1", port_of(base))
+            requests = [
+                request_bytes("POST", "/sessions", b"{}", {"Content-Type": "text/plain"}),
+                request_bytes("POST", "/sessions", b"[1]", {"Content-Type": "application/json"}),
+                request_bytes("PUT", "/admin/capacity", jbody({"capacity": 2})),
+                request_bytes("POST", "/stats", b"{}"),
+                request_bytes("POST", "/nowhere", b'{"a": 1}'),
+                request_bytes(
+                    "POST",
+                    "/sessions",
+                    jbody({"duration": 0}),
+                    {"Content-Type": "application/json"},
+                ),
+            ]
+            statuses = []
+            for data in requests:
+                await stream.send_all(data)
+                status, _, body = await read_response(stream)
+                statuses.append(status)
+                assert "error" in json.loads(body) or status == 200
+            assert statuses == [415, 422, 401, 405, 404, 200]
+            await stream.aclose()
+
+
+async def test_oversized_body_is_refused_before_it_is_read() -> None:
+    with trio.fail_after(5):
+        async with real_server(max_body=1000) as (app, base):
+            head = request_bytes(
+                "POST",
+                "/sessions",
+                headers={"Content-Type": "application/json", "Content-Length": str(10_000_000)},
+            )
+            stream = await raw_request(port_of(base), head + b"{" + b" " * 500)
+            async with stream:
+                status, headers, body = await read_response(stream)
+            assert status == 413 and json.loads(body)["error"] == "body_too_large"
+            assert headers.get("connection", "").lower() == "close"
+            assert app.service.gate.stats().admitted == 0
+
+
+@pytest.mark.parametrize("where", ["queued", "active"])
+async def test_client_disconnect_cancels_the_session(where: str) -> None:
+    with trio.fail_after(10):
+        async with real_server(capacity=1) as (app, base):
+            gate, registry = app.service.gate, app.service.registry
+            if where == "queued":
+                async with httpx.AsyncClient(base_url=base) as client:
+                    blocker = await client.post(
+                        "/sessions", json={"duration": 60}, headers={"Prefer": "respond-async"}
+                    )
+                    assert blocker.status_code == 202
+            stream = await raw_request(
+                port_of(base),
+                request_bytes(
+                    "POST",
+                    "/sessions",
+                    jbody({"duration": 60}),
+                    {"Content-Type": "application/json"},
+                ),
+            )
+
+            def target() -> list[Any]:
+                return [
+                    r
+                    for r in registry.live.values()
+                    if r.state == where and (where == "active" or r.position() == 1)
+                ]
+
+            await wait_for(app, lambda: len(target()) == 1)
+            (record,) = target()
+            await stream.aclose()
+            await record.done.wait()
+            assert record.state == "cancelled"
+            assert record.error == {
+                "error": "client_disconnected",
+                "detail": record.error["detail"],
+            }
+            stats = gate.stats()
+            assert stats.queued == 0
+            assert stats.active == (1 if where == "queued" else 0)
+            assert stats.cancelled == 1
+
+
+async def read_events(response: httpx.Response) -> Any:
+    event: dict[str, Any] = {}
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            event["event"] = line[7:]
+        elif line.startswith("data: "):
+            event["data"] = json.loads(line[6:])
+        elif line == "" and event:
+            yield event
+            event = {}
+
+
+async def test_server_sent_events_follow_the_session() -> None:
+    prefer = {"Prefer": "respond-async"}
+    with trio.fail_after(10):
+        async with real_server(capacity=1) as (app, base):
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                ids = []
+                for _ in range(3):
+                    response = await client.post("/sessions", json={"duration": 60}, headers=prefer)
+                    ids.append(response.json()["id"])
+                first, second, third = ids
+                seen: list[tuple[str, Any]] = []
+                async with client.stream("GET", f"/sessions/{third}/events") as response:
+                    assert response.headers["content-type"].startswith("text/event-stream")
+                    events = read_events(response)
+                    steps = [
+                        lambda: client.delete(f"/sessions/{second}"),
+                        lambda: client.delete(f"/sessions/{first}"),
+                        lambda: client.delete(f"/sessions/{third}"),
+                    ]
+                    async for event in events:
+                        seen.append((event["event"], event["data"]["position"]))
+                        assert event["data"]["id"] == third
+                        if steps:
+                            await steps.pop(0)()
+                assert seen == [("queued", 2), ("queued", 1), ("active", None), ("cancelled", None)]
+                # An ended session: its terminal event, then the end of the stream.
+                async with client.stream("GET", f"/sessions/{first}/events") as response:
+                    ended = [event async for event in read_events(response)]
+                assert [e["event"] for e in ended] == ["cancelled"]
+                assert ended[0]["data"]["state"] == "cancelled"
+        del app
+
+
+async def test_completed_session_events_carry_the_result() -> None:
+    with trio.fail_after(10):
+        async with real_server() as (_, base):
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                response = await client.post(
+                    "/sessions", json={"duration": 0.2, "v": 1}, headers={"Prefer": "respond-async"}
+                )
+                session_id = response.json()["id"]
+                async with client.stream("GET", f"/sessions/{session_id}/events") as response:
+                    events = [event async for event in read_events(response)]
+                names = [e["event"] for e in events]
+                assert names[-1] == "completed" and names[0] in ("active", "queued", "completed")
+                assert events[-1]["data"]["result"] == {"data": {"duration": 0.2, "v": 1}}
+
+
+async def test_three_hundred_clients_against_capacity_five(monkeypatch: pytest.MonkeyPatch) -> None:
+    from .conftest import HERE
+
+    monkeypatch.syspath_prepend(str(HERE))
+    handlers = importlib.import_module("web_sample_handlers")
+    handlers.CONCURRENCY.update(now=0, max=0)
+    with trio.fail_after(60):
+        async with real_server(capacity=5, max_wait=60, handler="web_sample_handlers:tracked") as (
+            app,
+            base,
+        ):
+            limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+            statuses: list[int] = []
+            async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+
+                async def one() -> None:
+                    response = await client.post("/sessions", json={"duration": 0.01})
+                    statuses.append(response.status_code)
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(300):
+                        nursery.start_soon(one)
+            assert statuses == [200] * 300
+            assert handlers.CONCURRENCY["max"] == 5
+            stats = app.service.gate.stats()
+            assert (stats.active, stats.queued) == (0, 0)
+            assert (stats.admitted, stats.completed) == (300, 300)
+            assert not app.service.registry.live

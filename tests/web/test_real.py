@@ -139,49 +139,53 @@ async def read_events(response: httpx.Response) -> Any:
 async def test_server_sent_events_follow_the_session() -> None:
     prefer = {"Prefer": "respond-async"}
     with trio.fail_after(10):
-        async with real_server(capacity=1) as (app, base):
-            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-                ids = []
-                for _ in range(3):
-                    response = await client.post("/sessions", json={"duration": 60}, headers=prefer)
-                    ids.append(response.json()["id"])
-                first, second, third = ids
-                seen: list[tuple[str, Any]] = []
-                async with client.stream("GET", f"/sessions/{third}/events") as response:
-                    assert response.headers["content-type"].startswith("text/event-stream")
-                    events = read_events(response)
-                    steps = [
-                        lambda: client.delete(f"/sessions/{second}"),
-                        lambda: client.delete(f"/sessions/{first}"),
-                        lambda: client.delete(f"/sessions/{third}"),
-                    ]
-                    async for event in events:
-                        seen.append((event["event"], event["data"]["position"]))
-                        assert event["data"]["id"] == third
-                        if steps:
-                            await steps.pop(0)()
-                assert seen == [("queued", 2), ("queued", 1), ("active", None), ("cancelled", None)]
-                # An ended session: its terminal event, then the end of the stream.
-                async with client.stream("GET", f"/sessions/{first}/events") as response:
-                    ended = [event async for event in read_events(response)]
-                assert [e["event"] for e in ended] == ["cancelled"]
-                assert ended[0]["data"]["state"] == "cancelled"
+        async with (
+            real_server(capacity=1) as (app, base),
+            httpx.AsyncClient(base_url=base, timeout=10) as client,
+        ):
+            ids = []
+            for _ in range(3):
+                response = await client.post("/sessions", json={"duration": 60}, headers=prefer)
+                ids.append(response.json()["id"])
+            first, second, third = ids
+            seen: list[tuple[str, Any]] = []
+            async with client.stream("GET", f"/sessions/{third}/events") as response:
+                assert response.headers["content-type"].startswith("text/event-stream")
+                events = read_events(response)
+                steps = [
+                    lambda: client.delete(f"/sessions/{second}"),
+                    lambda: client.delete(f"/sessions/{first}"),
+                    lambda: client.delete(f"/sessions/{third}"),
+                ]
+                async for event in events:
+                    seen.append((event["event"], event["data"]["position"]))
+                    assert event["data"]["id"] == third
+                    if steps:
+                        await steps.pop(0)()
+            assert seen == [("queued", 2), ("queued", 1), ("active", None), ("cancelled", None)]
+            # An ended session: its terminal event, then the end of the stream.
+            async with client.stream("GET", f"/sessions/{first}/events") as response:
+                ended = [event async for event in read_events(response)]
+            assert [e["event"] for e in ended] == ["cancelled"]
+            assert ended[0]["data"]["state"] == "cancelled"
         del app
 
 
 async def test_completed_session_events_carry_the_result() -> None:
     with trio.fail_after(10):
-        async with real_server() as (_, base):
-            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-                response = await client.post(
-                    "/sessions", json={"duration": 0.2, "v": 1}, headers={"Prefer": "respond-async"}
-                )
-                session_id = response.json()["id"]
-                async with client.stream("GET", f"/sessions/{session_id}/events") as response:
-                    events = [event async for event in read_events(response)]
-                names = [e["event"] for e in events]
-                assert names[-1] == "completed" and names[0] in ("active", "queued", "completed")
-                assert events[-1]["data"]["result"] == {"data": {"duration": 0.2, "v": 1}}
+        async with (
+            real_server() as (_, base),
+            httpx.AsyncClient(base_url=base, timeout=10) as client,
+        ):
+            response = await client.post(
+                "/sessions", json={"duration": 0.2, "v": 1}, headers={"Prefer": "respond-async"}
+            )
+            session_id = response.json()["id"]
+            async with client.stream("GET", f"/sessions/{session_id}/events") as response:
+                events = [event async for event in read_events(response)]
+            names = [e["event"] for e in events]
+            assert names[-1] == "completed" and names[0] in ("active", "queued", "completed")
+            assert events[-1]["data"]["result"] == {"data": {"duration": 0.2, "v": 1}}
 
 
 async def test_three_hundred_clients_against_capacity_five(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,202 @@
+"""``sessiongate serve``: settings validation, and a real SIGTERM drain of a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from sessiongate.cli import main
+from sessiongate.config import ConfigError, Settings
+
+RUNNING = re.compile(rb"Running on (http://127\.0\.0\.1:\d+)")
+
+
+@pytest.mark.parametrize(
+    ("args", "setting"),
+    [
+        (["--capacity", "0"], "--capacity"),
+        (["--capacity", "many"], "--capacity"),
+        (["--max-wait", "-1"], "--max-wait"),
+        (["--max-wait", "nan"], "--max-wait"),
+        (["--max-queue", "-1"], "--max-queue"),
+        (["--thread-limit", "0"], "--thread-limit"),
+        (["--shutdown-grace", "-0.5"], "--shutdown-grace"),
+        (["--lease-ttl", "0.5"], "--lease-ttl"),
+        (["--refusal-status", "500"], "--refusal-status"),
+        (["--max-duration", "-1"], "--max-duration"),
+        (["--max-body", "0"], "--max-body"),
+        (["--result-ttl", "-1"], "--result-ttl"),
+        (["--result-max", "-1"], "--result-max"),
+        (["--workers", "0"], "--workers"),
+        (["--workers", "2"], "--workers"),
+        (["--gate-name", "a b"], "--gate-name"),
+        (["--backend", "postgres://x"], "--backend"),
+        (["--handler", "not a path"], "--handler"),
+        (["--handler", "no_such_module_here:fn"], "--handler"),
+        (["--bind", "nowhere"], "--bind"),
+    ],
+)
+def test_invalid_flags_stop_with_one_line_and_status_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], setting: str
+) -> None:
+    assert main(["serve", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and setting in err
+
+
+def test_environment_variables_are_validated_too(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SESSIONGATE_MAX_WAIT", "-3")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SESSIONGATE_MAX_WAIT" in err
+
+
+def test_flags_win_over_variables_and_defaults_hold() -> None:
+    env = {
+        "SESSIONGATE_CAPACITY": "7",
+        "SESSIONGATE_MAX_WAIT": "2.5",
+        "SESSIONGATE_ADMIN_TOKEN": "x",
+    }
+    settings = Settings.from_args(["--capacity", "9"], env)
+    assert (settings.capacity, settings.max_wait, settings.admin_token) == (9, 2.5, "x")
+    assert Settings.from_environ({}) == Settings()
+    defaults = Settings()
+    assert (defaults.bind, defaults.capacity, defaults.max_wait, defaults.max_queue) == (
+        "127.0.0.1:8000",
+        50,
+        60.0,
+        10_000,
+    )
+    assert Settings.from_environ(Settings(capacity=3, lease_ttl=1.5).to_environ()) == Settings(
+        capacity=3, lease_ttl=1.5
+    )
+    redis = Settings.from_args(["--workers", "3", "--backend", "redis://localhost:6379/0"], {})
+    assert redis.workers == 3
+    with pytest.raises(ConfigError, match="SESSIONGATE_WORKERS"):
+        Settings.from_environ({"SESSIONGATE_WORKERS": "2"})
+    assert "admin" not in repr(Settings(admin_token="hidden")) or "hidden" not in repr(
+        Settings(admin_token="hidden")
+    )
+
+
+def test_a_subprocess_refuses_bad_settings_with_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sessiongate.cli", "serve", "--capacity", "-5"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count(b"\n") == 1 and b"--capacity" in result.stderr
+
+
+@asynccontextmanager
+async def serve_process(*args: str, command: list[str] | None = None) -> AsyncIterator[Any]:
+    """A ``sessiongate serve`` subprocess on port 0; yields (process, base URL)."""
+    argv = command or [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
+    process = await trio.lowlevel.open_process(
+        [*argv, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env
+    )
+    assert process.stderr is not None
+    seen = b""
+    try:
+        while (match := RUNNING.search(seen)) is None:
+            chunk = await process.stderr.receive_some()
+            assert chunk, seen.decode()
+            seen += chunk
+
+        async def drain_stderr() -> None:
+            assert process.stderr is not None
+            while await process.stderr.receive_some():
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain_stderr)
+            yield process, match.group(1).decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def until(check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait for a condition that only another process can make true."""
+    while not await check():
+        await trio.sleep(0.02)
+
+
+async def test_sigterm_drains_then_exits_0() -> None:
+    prefer = {"Prefer": "respond-async"}
+    with trio.fail_after(30):
+        async with (
+            serve_process("--capacity", "2", "--shutdown-grace", "2") as (process, base),
+            httpx.AsyncClient(base_url=base, timeout=30) as client,
+        ):
+            answers: dict[str, httpx.Response] = {}
+
+            async def sync(name: str, duration: float) -> None:
+                answers[name] = await client.post("/sessions", json={"duration": duration})
+
+            async def stats() -> dict[str, Any]:
+                result: dict[str, Any] = (await client.get("/stats")).json()
+                return result
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sync, "short", 1.0)
+                nursery.start_soon(sync, "long", 60.0)
+
+                async def both_active() -> bool:
+                    return (await stats())["active"] == 2
+
+                await until(both_active)
+                queued = (await client.post("/sessions", json={}, headers=prefer)).json()
+                assert queued["state"] == "queued"
+                start = trio.current_time()
+                process.send_signal(signal.SIGTERM)
+
+                async def draining() -> bool:
+                    return (await client.get("/readyz")).status_code == 503
+
+                await until(draining)
+                assert (await client.get("/healthz")).status_code == 200
+                refused = await client.post("/sessions", json={})
+                assert refused.status_code == 503
+                assert refused.json()["error"] == "shutting_down"
+                assert int(refused.headers["Retry-After"]) >= 1
+                ended = (await client.get(f"/sessions/{queued['id']}")).json()
+                assert ended["state"] == "rejected"
+                assert ended["error"]["error"] == "shutting_down"
+            assert answers["short"].status_code == 200
+            assert answers["short"].json()["state"] == "completed"
+            assert answers["long"].status_code == 503
+            assert answers["long"].json()["error"] == "shutting_down"
+            assert await process.wait() == 0
+            assert 1.5 < trio.current_time() - start < 10
+
+
+async def test_hypercorn_serves_the_app_factory_directly() -> None:
+    hypercorn = [sys.executable, "-m", "hypercorn", "-k", "trio", "--bind", "127.0.0.1:0"]
+    with trio.fail_after(30):
+        async with (
+            serve_process("sessiongate.web:create_app()", command=hypercorn) as (process, base),
+            httpx.AsyncClient(base_url=base) as client,
+        ):
+            response = await client.post("/sessions", json={"duration": 0})
+            assert response.status_code == 200
+            assert response.json()["state"] == "completed"
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0

@@ -1,0 +1,68 @@
+"""Redis itself fails: killed, restarted empty. Fail fast, recover, never over the cap."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+
+import sessiongate
+from sessiongate.backends.redis import open_redis_backend
+
+from .conftest import RedisServer
+from .test_redis_backend import CapWatch, wait_until
+
+
+async def expect_lease_lost(session: Callable[[], Awaitable[None]], ttl: float) -> None:
+    start = trio.current_time()
+    with pytest.raises(sessiongate.LeaseLost):
+        await session()
+    # Cancelled before the lease could lapse (the last renewal was at most ttl/3 ago).
+    assert trio.current_time() - start < ttl
+
+
+async def test_redis_down_fails_fast_then_recovers(own_redis: RedisServer, gate_name: str) -> None:
+    ttl = 1.0
+    watch = CapWatch()
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=ttl
+        ) as backend:
+            gate = sessiongate.Gate(1, max_wait=10, backend=backend)
+            await wait_until(lambda: backend.healthy)
+
+            async def running() -> None:
+                async with gate.session():
+                    watch.enter("running")
+                    await trio.sleep_forever()
+
+            # A session holds the slot when Redis dies: it cannot renew, so it is
+            # cancelled before its lease could have lapsed.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(expect_lease_lost, running, ttl)
+                await wait_until(lambda: len(watch.order) == 1)
+                own_redis.kill()
+            watch.leave()
+            await wait_until(lambda: not backend.healthy)
+            for _ in range(3):
+                start = trio.current_time()
+                with pytest.raises(sessiongate.BackendUnavailable):
+                    async with gate.session():
+                        raise AssertionError("admitted without Redis")
+                assert trio.current_time() - start < 1.0
+            assert gate.stats().rejected == 3
+            own_redis.start()
+            await wait_until(lambda: backend.healthy)
+
+            async def session(n: int) -> None:
+                async with gate.session():
+                    watch.enter(f"s{n}")
+                    await trio.sleep(0.05)
+                    watch.leave()
+
+            async with trio.open_nursery() as nursery:
+                for n in range(5):
+                    nursery.start_soon(session, n)
+            assert len(watch.order) == 6
+            assert watch.most == 1

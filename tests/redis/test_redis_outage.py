@@ -66,3 +66,49 @@ async def test_redis_down_fails_fast_then_recovers(own_redis: RedisServer, gate_
                     nursery.start_soon(session, n)
             assert len(watch.order) == 6
             assert watch.most == 1
+
+
+async def test_redis_restarted_empty_rebuilds_from_live_holders(
+    own_redis: RedisServer, gate_name: str
+) -> None:
+    ttl = 2.0
+    with trio.fail_after(20):
+        async with (
+            open_redis_backend(
+                own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=ttl
+            ) as one,
+            open_redis_backend(
+                own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=ttl
+            ) as two,
+        ):
+            holder = sessiongate.Gate(1, max_wait=30, backend=one)
+            newcomer = sessiongate.Gate(1, max_wait=30, backend=two)
+            held = trio.Event()
+            release = trio.Event()
+            admitted_at: list[float] = []
+
+            async def hold() -> None:
+                async with holder.session():
+                    held.set()
+                    await release.wait()
+
+            async def arrive() -> None:
+                async with newcomer.session():
+                    admitted_at.append(trio.current_time())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold)
+                await held.wait()
+                await wait_until(lambda: two.active == 1)
+                own_redis.kill()
+                own_redis.start()  # empty: no gate, no holders, no queue
+                # A newcomer arrives at the empty Redis: it must not get the slot the
+                # live holder still uses.
+                await wait_until(lambda: two.healthy)
+                nursery.start_soon(arrive)
+                # Two TTLs: the holder re-registered by renewing, and kept its slot.
+                await trio.sleep(2 * ttl)
+                assert not admitted_at
+                assert one.active == 1
+                release.set()
+                await wait_until(lambda: bool(admitted_at))

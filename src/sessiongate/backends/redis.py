@@ -44,7 +44,7 @@ import math
 import random
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from itertools import count
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -238,6 +238,7 @@ class RedisBackend:
         self._subscribed = False
         self._reap_at = math.inf
         self._reap_scope = trio.CancelScope()
+        self._reap_floor = -math.inf
         self._resync_wanted = trio.Event()
         self._renew_queue_now = trio.Event()
         #: Script calls made (for measuring round trips per admission).
@@ -366,7 +367,7 @@ class RedisBackend:
         local += 0.002 + random.random() * min(0.02, self.lease_ttl * 0.01)
         if local < self._reap_at:
             self._reap_at = local
-            self._reap_scope.deadline = local
+            self._reap_scope.deadline = max(local, self._reap_floor)
 
     # -- hold ---------------------------------------------------------------------------
 
@@ -522,12 +523,24 @@ class RedisBackend:
                     self._capacity,
                     self._configured_capacity,
                 )
-        self._nursery.start_soon(self._enqueuer)
-        self._nursery.start_soon(self._listener)
-        self._nursery.start_soon(self._mirror_keeper)
-        self._nursery.start_soon(self._reaper)
-        self._nursery.start_soon(self._queue_renewer)
-        self._nursery.start_soon(self._health)
+        for task in (
+            self._enqueuer,
+            self._listener,
+            self._mirror_keeper,
+            self._reaper,
+            self._queue_renewer,
+            self._health,
+        ):
+            self._nursery.start_soon(self._keep_running, task)
+
+    async def _keep_running(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run a background loop; a bug in one must not take the service down with it."""
+        while True:
+            try:
+                await task()
+            except Exception:
+                logger.exception("sessiongate redis task %s failed; restarting it", task)
+                await trio.sleep(0.1)
 
     async def _enqueuer(self) -> None:
         """Send pending arrivals, in stamp order, one script call per batch."""
@@ -648,9 +661,13 @@ class RedisBackend:
     async def _reaper(self) -> None:
         """Tick at the nearest lease expiry, so lapsed leases are reclaimed on time."""
         while True:
-            with trio.CancelScope(deadline=self._reap_at) as self._reap_scope:
+            # Never twice within 5 ms: a deadline estimated a little early (clock drift)
+            # costs a retick, not a busy loop.
+            with trio.CancelScope(deadline=max(self._reap_at, self._reap_floor)) as scope:
+                self._reap_scope = scope
                 await trio.sleep_forever()
             self._reap_at = math.inf
+            self._reap_floor = trio.current_time() + 0.005
             try:
                 await self._call("release", [], limit=1.0)
             except _Unreachable:

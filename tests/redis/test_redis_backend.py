@@ -311,3 +311,36 @@ async def test_lost_lease_cancels_the_session(  # type: ignore[no-untyped-def]
             # The gate counts it when the body's Cancelled passes through it, before
             # hold() turns it into LeaseLost (core request: count it as failed).
             assert gate.stats().failed + gate.stats().cancelled == 1
+
+
+async def test_round_trips_per_admission(open_backend) -> None:  # type: ignore[no-untyped-def]
+    """Issue 4's budget: at most 3 Redis round trips per admission (here about 2:
+    the batched enqueue and the release; the hand-off itself is pushed)."""
+    sessions = 60
+    with trio.fail_after(20):
+        async with (
+            open_backend(capacity=4, lease_ttl=10) as one,
+            open_backend(capacity=4, lease_ttl=10) as two,
+        ):
+            await wait_until(lambda: one.healthy and two.healthy)
+            gates = [
+                sessiongate.Gate(4, max_wait=30, backend=one),
+                sessiongate.Gate(4, max_wait=30, backend=two),
+            ]
+            before = one.calls + two.calls
+            watch = CapWatch()
+
+            async def session(n: int) -> None:
+                async with gates[n % 2].session():
+                    watch.enter(str(n))
+                    await trio.sleep(0.02)
+                    watch.leave()
+
+            async with trio.open_nursery() as nursery:
+                for n in range(sessions):
+                    nursery.start_soon(session, n)
+            calls = one.calls + two.calls - before
+            assert watch.most <= 4
+            per_admission = calls / sessions
+            print(f"redis round trips per admission: {per_admission:.2f}")
+            assert per_admission <= 3

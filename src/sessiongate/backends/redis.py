@@ -720,7 +720,12 @@ class RedisBackend:
 
 @asynccontextmanager
 async def open_redis_backend(
-    url: str, *, gate_name: str, capacity: int, lease_ttl: float
+    url: str | None,
+    *,
+    gate_name: str,
+    capacity: int,
+    lease_ttl: float,
+    client: coredis.Redis[str] | None = None,
 ) -> AsyncIterator[RedisBackend]:
     """Connect to Redis at ``url`` and run a gate backend for ``gate_name``.
 
@@ -730,22 +735,29 @@ async def open_redis_backend(
     arrivals with :class:`BackendUnavailable` until Redis answers.
 
     Args:
-        url: ``redis://host:port/db`` (``rediss://`` and ``unix://`` work too).
+        url: ``redis://host:port/db`` (``rediss://`` and ``unix://`` work too); ignored
+            when ``client`` is given.
         gate_name: the gate's name in Redis; processes sharing it share the cap.
         capacity: the capacity to create the gate with.
         lease_ttl: seconds a slot or queue lease lives without renewal.
+        client: a coredis client made by the caller, not yet entered, with
+            ``decode_responses=True`` (e.g. ``Sentinel(...).primary_for(name)``); it is
+            entered here, once, for the backend's lifetime.
     """
-    # Connection attempts must end (as errors) inside every call's own time limit: a
-    # connect cancelled from outside loses coredis 6.9 a pool slot for good. Two
-    # attempts of at most 0.2 s each fit in FAIL_FAST.
-    client: coredis.Redis[str] = coredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        connect_timeout=CONNECT_TIMEOUT,
-        retry_policy=ConstantRetryPolicy(
-            (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
-        ),
-    )
+    if client is None:
+        if url is None:
+            raise ValueError("open_redis_backend needs a url or a client")
+        # Connection attempts must end (as errors) inside every call's own time limit:
+        # a connect cancelled from outside loses coredis 6.9 a pool slot for good. Two
+        # attempts of at most CONNECT_TIMEOUT each fit in FAIL_FAST.
+        client = coredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            connect_timeout=CONNECT_TIMEOUT,
+            retry_policy=ConstantRetryPolicy(
+                (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
+            ),
+        )
     try:
         async with client, trio.open_nursery() as nursery:
             backend = RedisBackend(

@@ -25,6 +25,7 @@ import importlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 
@@ -32,6 +33,7 @@ import trio
 
 from .. import _errors as errors
 from .._gate import Arrival, Gate, Ticket
+from ..backends import Backend
 from ..backends.memory import MemoryBackend
 from ..config import Settings
 from ..metrics import Metrics
@@ -67,6 +69,55 @@ _DETAILS = {
 
 def _error(code: str, detail: str | None = None) -> dict[str, Any]:
     return {"error": code, "detail": detail if detail is not None else _DETAILS[code]}
+
+
+class _TicketTap:
+    """A backend that passes everything to the real one, and shows each ticket to
+    ``on_hold`` as it enters the queue.
+
+    The gate makes a session's :class:`Ticket` inside ``session()`` and hands it to the
+    backend; a queued session's position is asked of the backend with that very ticket
+    (the Redis backend knows its waiters by ticket object). Tapping ``hold`` gives the
+    record the real ticket while it is queued, through the public backend interface.
+    """
+
+    def __init__(self, inner: Backend, on_hold: Callable[[Ticket], None]) -> None:
+        self.inner = inner
+        self._on_hold = on_hold
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    def set_capacity(self, capacity: int) -> None:
+        self.inner.set_capacity(capacity)
+
+    async def resize(self, capacity: int) -> None:
+        await self.inner.resize(capacity)
+
+    @property
+    def active(self) -> int:
+        return self.inner.active
+
+    @property
+    def queued(self) -> int:
+        return self.inner.queued
+
+    @property
+    def healthy(self) -> bool:
+        return bool(getattr(self.inner, "healthy", True))
+
+    def position(self, ticket: Ticket) -> int | None:
+        return self.inner.position(ticket)
+
+    def hold(
+        self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
+    ) -> AbstractAsyncContextManager[None]:
+        self._on_hold(ticket)
+        return self.inner.hold(ticket, deadline_scope=deadline_scope, max_queue=max_queue)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 class NotStarted(Exception):
@@ -138,7 +189,13 @@ class Service:
 
     @property
     def shared_backend(self) -> bool:
-        return not isinstance(self.gate.backend, MemoryBackend)
+        return not isinstance(self.backend, MemoryBackend)
+
+    def _tapped(self, ticket: Ticket) -> None:
+        # The session's real ticket, as it enters the queue: positions come from it.
+        record = self._registry.live.get(ticket.id) if self._registry is not None else None
+        if record is not None:
+            record.probe = ticket
 
     def retry_after(self) -> str:
         """An honest Retry-After: a newcomer's likely wait at the recent hand-off rate."""
@@ -154,11 +211,13 @@ class Service:
             async with AsyncExitStack() as stack:
                 if settings.redis:
                     self.backend = await stack.enter_async_context(open_backend(settings))
+                else:
+                    self.backend = MemoryBackend(settings.capacity)
                 self._gate = Gate(
                     settings.capacity,
                     settings.max_wait,
                     settings.max_queue,
-                    backend=self.backend,
+                    backend=_TicketTap(self.backend, self._tapped),
                 )
                 self._registry = Registry(self._gate, settings.result_ttl, settings.result_max)
                 self._handler = Handler(

@@ -162,9 +162,12 @@ async def test_cancelled_waiter_frees_the_head(  # type: ignore[no-untyped-def]
                 nursery.start_soon(session, "n", boxes["n"])
                 await wait_until(lambda: gate.queued == 2)
                 assert zcard(redis_server, queue_key) == 2
+                (ticket_n,) = [t for t in backend._by_ticket if t.position == 2]
                 boxes["c"][0].cancel()
                 await wait_until(lambda: gate.queued == 1)
                 assert zcard(redis_server, queue_key) == 1
+                # The mirror saw it leave: the one behind moved up.
+                await wait_until(lambda: ticket_n.position == 1)
                 release.set()
             assert order == ["h", "n"]
             assert gate.stats().cancelled == 1

@@ -43,21 +43,20 @@ import logging
 import math
 import random
 import secrets
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from itertools import count
 from typing import TYPE_CHECKING, Any, Final, cast
 
-import attrs
 import coredis
 import coredis.exceptions
 import trio
 from coredis.retry import ConstantRetryPolicy, NoRetryPolicy
-from sortedcontainers import SortedDict, SortedList
+from sortedcontainers import SortedDict
 
 from .._errors import BackendUnavailable, LeaseLost, QueueFull
 from ._redis_scripts import GATE_LUA
+from ._redis_state import ClockBound, Figures, Grant, Lease, QueueMirror, Waiter
 
 if TYPE_CHECKING:
     from .._gate import Ticket
@@ -80,111 +79,6 @@ _REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError, trio.TooS
 
 class _Unreachable(Exception):
     """A script call failed or timed out."""
-
-
-def _split(value: str) -> list[str]:
-    return value.split(" ")
-
-
-@attrs.frozen
-class _Figures:
-    """The figures every script answer and published message starts with."""
-
-    ver: int
-    active: int
-    queued: int
-    capacity: int
-    next_deadline: int  # Redis ms, -1 for none
-    now: int  # Redis ms
-    epoch: str
-    events: str
-
-    @classmethod
-    def parse(cls, raw: Sequence[Any]) -> _Figures:
-        return cls(
-            int(raw[0]),
-            int(raw[1]),
-            int(raw[2]),
-            int(raw[3]),
-            int(raw[4]),
-            int(raw[5]),
-            str(raw[6]),
-            str(raw[7]),
-        )
-
-
-@attrs.frozen
-class _Grant:
-    fence: int
-    expires: int  # Redis ms
-
-
-class _ClockBound:
-    """Where a Redis instant falls on the local Trio clock, within round-trip bounds.
-
-    A Redis ``TIME`` read by a call sent at local ``ts`` and answered at ``tr``
-    happened in ``[ts, tr]``, so the offset ``d = redis - local`` lies in
-    ``[redis - tr, redis - ts]``. Only recent samples are used (clocks drift).
-    """
-
-    WINDOW: Final = 30.0
-
-    def __init__(self) -> None:
-        self._samples: deque[tuple[float, float, float]] = deque(maxlen=64)
-
-    def sample(self, redis_ms: int, ts: float, tr: float) -> None:
-        redis_s = redis_ms / 1000
-        self._samples.append((tr, redis_s - tr, redis_s - ts))
-
-    def _recent(self) -> list[tuple[float, float, float]]:
-        now = trio.current_time()
-        recent = [s for s in self._samples if now - s[0] <= self.WINDOW]
-        return recent or list(self._samples)[-1:]
-
-    def earliest(self, redis_ms: int) -> float | None:
-        """The earliest local time at which ``redis_ms`` can come (for lease ends)."""
-        recent = self._recent()
-        if not recent:
-            return None
-        return redis_ms / 1000 - min(s[2] for s in recent)
-
-    def latest(self, redis_ms: int) -> float | None:
-        """The latest local time at which ``redis_ms`` can come (for reaping)."""
-        recent = self._recent()
-        if not recent:
-            return None
-        return redis_ms / 1000 - max(s[1] for s in recent)
-
-
-@attrs.define(eq=False)
-class _Waiter:
-    """One ticket on its way through the queue, in this process."""
-
-    member: str
-    stamp: int
-    wait: bool
-    max_queue: int
-    #: Set once the enqueue step answered (``status`` says how).
-    answered: trio.Event = attrs.field(factory=trio.Event)
-    status: str = ""
-    error: BaseException | None = None
-    #: The Redis arrival number, once queued.
-    seq: str | None = None
-    #: Set when a slot was handed over (``grant`` holds it).
-    granted: trio.Event = attrs.field(factory=trio.Event)
-    grant: _Grant | None = None
-    grant_seen_at: float = 0.0
-
-
-@attrs.define(eq=False)
-class _Lease:
-    member: str
-    fence: int
-    epoch: str
-    #: Local time by which the body must have been cancelled.
-    valid_until: float
-    #: Local time the lease was last confirmed (grant seen, or a renewal sent).
-    basis: float
 
 
 class RedisBackend:
@@ -217,22 +111,18 @@ class RedisBackend:
         self._script = client.register_script(GATE_LUA)
         self._proc = secrets.token_hex(6)
         self._counter = count(1)
-        self._clock = _ClockBound()
+        self._clock = ClockBound()
         # Cached global figures (from the newest script answer or message).
         self._ver = -1
         self._capacity = capacity
         self._active = 0
         self._queued = 0
         self._epoch = ""
-        # Mirror of the global queue, fed in order by the listener: member -> seq.
-        self._mirror: dict[str, int] = {}
-        self._mirror_seqs: SortedList = SortedList()
-        self._mirror_ver = -1
-        self._mirror_ok = False
+        self._mirror = QueueMirror()
         # This process's waiters: by member, and by ticket (for position()).
-        self._waiters: dict[str, _Waiter] = {}
-        self._by_ticket: dict[Ticket, _Waiter] = {}
-        self._pending: SortedDict = SortedDict()  # stamp -> _Waiter, not yet sent
+        self._waiters: dict[str, Waiter] = {}
+        self._by_ticket: dict[Ticket, Waiter] = {}
+        self._pending: SortedDict = SortedDict()  # Waiter.key -> Waiter, not yet sent
         self._pending_wakeup = trio.Event()
         self._healthy = False
         self._subscribed = False
@@ -284,8 +174,7 @@ class RedisBackend:
         waiter = self._by_ticket.get(ticket)
         if waiter is None or waiter.seq is None or waiter.granted.is_set():
             return None
-        index: int = self._mirror_seqs.bisect_left(int(waiter.seq))
-        return index + 1
+        return self._mirror.rank(int(waiter.seq))
 
     async def aclose(self) -> None:
         # The client and tasks belong to open_redis_backend's scope.
@@ -299,7 +188,7 @@ class RedisBackend:
 
     async def _call_figures(
         self, op: str, args: Sequence[str], *, limit: float
-    ) -> tuple[_Figures, list[Any]]:
+    ) -> tuple[Figures, list[Any]]:
         argv = [
             self.channel,
             str(self._configured_capacity),
@@ -322,19 +211,19 @@ class RedisBackend:
         answered = trio.current_time()
         self._healthy = True
         result = list(cast("Sequence[Any]", raw))
-        figures = _Figures.parse(result)
+        figures = Figures.from_answer(result)
         self._clock.sample(figures.now, sent, answered)
         self._absorb(figures)
         return figures, result[8:]
 
-    def _absorb(self, figures: _Figures) -> None:
+    def _absorb(self, figures: Figures) -> None:
         """Take in figures and hand-offs from a script answer or a message."""
         if figures.epoch and figures.epoch != self._epoch:
             # Only script answers carry the epoch. A new one: Redis lost the gate, and
             # its version numbers started again.
             if self._epoch:
                 logger.warning("gate %r was re-created in Redis (state lost)", self.gate_name)
-                self._mirror_ok = False
+                self._mirror.ok = False
                 self._resync_wanted.set()
                 self._renew_queue_now.set()
             self._epoch = figures.epoch
@@ -344,13 +233,12 @@ class RedisBackend:
             self._active = figures.active
             self._queued = figures.queued
             self._capacity = figures.capacity
-        for line in figures.events.splitlines():
-            parts = _split(line)
+        for parts in figures.lines():
             if parts[0] == "G":
-                self._deliver(parts[1], _Grant(int(parts[2]), int(parts[3])))
+                self._deliver(parts[1], Grant(int(parts[2]), int(parts[3])))
         self._note_deadline(figures.next_deadline)
 
-    def _deliver(self, member: str, grant: _Grant) -> None:
+    def _deliver(self, member: str, grant: Grant) -> None:
         waiter = self._waiters.get(member)
         if waiter is not None and not waiter.granted.is_set():
             waiter.grant = grant
@@ -375,9 +263,9 @@ class RedisBackend:
     async def hold(
         self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
     ) -> AsyncIterator[None]:
-        waiter = _Waiter(
-            f"{self._proc}:{next(self._counter)}", ticket.seq, deadline_scope is not None, max_queue
-        )
+        member = f"{self._proc}:{next(self._counter)}"
+        key = (ticket.arrived_at, ticket.seq, member)
+        waiter = Waiter(member, key, deadline_scope is not None, max_queue)
         async with self._place(ticket, waiter):
             if deadline_scope is None:
                 await self._wait_for_grant(waiter)  # admitted now, or WouldBlock
@@ -404,7 +292,7 @@ class RedisBackend:
             )
 
     @asynccontextmanager
-    async def _place(self, ticket: Ticket, waiter: _Waiter) -> AsyncIterator[None]:
+    async def _place(self, ticket: Ticket, waiter: Waiter) -> AsyncIterator[None]:
         """Own the ticket's queue place or slot: leaving frees whichever it holds."""
         self._waiters[waiter.member] = waiter
         self._by_ticket[ticket] = waiter
@@ -413,11 +301,11 @@ class RedisBackend:
         finally:
             del self._waiters[waiter.member]
             del self._by_ticket[ticket]
-            self._pending.pop(waiter.stamp, None)
+            self._pending.pop(waiter.key, None)
             with trio.move_on_after(CLEANUP_GRACE, shield=True):
                 await self._leave(waiter)
 
-    async def _leave(self, waiter: _Waiter) -> None:
+    async def _leave(self, waiter: Waiter) -> None:
         if not waiter.answered.is_set() and waiter.status == "sent":
             # The enqueue step is in flight: release what it makes once it answers, or
             # the place would outlive us (a ghost at the head until its lease lapses).
@@ -425,12 +313,12 @@ class RedisBackend:
             return
         await self._release(waiter)
 
-    async def _leave_when_answered(self, waiter: _Waiter) -> None:
+    async def _leave_when_answered(self, waiter: Waiter) -> None:
         with trio.move_on_after(FAIL_FAST + CLEANUP_GRACE):
             await waiter.answered.wait()
             await self._release(waiter)
 
-    async def _release(self, waiter: _Waiter) -> None:
+    async def _release(self, waiter: Waiter) -> None:
         if waiter.status not in ("Q", "G"):
             return
         try:
@@ -438,8 +326,8 @@ class RedisBackend:
         except _Unreachable:
             logger.warning("could not release %s: its lease will lapse", waiter.member)
 
-    async def _wait_for_grant(self, waiter: _Waiter) -> None:
-        self._pending[waiter.stamp] = waiter
+    async def _wait_for_grant(self, waiter: Waiter) -> None:
+        self._pending[waiter.key] = waiter
         self._pending_wakeup.set()
         with trio.move_on_after(FAIL_FAST * 2) as answer_scope:
             await waiter.answered.wait()
@@ -451,11 +339,11 @@ class RedisBackend:
             raise trio.WouldBlock
         await waiter.granted.wait()
 
-    def _lease_from(self, waiter: _Waiter) -> _Lease:
+    def _lease_from(self, waiter: Waiter) -> Lease:
         grant = waiter.grant
         assert grant is not None
         seen = waiter.grant_seen_at
-        return _Lease(
+        return Lease(
             waiter.member, grant.fence, self._epoch, self._valid_until(grant.expires, seen), seen
         )
 
@@ -467,7 +355,7 @@ class RedisBackend:
         return earliest - margin
 
     @contextmanager
-    def _renewing(self, lease: _Lease, body_scope: trio.CancelScope) -> Iterator[None]:
+    def _renewing(self, lease: Lease, body_scope: trio.CancelScope) -> Iterator[None]:
         scope = trio.CancelScope()
         self._nursery.start_soon(self._renew_lease, lease, body_scope, scope)
         try:
@@ -476,7 +364,7 @@ class RedisBackend:
             scope.cancel()
 
     async def _renew_lease(
-        self, lease: _Lease, body_scope: trio.CancelScope, scope: trio.CancelScope
+        self, lease: Lease, body_scope: trio.CancelScope, scope: trio.CancelScope
     ) -> None:
         every = self.lease_ttl / 3
         next_at = min(lease.basis + every, (lease.basis + lease.valid_until) / 2)
@@ -549,7 +437,7 @@ class RedisBackend:
             self._pending_wakeup = trio.Event()
             if not self._pending:
                 continue
-            batch: list[_Waiter] = list(self._pending.values())
+            batch: list[Waiter] = list(self._pending.values())
             self._pending.clear()
             args: list[str] = [str(len(batch))]
             for waiter in batch:
@@ -569,7 +457,7 @@ class RedisBackend:
                 if status == "Q":
                     waiter.seq = str(a)
                 elif status == "G":
-                    self._deliver(waiter.member, _Grant(int(a), int(b)))
+                    self._deliver(waiter.member, Grant(int(a), int(b)))
                 waiter.answered.set()
             await trio.lowlevel.checkpoint()
 
@@ -596,7 +484,7 @@ class RedisBackend:
                 if self._subscribed:
                     logger.warning("hand-off listener lost Redis: %r", exc)
             self._subscribed = False
-            self._mirror_ok = False
+            self._mirror.ok = False
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 0.5)
 
@@ -618,45 +506,18 @@ class RedisBackend:
         figures, answer = await self._call_figures("snapshot", [], limit=2.0)
         n = int(answer[0])
         queue = answer[1 : 1 + 2 * n]
-        self._mirror = {str(queue[i]): int(queue[i + 1]) for i in range(0, len(queue), 2)}
-        self._mirror_seqs = SortedList(self._mirror.values())
-        self._mirror_ver = figures.ver
-        self._mirror_ok = True
+        self._mirror.reset(
+            ((str(queue[i]), int(queue[i + 1])) for i in range(0, len(queue), 2)), figures.ver
+        )
         holders = answer[1 + 2 * n :]
         for i in range(0, len(holders), 3):
-            self._deliver(str(holders[i]), _Grant(int(holders[i + 1]), int(holders[i + 2])))
+            self._deliver(str(holders[i]), Grant(int(holders[i + 1]), int(holders[i + 2])))
 
     def _on_message(self, data: str) -> None:
-        lines = data.split("\n")
-        head = _split(lines[0])
-        figures = _Figures(
-            int(head[1]),
-            int(head[2]),
-            int(head[3]),
-            int(head[4]),
-            int(head[5]),
-            int(head[6]),
-            "",
-            "\n".join(lines[1:]),
-        )
+        figures = Figures.from_message(data)
         self._absorb(figures)
-        if not self._mirror_ok or figures.ver <= self._mirror_ver:
-            return
-        if figures.ver != self._mirror_ver + 1:
+        if not self._mirror.apply(figures):
             self._resync_wanted.set()  # missed a change: rebuild from a snapshot
-            return
-        self._mirror_ver = figures.ver
-        for line in lines[1:]:
-            parts = _split(line)
-            if parts[0] == "E":
-                seq, member = int(parts[1]), parts[2]
-                if member not in self._mirror:
-                    self._mirror[member] = seq
-                    self._mirror_seqs.add(seq)
-            else:
-                seq_gone = self._mirror.pop(parts[1], None)
-                if seq_gone is not None:
-                    self._mirror_seqs.remove(seq_gone)
 
     async def _reaper(self) -> None:
         """Tick at the nearest lease expiry, so lapsed leases are reclaimed on time."""
@@ -700,7 +561,7 @@ class RedisBackend:
                     if status in ("G", "R"):
                         ghosts.append(waiter.member)  # it left while we renewed it
                 elif status == "G":
-                    self._deliver(waiter.member, _Grant(int(a), int(b)))
+                    self._deliver(waiter.member, Grant(int(a), int(b)))
             if ghosts:
                 with suppress(_Unreachable):
                     await self._call("release", ghosts, limit=CLEANUP_GRACE)

@@ -1,0 +1,183 @@
+"""What one process knows about a Redis gate: answers, waiters, leases, clocks, queue.
+
+These are plain values and small structures used by :mod:`.redis`; nothing here talks
+to Redis.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import attrs
+import trio
+from sortedcontainers import SortedList
+
+
+@attrs.frozen
+class Figures:
+    """The head of every script answer and published message (see the script)."""
+
+    ver: int
+    active: int
+    queued: int
+    capacity: int
+    #: The nearest lease expiry or recovery end (Redis ms), -1 for none.
+    next_deadline: int
+    #: Redis ``TIME`` when the step ran (ms).
+    now: int
+    #: The gate's epoch; empty in published messages.
+    epoch: str
+    #: The step's change lines (``E``/``D``/``G``), newline-separated.
+    events: str
+
+    @classmethod
+    def from_answer(cls, raw: Sequence[Any]) -> Figures:
+        return cls(
+            int(raw[0]),
+            int(raw[1]),
+            int(raw[2]),
+            int(raw[3]),
+            int(raw[4]),
+            int(raw[5]),
+            str(raw[6]),
+            str(raw[7]),
+        )
+
+    @classmethod
+    def from_message(cls, data: str) -> Figures:
+        head, _, events = data.partition("\n")
+        v = head.split(" ")
+        return cls(int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]), int(v[6]), "", events)
+
+    def lines(self) -> list[list[str]]:
+        return [line.split(" ") for line in self.events.split("\n") if line]
+
+
+@attrs.frozen
+class Grant:
+    """A slot handed to a member: its fencing token and lease expiry (Redis ms)."""
+
+    fence: int
+    expires: int
+
+
+@attrs.define(eq=False)
+class Waiter:
+    """One ticket on its way through the queue, in this process."""
+
+    member: str
+    #: Orders this process's arrivals: (arrival time, arrival number, member).
+    key: tuple[float, int, str]
+    wait: bool
+    max_queue: int
+    #: Set once the enqueue step answered; ``status`` says how: 'G' granted, 'Q'
+    #: queued, 'W' would wait, 'F' queue full, 'error'. 'sent' while in flight.
+    answered: trio.Event = attrs.field(factory=trio.Event)
+    status: str = ""
+    error: BaseException | None = None
+    #: The Redis arrival number, once queued.
+    seq: str | None = None
+    #: Set when a slot was handed over (``grant`` holds it).
+    granted: trio.Event = attrs.field(factory=trio.Event)
+    grant: Grant | None = None
+    grant_seen_at: float = 0.0
+
+
+@attrs.define(eq=False)
+class Lease:
+    """A slot held by a session of this process."""
+
+    member: str
+    fence: int
+    #: The gate epoch the slot belongs to (a new epoch means Redis lost it).
+    epoch: str
+    #: Local time by which the body must have been cancelled.
+    valid_until: float
+    #: Local time the lease was last confirmed (grant seen, or a renewal sent).
+    basis: float
+
+
+class ClockBound:
+    """Where a Redis instant falls on the local Trio clock, within round-trip bounds.
+
+    A Redis ``TIME`` read by a call sent at local ``ts`` and answered at ``tr``
+    happened in ``[ts, tr]``, so the offset ``d = redis - local`` lies in
+    ``[redis - tr, redis - ts]``. Intersecting recent samples narrows it; only the last
+    :attr:`WINDOW` seconds count, so the clocks' drift never accumulates.
+    """
+
+    WINDOW: Final = 30.0
+
+    def __init__(self) -> None:
+        # (answered at, lowest offset, highest offset), in seconds.
+        self._samples: deque[tuple[float, float, float]] = deque(maxlen=64)
+
+    def sample(self, redis_ms: int, ts: float, tr: float) -> None:
+        redis_s = redis_ms / 1000
+        self._samples.append((tr, redis_s - tr, redis_s - ts))
+
+    def _recent(self) -> list[tuple[float, float, float]]:
+        now = trio.current_time()
+        recent = [s for s in self._samples if now - s[0] <= self.WINDOW]
+        return recent or list(self._samples)[-1:]
+
+    def earliest(self, redis_ms: int) -> float | None:
+        """The earliest local time ``redis_ms`` can come at (where leases must end)."""
+        recent = self._recent()
+        if not recent:
+            return None
+        return redis_ms / 1000 - min(s[2] for s in recent)
+
+    def latest(self, redis_ms: int) -> float | None:
+        """The latest local time ``redis_ms`` can come at (when lapsed leases are due)."""
+        recent = self._recent()
+        if not recent:
+            return None
+        return redis_ms / 1000 - max(s[1] for s in recent)
+
+
+class QueueMirror:
+    """This process's copy of the global queue, for exact positions without a round trip.
+
+    Fed in order by the published changes (each carries the gate's ``ver``); rebuilt
+    from a snapshot after (re)subscribing or when a change was missed.
+    """
+
+    def __init__(self) -> None:
+        self._seq_of: dict[str, int] = {}
+        self._seqs: SortedList = SortedList()
+        self.ver = -1
+        self.ok = False
+
+    def reset(self, entries: Iterable[tuple[str, int]], ver: int) -> None:
+        self._seq_of = dict(entries)
+        self._seqs = SortedList(self._seq_of.values())
+        self.ver = ver
+        self.ok = True
+
+    def apply(self, figures: Figures) -> bool:
+        """Apply one published change; False if one was missed (take a snapshot)."""
+        if not self.ok or figures.ver <= self.ver:
+            return True  # not built yet, or already in the snapshot
+        if figures.ver != self.ver + 1:
+            self.ok = False
+            return False
+        self.ver = figures.ver
+        for parts in figures.lines():
+            if parts[0] == "E":
+                seq, member = int(parts[1]), parts[2]
+                if member not in self._seq_of:
+                    self._seq_of[member] = seq
+                    self._seqs.add(seq)
+            else:  # 'D' left, 'G' granted: either way out of the queue
+                gone = self._seq_of.pop(parts[1], None)
+                if gone is not None:
+                    self._seqs.remove(gone)
+        return True
+
+    def rank(self, seq: int) -> int:
+        """1 + how many queued entries arrived before ``seq``. O(log n)."""
+        index: int = self._seqs.bisect_left(seq)
+        return index + 1

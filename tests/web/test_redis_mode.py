@@ -89,3 +89,30 @@ async def test_workers_share_one_cap_and_all_drain_on_sigterm(redis_url: str) ->
             assert answers["long"].json()["error"] == "shutting_down"
             assert await process.wait() == 0
             assert trio.current_time() - start < 2 + 8
+
+
+async def test_unreachable_redis_is_refused_fast_and_the_service_stays_up() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with trio.fail_after(20):
+        async with (
+            real_server(backend=f"redis://127.0.0.1:{port}/0", gate_name=gate_name()) as (
+                app,
+                base,
+            ),
+            httpx.AsyncClient(base_url=base, timeout=10) as client,
+        ):
+            for headers in ({}, {"Prefer": "respond-async"}):
+                start = trio.current_time()
+                response = await client.post("/sessions", json={}, headers=headers)
+                assert trio.current_time() - start < 1.0
+                assert response.status_code == 503
+                assert response.json()["error"] == "backend_unavailable"
+                assert int(response.headers["Retry-After"]) >= 1
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["error"] == "backend_unavailable"
+            assert (await client.get("/healthz")).status_code == 200
+            assert not app.service.registry.live and not app.service.registry.ended

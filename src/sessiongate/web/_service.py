@@ -57,6 +57,8 @@ log = logging.getLogger("sessiongate.web")
 #: callers to take their answers, before the owner stops waiting for them.
 CUT_BOUND = 5.0
 ANSWER_BOUND = 1.0
+#: How long start-up waits for a Redis backend to report itself healthy.
+STARTUP_HEALTH_WAIT = 2.0
 
 _DETAILS = {
     "cancelled": "the session was cancelled (DELETE)",
@@ -211,6 +213,13 @@ class Service:
             async with AsyncExitStack() as stack:
                 if settings.redis:
                     self.backend = await stack.enter_async_context(open_backend(settings))
+                    # Start serving once Redis answers (and its hand-off listener is
+                    # subscribed), but never hang start-up on a Redis that is down: the
+                    # service comes up refusing with backend_unavailable, and recovers.
+                    # The backend offers no event for this, so it is polled, briefly.
+                    with trio.move_on_after(STARTUP_HEALTH_WAIT):
+                        while not self.backend_healthy:  # noqa: ASYNC110
+                            await trio.sleep(0.01)
                 else:
                     self.backend = MemoryBackend(settings.capacity)
                 self._gate = Gate(

@@ -165,7 +165,7 @@ async def test_async_session_outlives_its_request(autojump_clock: Any) -> None:
     async with running() as app:
         client = app.test_client()
         response, body = await post(client, {"duration": 3, "k": "v"}, ASYNC)
-        assert body["state"] in ("queued", "active")
+        assert body["state"] == "active"  # a free slot: admitted before the answer
         await trio.sleep(3)
         final = await (await client.get(response.headers["Location"])).get_json()
         assert final["state"] == "completed" and final["result"] == {
@@ -555,3 +555,25 @@ async def test_drain_rejects_queued_and_cuts_active_at_the_grace(autojump_clock:
         figures = await stats(client)
         assert (figures["active"], figures["queued"]) == (0, 0)
         assert figures["rejected_total"] == 2 and figures["cancelled_total"] == 1
+
+
+async def test_one_log_line_per_session_end(
+    autojump_clock: Any, sample_handlers: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="sessiongate.web")
+    async with running(capacity=1, max_wait=1) as app:
+        client = app.test_client()
+        _, done = await post(client, {"duration": 2})
+        await post(client, {"duration": 5}, ASYNC)
+        await post(client, {})  # expires after 1 s
+    ends = [r for r in caplog.records if r.getMessage().startswith("session ")]
+    assert len(ends) == 3
+    assert ends[0].getMessage() == f"session {done['id']} completed waited=0.000s ran=2.000s"
+    assert "expired (queue_timeout) waited=1.000s ran=0.000s" in ends[1].getMessage()
+    caplog.clear()
+    async with running(handler=f"{sample_handlers}:boom") as app:
+        response, body = await post(app.test_client(), {})
+        assert response.status_code == 500 and "secret" not in str(body)
+    (failed,) = [r for r in caplog.records if r.getMessage().startswith("session ")]
+    assert failed.levelname == "ERROR" and "failed (session_failed)" in failed.getMessage()
+    assert failed.exc_info is not None and "secret internal detail" in str(failed.exc_info[1])

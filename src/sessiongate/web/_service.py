@@ -327,6 +327,10 @@ class Service:
         registry.poke()
         if self.shared_backend:
             await self._settle(record)
+        elif record.state == QUEUED:
+            # A session handed a free slot is rescheduled in the same batch as this
+            # task: one more checkpoint lets it reach "active", so the answer says so.
+            await trio.lowlevel.checkpoint()
         return record
 
     async def _settle(self, record: SessionRecord) -> None:
@@ -396,8 +400,8 @@ class Service:
                 state, error = REJECTED, _error(exc.code, str(exc))
             except errors.LeaseLost as exc:
                 state, error = FAILED, _error("lease_lost", str(exc) or None)
-            except Exception:
-                log.exception("session %s: the handler raised", record.id)
+            except Exception as exc:
+                record.exception = exc  # for the log line, never for the client
                 state, error = FAILED, _error("session_failed")
         if scope.cancelled_caught or state is None:
             reason = record.cancel_reason or "cancelled"
@@ -439,14 +443,17 @@ class Service:
         waited = (admitted if admitted is not None else end) - record.arrival.at
         ran = end - admitted if admitted is not None else None
         self.metrics.session_ended(state, waited if admitted is not None else None, ran)
-        log.info(
+        log.log(
+            logging.ERROR if record.exception is not None else logging.INFO,
             "session %s %s%s waited=%.3fs ran=%.3fs",
             record.id,
             state,
             f" ({code})" if code is not None else "",
             waited,
             ran or 0.0,
+            exc_info=record.exception,
         )
+        record.exception = None
 
     def refusal(self, record: SessionRecord) -> ApiError:
         """The answer for a session that ended without completing (sync) or was refused."""

@@ -66,6 +66,8 @@ class SessionRecord:
     #: Seconds waited when the queue deadline passed (for ``waited_s``).
     waited: float | None = None
     scope: trio.CancelScope | None = None
+    #: What the handler raised, until the session's end is logged.
+    exception: BaseException | None = None
     done: trio.Event = attrs.Factory(trio.Event)
     transitions: list[dict[str, Any]] = attrs.Factory(list)
 

@@ -74,7 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(serve, settings)
     except OSError as error:
         return _fail(f"cannot serve on {settings.bind}: {error}", 1)
+    except BaseExceptionGroup as group:
+        # Hypercorn binds inside its nurseries: a bind error comes wrapped.
+        matched, rest = group.split(OSError)
+        if matched is None or rest is not None:
+            raise
+        return _fail(f"cannot serve on {settings.bind}: {_leaf(matched)}", 1)
     return 0
+
+
+def _leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def hypercorn_config(settings: Settings) -> object:
@@ -176,6 +188,8 @@ async def _supervise(settings: Settings) -> int:
                 command, env=env, pass_fds=(fd,), start_new_session=True
             )
             processes[index] = process
+            if stopping.is_set():  # the signal came while this worker was starting
+                process.send_signal(signal.SIGTERM)
             # Shielded: a worker is only ever stopped by a signal, never abandoned.
             with trio.CancelScope(shield=True):
                 status = await process.wait()

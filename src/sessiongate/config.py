@@ -234,7 +234,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="sessiongate serve", add_help=True)
+    parser = _OneLineParser(prog="sessiongate serve", add_help=True, allow_abbrev=False)
     for option in _OPTIONS:
         parser.add_argument(option.flag, dest=option.name, default=None, help=option.help)
     return parser

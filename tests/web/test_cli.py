@@ -44,6 +44,7 @@ RUNNING = re.compile(rb"Running on (http://127\.0\.0\.1:\d+)")
         (["--handler", "not a path"], "--handler"),
         (["--handler", "no_such_module_here:fn"], "--handler"),
         (["--bind", "nowhere"], "--bind"),
+        (["--cap", "5"], "--cap"),
     ],
 )
 def test_invalid_flags_stop_with_one_line_and_status_2(

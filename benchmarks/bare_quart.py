@@ -1,0 +1,46 @@
+"""The raw-speed reference: a bare Quart-Trio endpoint on the same Hypercorn.
+
+``POST /sessions`` parses the JSON body and answers ``{"data": <body>}``, as the gate's
+zero-length ``sleep`` sessions do, with no gate. Served as ``sessiongate serve`` serves
+(Hypercorn's Trio worker, programmatically, access log on stdout), so that the only
+difference left is the gate and the session bookkeeping::
+
+    .venv/bin/python benchmarks/bare_quart.py 127.0.0.1:8003
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from quart import request
+from quart_trio import QuartTrio
+
+app = QuartTrio(__name__)
+
+
+@app.post("/sessions")
+async def create_session() -> Any:
+    body = await request.get_json(force=True, silent=True)
+    return {"data": body if isinstance(body, dict) else {}}
+
+
+@app.get("/healthz")
+async def healthz() -> Any:
+    return {"status": "ok"}
+
+
+def main() -> None:
+    config = Config()
+    config.bind = [sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:8003"]
+    config.accesslog = "-"
+    config.errorlog = "-"
+    config.backlog = 2048
+    trio.run(serve, app, config)
+
+
+if __name__ == "__main__":
+    main()

@@ -179,7 +179,9 @@ async def test_cancelling_1000_waiters_leaves_pool_and_queue_unharmed(  # type: 
 ) -> None:
     queue_key = f"sg:{{{gate_name}}}:queue"
     with trio.fail_after(30):
-        async with open_backend(capacity=1) as backend:
+        # A TTL with room for a busy event loop: this test is about the pool and the
+        # queue, not about leases (a stalled loop would rightly cost the holder its slot).
+        async with open_backend(capacity=1, lease_ttl=5.0) as backend:
             gate = sessiongate.Gate(1, max_wait=60, backend=backend)
             release = trio.Event()
 

@@ -538,10 +538,12 @@ class RedisBackend:
         """Extend this process's queue leases; pick up missed hand-offs; put back lost
         entries. One call every TTL/3 for all of this process's waiters."""
         every = self.lease_ttl / 3
+        wait = every
         while True:
-            with trio.move_on_after(every):
+            with trio.move_on_after(wait):
                 await self._renew_queue_now.wait()
             self._renew_queue_now = trio.Event()
+            wait = every
             waiting = [
                 w for w in self._waiters.values() if w.seq is not None and not w.granted.is_set()
             ]
@@ -553,6 +555,7 @@ class RedisBackend:
             try:
                 answer = await self._call("renew_queue", args, limit=every)
             except _Unreachable:
+                wait = min(every, 0.1)  # try again soon: two misses and the places lapse
                 continue
             ghosts = []
             for i, waiter in enumerate(waiting):

@@ -349,3 +349,56 @@ async def test_round_trips_per_admission(open_backend) -> None:  # type: ignore[
             per_admission = calls / sessions
             print(f"redis round trips per admission: {per_admission:.2f}")
             assert per_admission <= 3
+
+
+async def test_drain_ends_queued_sessions_and_empties_the_queue(  # type: ignore[no-untyped-def]
+    open_backend, redis_server: RedisServer, gate_name: str
+) -> None:
+    with trio.fail_after(10):
+        async with open_backend(capacity=1) as backend:
+            gate = sessiongate.Gate(1, max_wait=30, backend=backend)
+            outcomes: list[str] = []
+            finish = trio.Event()
+
+            async def session() -> None:
+                try:
+                    async with gate.session():
+                        await finish.wait()
+                        outcomes.append("completed")
+                except sessiongate.GateClosed:
+                    outcomes.append("closed")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session)
+                await wait_until(lambda: gate.active == 1)
+                for _ in range(3):
+                    nursery.start_soon(session)
+                await wait_until(lambda: gate.queued == 3)
+                nursery.start_soon(gate.aclose)
+                await wait_until(lambda: outcomes.count("closed") == 3)
+                assert zcard(redis_server, f"sg:{{{gate_name}}}:queue") == 0
+                finish.set()
+            assert outcomes == ["closed"] * 3 + ["completed"]
+            with pytest.raises(sessiongate.GateClosed):
+                async with gate.session():
+                    raise AssertionError("admitted while closed")
+
+
+async def test_the_script_is_idempotent_and_guards_the_cap(open_backend) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(10):
+        async with open_backend(capacity=1) as backend:
+            first = await backend._call("enqueue", ["1", "m:1", "1", "10"], limit=1)
+            again = await backend._call("enqueue", ["1", "m:1", "1", "10"], limit=1)
+            assert first[0] == again[0] == "G"
+            assert first[1] == again[1]  # a retried call answers the same, one slot
+            queued = await backend._call("enqueue", ["1", "m:2", "1", "10"], limit=1)
+            requeued = await backend._call("enqueue", ["1", "m:2", "1", "10"], limit=1)
+            assert queued[0] == requeued[0] == "Q"
+            assert queued[1] == requeued[1]
+            assert backend.active == 1 and backend.queued == 1
+            # A stranger's slot claimed from an older epoch: refused, the slot is taken.
+            lost = await backend._call("renew", ["m:3", "old-epoch", "7"], limit=1)
+            assert lost[0] == "LOST"
+            assert backend.active == 1
+            await backend._call("release", ["m:1", "m:2"], limit=1)
+            assert backend.active == 0 and backend.queued == 0

@@ -207,3 +207,39 @@ async def test_paused_holder_cancels_its_own_session(
             release.set()
             nursery.cancel_scope.cancel()
     assert max(seen) <= 1
+
+
+async def test_paused_waiter_does_not_block_the_head(
+    redis_server: RedisServer, gate_name: str
+) -> None:
+    ttl = 1.0
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            redis_server.url, gate_name=gate_name, capacity=1, lease_ttl=ttl
+        ) as backend:
+            gate = sessiongate.Gate(1, max_wait=15, backend=backend)
+            release = trio.Event()
+            order: list[str] = []
+
+            async def session(name: str, until: trio.Event | None) -> None:
+                async with gate.session():
+                    order.append(name)
+                    if until is not None:
+                        await until.wait()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session, "holder", release)
+                await wait_until(lambda: gate.active == 1)
+                async with helper(redis_server.url, gate_name, "--ttl", str(ttl)) as other:
+                    await other.expect("queued")  # the head of the queue
+                    nursery.start_soon(session, "behind", None)
+                    await wait_until(lambda: gate.queued == 2)
+                    other.signal(signal.SIGSTOP)
+                    await trio.sleep(ttl + 0.3)  # its queue lease lapses
+                    await wait_until(lambda: gate.queued == 1)
+                    release.set()
+                    await wait_until(lambda: order == ["holder", "behind"])
+                    # Resumed, it takes its place again (at its own arrival number) and
+                    # is admitted next.
+                    other.signal(signal.SIGCONT)
+                    await other.expect("admitted")

@@ -112,3 +112,23 @@ async def test_redis_restarted_empty_rebuilds_from_live_holders(
                 assert one.active == 1
                 release.set()
                 await wait_until(lambda: bool(admitted_at))
+
+
+async def test_starting_while_redis_is_down(own_redis: RedisServer, gate_name: str) -> None:
+    own_redis.kill()
+    with trio.fail_after(15):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=3, lease_ttl=1.0
+        ) as backend:
+            gate = sessiongate.Gate(3, max_wait=10, backend=backend)
+            assert not backend.healthy
+            start = trio.current_time()
+            with pytest.raises(sessiongate.BackendUnavailable):
+                async with gate.session():
+                    raise AssertionError("admitted without Redis")
+            assert trio.current_time() - start < 1.0
+            own_redis.start()
+            await wait_until(lambda: backend.healthy)
+            async with gate.session() as ticket:
+                assert ticket.fencing_token is not None
+                assert backend.capacity == 3

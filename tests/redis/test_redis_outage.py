@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -10,7 +12,7 @@ import trio
 import sessiongate
 from sessiongate.backends.redis import open_redis_backend
 
-from .conftest import RedisServer
+from .conftest import RedisServer, _free_port
 from .test_redis_backend import CapWatch, wait_until
 
 
@@ -132,3 +134,53 @@ async def test_starting_while_redis_is_down(own_redis: RedisServer, gate_name: s
             async with gate.session() as ticket:
                 assert ticket.fencing_token is not None
                 assert backend.capacity == 3
+
+
+async def test_through_redis_sentinel(
+    own_redis: RedisServer, gate_name: str, tmp_path: Path
+) -> None:
+    """open_redis_backend(client=...) with a client from coredis's Sentinel."""
+    import coredis
+    from coredis.connection import TCPLocation
+
+    port = _free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\n"
+        f"sentinel monitor primary 127.0.0.1 {own_redis.port} 1\n"
+        "sentinel down-after-milliseconds primary 1000\n"
+    )
+    sentinel_process = await trio.lowlevel.open_process(
+        [own_redis.binary, str(config), "--sentinel", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(15):
+            while True:  # until the sentinel listens
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+            sentinel = coredis.Sentinel([TCPLocation("127.0.0.1", port)], decode_responses=True)
+            async with (
+                sentinel,
+                open_redis_backend(
+                    None,
+                    client=sentinel.primary_for("primary", connect_timeout=0.2),
+                    gate_name=gate_name,
+                    capacity=1,
+                    lease_ttl=1.0,
+                ) as backend,
+            ):
+                await wait_until(lambda: backend.healthy)
+                gate = sessiongate.Gate(1, max_wait=5, backend=backend)
+                async with gate.session() as ticket:
+                    assert ticket.fencing_token is not None
+                    await trio.sleep(1.5)  # renewed through the Sentinel's primary
+                assert backend.active == 0
+    finally:
+        sentinel_process.kill()
+        with trio.move_on_after(5, shield=True):
+            await sentinel_process.wait()

@@ -44,6 +44,7 @@ async def test_admits_at_once_below_the_cap(open_backend) -> None:  # type: igno
     with trio.fail_after(5):
         async with open_backend(capacity=2) as backend:
             assert isinstance(backend, RedisBackend)
+            assert isinstance(backend, sessiongate.Backend)  # the protocol, at run time
             await wait_until(lambda: backend.healthy)
             gate = sessiongate.Gate(2, max_wait=5, backend=backend)
             async with gate.session() as ticket:

@@ -1,0 +1,44 @@
+"""The Redis backend's per-process structures, without Redis."""
+
+from __future__ import annotations
+
+import trio
+
+from sessiongate.backends._redis_state import ClockBound, Figures, QueueMirror
+
+
+def message(ver: int, *lines: str) -> Figures:
+    return Figures.from_message("\n".join([f"V {ver} 1 {len(lines)} 2 -1 1000", *lines]))
+
+
+def test_mirror_follows_changes_in_order_and_detects_a_gap() -> None:
+    mirror = QueueMirror()
+    assert mirror.apply(message(5, "E 10 a:1"))  # not built yet: ignored
+    mirror.reset([("a:1", 10), ("b:1", 20)], ver=5)
+    assert mirror.apply(message(5, "E 10 a:1"))  # already in the snapshot
+    assert mirror.apply(message(6, "E 30 a:2"))
+    assert [mirror.rank(s) for s in (10, 20, 30)] == [1, 2, 3]
+    assert mirror.apply(message(7, "G a:1 99 5000", "D b:1"))
+    assert mirror.rank(30) == 1
+    assert mirror.rank(25) == 1  # a waiter not yet mirrored: everyone before it, + 1
+    assert not mirror.apply(message(9, "E 40 c:1"))  # 8 was missed
+    assert not mirror.ok
+
+
+async def test_clock_bound_brackets_redis_instants() -> None:
+    clock = ClockBound()
+    assert clock.earliest(1000) is None
+    now = trio.current_time()
+    # Redis read 50.000 s somewhere between now and now + 0.002 (local).
+    clock.sample(50_000, now, now + 0.002)
+    earliest = clock.earliest(51_000)
+    latest = clock.latest(51_000)
+    assert earliest is not None and latest is not None
+    # One Redis second later falls within the round trip's width of now + 1 s.
+    assert abs(earliest - (now + 1)) < 1e-9
+    assert abs(latest - (now + 1.002)) < 1e-9
+    # A tighter sample narrows the bracket.
+    clock.sample(50_010, now + 0.0095, now + 0.0105)
+    earliest, latest = clock.earliest(51_000), clock.latest(51_000)
+    assert earliest is not None and latest is not None
+    assert latest - earliest < 0.0011

@@ -122,10 +122,9 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
     return process, f"redis://127.0.0.1:{port}/0"
 
 
-def redis_zcard(port: int, key: str) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-        sock.sendall(f"*2\r\n$5\r\nZCARD\r\n${len(key)}\r\n{key}\r\n".encode())
-        return int(sock.recv(64)[1:].strip())
+def redis_zcard(sock: socket.socket, key: str) -> int:
+    sock.sendall(f"*2\r\n$5\r\nZCARD\r\n${len(key)}\r\n{key}\r\n".encode())
+    return int(sock.recv(64)[1:].strip())
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -199,9 +198,10 @@ async def run_config(
     async def sample() -> None:
         assert port is not None
         key = f"sg:{{{gate}}}:holders"
-        while True:
-            samples.append(await trio.to_thread.run_sync(redis_zcard, port, key))
-            await trio.sleep(0.005)
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            while True:
+                samples.append(await trio.to_thread.run_sync(redis_zcard, sock, key))
+                await trio.sleep(0.005)
 
     async with trio.open_nursery() as nursery:
         if port is not None:

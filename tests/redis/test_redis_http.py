@@ -66,7 +66,10 @@ async def test_http_redis_down_fails_fast_and_recovers(
 async def test_two_server_processes_share_one_cap(
     redis_server: RedisServer, gate_name: str
 ) -> None:
-    common = ["--backend", redis_server.url, "--gate-name", gate_name, "--capacity", "2"]
+    common = [
+        "--backend", redis_server.url, "--gate-name", gate_name, "--capacity", "2",
+        "--admin-token", "sesame",
+    ]  # fmt: skip
     with trio.fail_after(40):
         async with (
             serve_process(*common, "--lease-ttl", "2") as (first, base_one),
@@ -103,6 +106,19 @@ async def test_two_server_processes_share_one_cap(
             assert elapsed >= 1.2
             waits = sorted(a.json()["queued_s"] for a in answers)
             assert waits[-1] >= 0.7
+            # PUT /admin/capacity on one server changes the cap for both.
+            resized = await one.put(
+                "/admin/capacity",
+                json={"capacity": 3},
+                headers={"Authorization": "Bearer sesame"},
+            )
+            assert resized.status_code == 200
+            assert resized.json()["capacity"] == 3
+
+            async def resized_everywhere() -> bool:
+                return bool((await two.get("/stats")).json()["capacity"] == 3)
+
+            await until(resized_everywhere)
             # serve_process drains stderr until the process ends: end them here.
             first.kill()
             second.kill()

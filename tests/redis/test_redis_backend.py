@@ -388,12 +388,12 @@ async def test_drain_ends_queued_sessions_and_empties_the_queue(  # type: ignore
 async def test_the_script_is_idempotent_and_guards_the_cap(open_backend) -> None:  # type: ignore[no-untyped-def]
     with trio.fail_after(10):
         async with open_backend(capacity=1) as backend:
-            first = await backend._call("enqueue", ["1", "m:1", "1", "10"], limit=1)
-            again = await backend._call("enqueue", ["1", "m:1", "1", "10"], limit=1)
+            first = await backend._call("enqueue", ["1", "m:1", "1", "10", "0"], limit=1)
+            again = await backend._call("enqueue", ["1", "m:1", "1", "10", "0"], limit=1)
             assert first[0] == again[0] == "G"
             assert first[1] == again[1]  # a retried call answers the same, one slot
-            queued = await backend._call("enqueue", ["1", "m:2", "1", "10"], limit=1)
-            requeued = await backend._call("enqueue", ["1", "m:2", "1", "10"], limit=1)
+            queued = await backend._call("enqueue", ["1", "m:2", "1", "10", "0"], limit=1)
+            requeued = await backend._call("enqueue", ["1", "m:2", "1", "10", "0"], limit=1)
             assert queued[0] == requeued[0] == "Q"
             assert queued[1] == requeued[1]
             assert backend.active == 1 and backend.queued == 1
@@ -403,3 +403,32 @@ async def test_the_script_is_idempotent_and_guards_the_cap(open_backend) -> None
             assert backend.active == 1
             await backend._call("release", ["m:1", "m:2"], limit=1)
             assert backend.active == 0 and backend.queued == 0
+
+
+async def test_place_is_fixed_by_arrival_not_by_enqueue(open_backend) -> None:  # type: ignore[no-untyped-def]
+    """An arrival stamped earlier but entering later (a slow request body) goes ahead."""
+    with trio.fail_after(10):
+        async with open_backend(capacity=1) as backend:
+            gate = sessiongate.Gate(1, max_wait=10, backend=backend)
+            order: list[str] = []
+            release = trio.Event()
+
+            async def session(name: str, arrival: sessiongate.Arrival | None = None) -> None:
+                async with gate.session(arrival=arrival):
+                    order.append(name)
+                    if name == "holder":
+                        await release.wait()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session, "holder")
+                await wait_until(lambda: gate.active == 1)
+                early = gate.arrive()
+                await trio.sleep(0.05)
+                nursery.start_soon(session, "later")
+                await wait_until(lambda: gate.queued == 1)
+                nursery.start_soon(session, "earlier", early)
+                await wait_until(lambda: gate.queued == 2)
+                positions = {t.position for t in backend._by_ticket if t.admitted_at is None}
+                assert positions == {1, 2}
+                release.set()
+            assert order == ["holder", "earlier", "later"]

@@ -19,9 +19,12 @@ Redis Cluster slot):
 ``sg:{<gate>}:fences`` (hash)
     member -> the fencing token of its slot.
 
-Arrival numbers and fencing tokens are ``max(last + 1, Redis TIME in µs)``: they only
-grow within one Redis lifetime, and keep growing after Redis restarts empty (its clock
-went on), so neither a rebuilt queue nor a downstream store sees them go backwards.
+Arrival numbers are arrival times on Redis's clock, in µs: the enqueue step gets each
+ticket's age (how long ago it arrived, by its own process's monotonic clock) and
+places it at ``TIME - age``, so a place is fixed by when the session arrived, not by
+when its enqueue reached Redis. Fencing tokens are ``max(last + 1, TIME in µs)``: they
+only grow within one Redis lifetime, and keep growing after Redis restarts empty (its
+clock went on), so a downstream store never sees them go backwards.
 
 Every call reads ``TIME`` once; no client clock is ever written to Redis. A call first
 re-creates the gate if it is missing, then reaps lapsed leases, then does its step,
@@ -167,12 +170,18 @@ reap()
 local extra = {}
 
 if op == 'enqueue' then
-  -- ARGV 7: count, then per member: member, wait ('1'/'0'), max_queue.
+  -- ARGV 7: count, then per member, in arrival order: member, wait ('1'/'0'),
+  -- max_queue, age (µs since the ticket arrived, by its own process's clock).
   -- Results per member: 'G' fence exp | 'Q' seq | 'W' (would wait) | 'F' (queue full).
+  -- A queued member's arrival number is its arrival time on Redis's clock (now - age),
+  -- so its place is fixed by when it arrived, not by when its enqueue reached Redis;
+  -- strictly increasing within a batch (which comes in arrival order).
   admit()
   local n = tonumber(ARGV[7])
+  local last_seq = 0
   for i = 0, n - 1 do
-    local m, wait, maxq = ARGV[8 + 3 * i], ARGV[9 + 3 * i], tonumber(ARGV[10 + 3 * i])
+    local m, wait = ARGV[8 + 4 * i], ARGV[9 + 4 * i]
+    local maxq, age = tonumber(ARGV[10 + 4 * i]), tonumber(ARGV[11 + 4 * i])
     local seq = redis.call('ZSCORE', K_QUEUE, m)
     local slot = held(m)
     if seq then
@@ -189,7 +198,9 @@ if op == 'enqueue' then
       elseif queued >= maxq then
         extra[#extra + 1] = 'F'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
       else
-        local s = next_id('seq')
+        local s = math.max(now_us - age, last_seq + 1)
+        last_seq = s
+        raise_to('seq', s)
         redis.call('ZADD', K_QUEUE, s, m)
         redis.call('ZADD', K_QEXP, now + ttl, m)
         events[#events + 1] = 'E ' .. fmt(s) .. ' ' .. m

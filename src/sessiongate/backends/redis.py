@@ -67,6 +67,8 @@ logger = logging.getLogger("sessiongate.redis")
 
 #: Seconds an arrival may wait for Redis to answer before it is refused.
 FAIL_FAST: Final = 0.45
+#: Most seconds an arrival stamp may predate its enqueue (a place is kept by arrival).
+MAX_AGE: Final = 3600.0
 #: Seconds a connection attempt may take (two fit in FAIL_FAST).
 CONNECT_TIMEOUT: Final = 0.2
 #: Seconds a clean-up step (release, leave) may take, shielded from cancellation.
@@ -442,9 +444,16 @@ class RedisBackend:
             batch: list[Waiter] = list(self._pending.values())
             self._pending.clear()
             args: list[str] = [str(len(batch))]
+            now = trio.current_time()
             for waiter in batch:
                 waiter.status = "sent"
-                args += [waiter.member, "1" if waiter.wait else "0", str(waiter.max_queue)]
+                age_us = round(min(max(0.0, now - waiter.key[0]), MAX_AGE) * 1e6)
+                args += [
+                    waiter.member,
+                    "1" if waiter.wait else "0",
+                    str(waiter.max_queue),
+                    str(age_us),
+                ]
             try:
                 answer = await self._call("enqueue", args, limit=FAIL_FAST)
             except _Unreachable as exc:

@@ -267,6 +267,16 @@ class RedisBackend:
     async def hold(
         self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
     ) -> AsyncIterator[None]:
+        """Wait in the global queue for a slot, then hold it as a lease for the body.
+
+        Sets ``ticket.fencing_token`` on admission. Raises, from ``__aenter__``:
+        :class:`QueueFull` (the global queue holds ``max_queue``),
+        :class:`BackendUnavailable` (Redis did not answer within 1 s),
+        :class:`trio.WouldBlock` (``deadline_scope`` is None and no slot was free) and
+        :class:`trio.TooSlowError` (``deadline_scope`` ended the wait). Raises
+        :class:`LeaseLost` out of the ``async with`` when the lease could not be kept:
+        the body was cancelled before the lease could lapse.
+        """
         member = f"{self._proc}:{next(self._counter)}"
         key = (ticket.arrived_at, ticket.seq, member)
         waiter = Waiter(member, key, deadline_scope is not None, max_queue)

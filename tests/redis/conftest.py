@@ -97,8 +97,18 @@ class RedisServer:
             self.process.wait()
             self.process = None
 
+    def pause(self) -> None:
+        """SIGSTOP: Redis stalls with every command sent to it still queued."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
             self.process.terminate()
             try:
                 self.process.wait(5)

@@ -13,7 +13,7 @@ import sessiongate
 from sessiongate.backends.redis import open_redis_backend
 
 from .conftest import RedisServer, _free_port
-from .test_redis_backend import CapWatch, wait_until
+from .test_redis_backend import CapWatch, wait_until, zcard
 
 
 async def expect_lease_lost(session: Callable[[], Awaitable[None]], ttl: float) -> None:
@@ -184,3 +184,43 @@ async def test_through_redis_sentinel(
         sentinel_process.kill()
         with trio.move_on_after(5, shield=True):
             await sentinel_process.wait()
+
+
+async def test_stalled_redis_leaves_no_ghost_in_the_queue(
+    own_redis: RedisServer, gate_name: str
+) -> None:
+    """An enqueue that times out may still run when Redis wakes: it must not leave a
+    place that nobody waits for at the head of the queue (for a whole TTL)."""
+    ttl = 5.0
+    queue_key = f"sg:{{{gate_name}}}:queue"
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=ttl
+        ) as backend:
+            gate = sessiongate.Gate(1, max_wait=10, backend=backend)
+            release = trio.Event()
+
+            async def hold() -> None:
+                async with gate.session():
+                    await release.wait()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold)
+                await wait_until(lambda: gate.active == 1)
+                own_redis.pause()
+                start = trio.current_time()
+                with pytest.raises(sessiongate.BackendUnavailable):
+                    async with gate.session():
+                        raise AssertionError("admitted by a stalled Redis")
+                assert trio.current_time() - start < 1.0
+                own_redis.resume()
+                resumed = trio.current_time()
+                await wait_until(lambda: backend.healthy)
+                # The late enqueue ran and was undone, or was refused: no ghost.
+                await wait_until(lambda: zcard(own_redis, queue_key) == 0)
+                assert trio.current_time() - resumed < 2.0
+                release.set()
+            # The slot is free for the next arrival at once.
+            with trio.fail_after(1):
+                async with gate.session() as ticket:
+                    assert ticket.waited < 0.5

@@ -18,6 +18,9 @@ Redis Cluster slot):
     member -> lease expiry (Redis ms) of each slot held: its size is the active count.
 ``sg:{<gate>}:fences`` (hash)
     member -> the fencing token of its slot.
+``sg:{<gate>}:gone`` (sorted set)
+    member -> until when (Redis ms) an enqueue of it is refused: members whose process
+    gave up on an unanswered enqueue.
 
 Arrival numbers are arrival times on Redis's clock, in µs: the enqueue step gets each
 ticket's age (how long ago it arrived, by its own process's monotonic clock) and
@@ -50,6 +53,7 @@ from typing import Final
 #: 6 the operation, 7... its arguments.
 GATE_LUA: Final = r"""
 local K_META, K_QUEUE, K_QEXP, K_HOLDERS, K_FENCES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_GONE = KEYS[6]
 local channel = ARGV[1]
 local ttl = tonumber(ARGV[3])
 local op = ARGV[6]
@@ -93,6 +97,7 @@ end
 
 -- Lapsed leases go first: a dead holder's slot and a dead waiter's place.
 local function reap()
+  redis.call('ZREMRANGEBYSCORE', K_GONE, '-inf', now)
   local dead = redis.call('ZRANGEBYSCORE', K_HOLDERS, '-inf', now)
   for _, m in ipairs(dead) do
     redis.call('ZREM', K_HOLDERS, m)
@@ -184,7 +189,10 @@ if op == 'enqueue' then
     local maxq, age = tonumber(ARGV[10 + 4 * i]), tonumber(ARGV[11 + 4 * i])
     local seq = redis.call('ZSCORE', K_QUEUE, m)
     local slot = held(m)
-    if seq then
+    if redis.call('ZSCORE', K_GONE, m) then
+      -- Forgotten by its process (the answer was lost): never queue it late.
+      extra[#extra + 1] = 'X'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
+    elseif seq then
       extra[#extra + 1] = 'Q'; extra[#extra + 1] = seq; extra[#extra + 1] = ''
     elseif slot then
       extra[#extra + 1] = 'G'; extra[#extra + 1] = slot[1]; extra[#extra + 1] = slot[2]
@@ -211,10 +219,16 @@ if op == 'enqueue' then
   end
   admit()
 
-elseif op == 'release' then
+elseif op == 'release' or op == 'forget' then
   -- ARGV 7...: members leaving, queued or holding (idempotent). With none: a tick.
+  -- 'forget' also leaves a tombstone for a while, for members whose enqueue went
+  -- unanswered: if that enqueue runs later (a stalled Redis, a slow network), it is
+  -- refused instead of leaving a ghost at the head of the queue.
   for i = 7, #ARGV do
     local m = ARGV[i]
+    if op == 'forget' then
+      redis.call('ZADD', K_GONE, now + math.max(ttl, 60000), m)
+    end
     if redis.call('ZREM', K_HOLDERS, m) == 1 then
       redis.call('HDEL', K_FENCES, m)
       changed = true

@@ -108,7 +108,9 @@ class RedisBackend:
         self._ttl_ms = max(1, round(lease_ttl * 1000))
         self._configured_capacity = capacity
         prefix = f"sg:{{{gate_name}}}"
-        self._keys = [f"{prefix}:{k}" for k in ("meta", "queue", "qexp", "holders", "fences")]
+        self._keys = [
+            f"{prefix}:{k}" for k in ("meta", "queue", "qexp", "holders", "fences", "gone")
+        ]
         self.channel = f"{prefix}:events"
         self._script = client.register_script(GATE_LUA)
         self._proc = secrets.token_hex(6)
@@ -331,6 +333,20 @@ class RedisBackend:
         with trio.move_on_after(FAIL_FAST + CLEANUP_GRACE):
             await waiter.answered.wait()
             await self._release(waiter)
+            return
+        await self._forget([waiter.member])
+
+    async def _forget(self, members: list[str]) -> None:
+        """Remove members whose enqueue went unanswered, and refuse it if it runs late.
+        Retried for a minute (the tombstones outlive any lease)."""
+        with trio.move_on_after(60):
+            while True:
+                try:
+                    await self._call("forget", members, limit=CLEANUP_GRACE)
+                except _Unreachable:
+                    await trio.sleep(0.2)
+                else:
+                    return
 
     async def _release(self, waiter: Waiter) -> None:
         if waiter.status not in ("Q", "G"):
@@ -345,12 +361,12 @@ class RedisBackend:
         self._pending_wakeup.set()
         with trio.move_on_after(FAIL_FAST * 2) as answer_scope:
             await waiter.answered.wait()
-        if answer_scope.cancelled_caught or waiter.error is not None:
-            raise BackendUnavailable("Redis did not answer in time") from waiter.error
         if waiter.status == "F":
             raise QueueFull(waiter.max_queue)
         if waiter.status == "W":
             raise trio.WouldBlock
+        if answer_scope.cancelled_caught or waiter.status not in ("Q", "G"):
+            raise BackendUnavailable("Redis did not answer in time") from waiter.error
         await waiter.granted.wait()
 
     def _lease_from(self, waiter: Waiter) -> Lease:
@@ -471,6 +487,9 @@ class RedisBackend:
                     waiter.status = "error"
                     waiter.error = exc
                     waiter.answered.set()
+                # The call may still run in Redis later (a stalled server): make sure
+                # whatever it would make is removed, and never made afterwards.
+                self._nursery.start_soon(self._forget, [w.member for w in batch])
                 continue
             for i, waiter in enumerate(batch):
                 status, a, b = answer[3 * i : 3 * i + 3]

@@ -182,14 +182,16 @@ def sessiongate_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [PY, "-m", "sessiongate.cli"]
 
 
-async def start_sessiongate(capacity: int, deadline: float) -> Server:
+async def start_sessiongate(capacity: int, deadline: float, proto: bool = False) -> Server:
     port = free_port()
-    cmd = [*sessiongate_cmd(), "serve", "--bind", f"{HOST}:{port}"]
+    launcher = [PY, str(HERE / "_serve_proto.py")] if proto else sessiongate_cmd()
+    cmd = [*launcher, "serve", "--bind", f"{HOST}:{port}"]
     cmd += ["--capacity", str(capacity), "--max-wait", f"{deadline:g}"]
     cmd += ["--max-queue", "100000", "--shutdown-grace", "1"]
-    proc = _spawn("sessiongate", cmd)
-    await wait_ready(port, [proc], "sessiongate")
-    return Server("sessiongate", port, "/sessions", [proc])
+    name = "sessiongate-proto" if proto else "sessiongate"
+    proc = _spawn(name, cmd)
+    await wait_ready(port, [proc], name)
+    return Server(name, port, "/sessions", [proc])
 
 
 async def start_article(capacity: int, deadline: float, session: float) -> Server:
@@ -280,6 +282,8 @@ def parse(system: str, exchanges: list[Exchange], deadline: float) -> Parsed:
         out.statuses[ex.status] = out.statuses.get(ex.status, 0) + 1
         latency = ex.t_recv - ex.t_send
         out.latency_all.append(latency)
+        if system == "sessiongate-proto":
+            system = "sessiongate"
         if system not in ("sessiongate", "article", "haproxy"):
             if ex.status == 200:
                 out.latency_ok.append(latency)
@@ -462,6 +466,8 @@ def summarise(system: str, sc: Scenario, run: dict[str, Any]) -> dict[str, Any]:
 async def start(system: str, sc: Scenario) -> Server | None:
     if system == "sessiongate":
         return await start_sessiongate(sc.capacity, sc.deadline)
+    if system == "sessiongate-proto":
+        return await start_sessiongate(sc.capacity, sc.deadline, proto=True)
     if system == "article":
         return await start_article(sc.capacity, sc.deadline, sc.session)
     if system == "haproxy":
@@ -634,6 +640,7 @@ LABELS = {
     "haproxy": "HAProxy + sleeper",
     "bare-quart": "bare Quart-Trio",
     "sessiongate-healthz": "sessiongate GET /healthz",
+    "sessiongate-proto": "sessiongate + prototype hand-off",
 }
 
 
@@ -807,7 +814,11 @@ async def amain(a: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short windows (~1.5 minutes in all)")
-    p.add_argument("--systems", default="sessiongate,article,haproxy")
+    p.add_argument(
+        "--systems",
+        default="sessiongate,article,haproxy",
+        help="add sessiongate-proto for the prototype backend of _proto_handoff.py",
+    )
     p.add_argument("--scenarios", default="saturation,overload,throughput")
     p.add_argument("--capacity", type=int, default=50)
     p.add_argument("--session", type=float, default=1.0)

@@ -221,9 +221,10 @@ if op == 'enqueue' then
 
 elseif op == 'release' or op == 'forget' then
   -- ARGV 7...: members leaving, queued or holding (idempotent). With none: a tick.
-  -- 'forget' also leaves a tombstone for a while, for members whose enqueue went
-  -- unanswered: if that enqueue runs later (a stalled Redis, a slow network), it is
-  -- refused instead of leaving a ghost at the head of the queue.
+  -- 'forget' (a waiter that leaves without having used a slot) also leaves a
+  -- tombstone for a while: if an enqueue of it is still on its way (a stalled Redis, a
+  -- slow network, a cancel during the call), it is refused when it runs, instead of
+  -- leaving a ghost at the head of the queue.
   for i = 7, #ARGV do
     local m = ARGV[i]
     if op == 'forget' then
@@ -263,12 +264,13 @@ elseif op == 'renew' then
   admit()
 
 elseif op == 'renew_queue' then
-  -- ARGV 7...: pairs member, seq of this process's waiters. Results per member:
-  -- 'Q' | 'G' fence exp (a hand-off this process has not heard of) | 'R' (missing:
-  -- put back at its own arrival number, e.g. after Redis lost the gate).
+  -- ARGV 7...: this process's waiters. Results per member: 'Q' (lease extended) |
+  -- 'G' fence exp (a hand-off this process has not heard of) | 'M' (missing: its
+  -- lease lapsed, or Redis lost the gate; the process enqueues it again). Never
+  -- inserts anything, so a renewal that runs late cannot leave a ghost.
   local exp = now + ttl
-  for i = 7, #ARGV, 2 do
-    local m, seq = ARGV[i], ARGV[i + 1]
+  for i = 7, #ARGV do
+    local m = ARGV[i]
     local slot = held(m)
     if redis.call('ZSCORE', K_QUEUE, m) then
       redis.call('ZADD', K_QEXP, 'XX', exp, m)
@@ -276,12 +278,7 @@ elseif op == 'renew_queue' then
     elseif slot then
       extra[#extra + 1] = 'G'; extra[#extra + 1] = slot[1]; extra[#extra + 1] = slot[2]
     else
-      redis.call('ZADD', K_QUEUE, seq, m)
-      redis.call('ZADD', K_QEXP, exp, m)
-      raise_to('seq', tonumber(seq))
-      events[#events + 1] = 'E ' .. seq .. ' ' .. m
-      changed = true
-      extra[#extra + 1] = 'R'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
+      extra[#extra + 1] = 'M'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
     end
   end
   admit()

@@ -79,6 +79,8 @@ class Waiter:
     error: BaseException | None = None
     #: The Redis arrival number, once queued.
     seq: str | None = None
+    #: Being enqueued again (its place lapsed, or Redis lost the gate).
+    requeue: bool = False
     #: Set when a slot was handed over (``grant`` holds it).
     granted: trio.Event = attrs.field(factory=trio.Event)
     grant: Grant | None = None

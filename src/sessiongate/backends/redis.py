@@ -17,7 +17,8 @@ is the per-process half:
   the process's one *listener* task receives it and sets the event. Its queue entry is
   leased: a *queue renewer* task extends the leases of all this process's waiters in
   one call every TTL/3, which doubles as the slow safety re-check (it reports hand-offs
-  the listener missed, and puts back entries Redis lost).
+  the listener missed, and entries that went missing, which are enqueued again at
+  their own arrival times).
 * **Run.** The slot is a lease with a fencing token. The body runs inside a cancel
   scope whose deadline is the moment the lease could lapse, minus a margin, on the
   local clock (bounded from Redis times by the round trips that carried them). A
@@ -27,7 +28,9 @@ is the per-process half:
   and is cancelled before the renewal task touches Redis again.
 * **Leave.** Leaving the block, or cancelling the wait, runs the ``release`` step
   (shielded, bounded): the slot or the queue place goes, and the head of the queue is
-  admitted in the same atomic step.
+  admitted in the same atomic step. A waiter that leaves without having used a slot is
+  *forgotten* instead: the same, plus a tombstone that refuses any enqueue of it still
+  on its way, so no place outlives its waiter.
 * **Reclaim.** Every answer from Redis carries the nearest lease expiry; a *reaper*
   task sleeps until then and runs a tick, so a dead holder's slot and a dead waiter's
   place are reclaimed on time even when nothing else happens.
@@ -67,6 +70,8 @@ logger = logging.getLogger("sessiongate.redis")
 
 #: Seconds an arrival may wait for Redis to answer before it is refused.
 FAIL_FAST: Final = 0.45
+#: Seconds the forgetter keeps trying (the tombstones it leaves outlive any lease).
+FORGET_FOR: Final = 60.0
 #: Most seconds an arrival stamp may predate its enqueue (a place is kept by arrival).
 MAX_AGE: Final = 3600.0
 #: Seconds a connection attempt may take (two fit in FAIL_FAST).
@@ -128,6 +133,9 @@ class RedisBackend:
         self._by_ticket: dict[Ticket, Waiter] = {}
         self._pending: SortedDict = SortedDict()  # Waiter.key -> Waiter, not yet sent
         self._pending_wakeup = trio.Event()
+        # Members to forget (their clean-up could not reach Redis), until when to try.
+        self._forgetting: dict[str, float] = {}
+        self._forget_wakeup = trio.Event()
         self._healthy = False
         self._last_ok = -math.inf
         self._subscribed = False
@@ -322,39 +330,31 @@ class RedisBackend:
                 await self._leave(waiter)
 
     async def _leave(self, waiter: Waiter) -> None:
-        if not waiter.answered.is_set() and waiter.status == "sent":
-            # The enqueue step is in flight: release what it makes once it answers, or
-            # the place would outlive us (a ghost at the head until its lease lapses).
-            self._nursery.start_soon(self._leave_when_answered, waiter)
+        if waiter.status in ("", "W", "F", "X", "error"):
+            return  # never queued, or the enqueuer is forgetting it already
+        if waiter.granted.is_set():
+            # It held the slot: give it back (the head of the queue gets it).
+            try:
+                await self._call("release", [waiter.member], limit=CLEANUP_GRACE)
+            except _Unreachable:
+                logger.warning("could not release %s: its lease will lapse", waiter.member)
             return
-        await self._release(waiter)
-
-    async def _leave_when_answered(self, waiter: Waiter) -> None:
-        with trio.move_on_after(FAIL_FAST + CLEANUP_GRACE):
-            await waiter.answered.wait()
-            await self._release(waiter)
-            return
-        await self._forget([waiter.member])
-
-    async def _forget(self, members: list[str]) -> None:
-        """Remove members whose enqueue went unanswered, and refuse it if it runs late.
-        Retried for a minute (the tombstones outlive any lease)."""
-        with trio.move_on_after(60):
-            while True:
-                try:
-                    await self._call("forget", members, limit=CLEANUP_GRACE)
-                except _Unreachable:
-                    await trio.sleep(0.2)
-                else:
-                    return
-
-    async def _release(self, waiter: Waiter) -> None:
-        if waiter.status not in ("Q", "G"):
+        # Queued, or its enqueue is still on the way, or a slot was handed to it that
+        # it never saw: remove it, and refuse any enqueue of it that runs late.
+        if waiter.status == "sent":
+            self._forget_later([waiter.member])
             return
         try:
-            await self._call("release", [waiter.member], limit=CLEANUP_GRACE)
+            await self._call("forget", [waiter.member], limit=CLEANUP_GRACE)
         except _Unreachable:
-            logger.warning("could not release %s: its lease will lapse", waiter.member)
+            self._forget_later([waiter.member])
+
+    def _forget_later(self, members: Sequence[str]) -> None:
+        """Hand members to the forgetter task, which retries until Redis answers."""
+        give_up = trio.current_time() + FORGET_FOR
+        for member in members:
+            self._forgetting[member] = give_up
+        self._forget_wakeup.set()
 
     async def _wait_for_grant(self, waiter: Waiter) -> None:
         self._pending[waiter.key] = waiter
@@ -447,6 +447,7 @@ class RedisBackend:
             self._mirror_keeper,
             self._reaper,
             self._queue_renewer,
+            self._forgetter,
             self._health,
         ):
             self._nursery.start_soon(self._keep_running, task)
@@ -472,34 +473,63 @@ class RedisBackend:
             args: list[str] = [str(len(batch))]
             now = trio.current_time()
             for waiter in batch:
-                waiter.status = "sent"
+                if not waiter.requeue:
+                    waiter.status = "sent"
                 age_us = round(min(max(0.0, now - waiter.key[0]), MAX_AGE) * 1e6)
                 args += [
                     waiter.member,
                     "1" if waiter.wait else "0",
-                    str(waiter.max_queue),
+                    # A waiter put back after its place lapsed was in the queue already.
+                    str(10**9 if waiter.requeue else waiter.max_queue),
                     str(age_us),
                 ]
             try:
                 answer = await self._call("enqueue", args, limit=FAIL_FAST)
             except _Unreachable as exc:
-                for waiter in batch:
+                fresh = [w for w in batch if not w.requeue]
+                for waiter in fresh:
                     waiter.status = "error"
                     waiter.error = exc
                     waiter.answered.set()
                 # The call may still run in Redis later (a stalled server): make sure
-                # whatever it would make is removed, and never made afterwards.
-                self._nursery.start_soon(self._forget, [w.member for w in batch])
+                # whatever it would make is removed, and never made afterwards. (A
+                # waiter being put back stays; the next queue renewal tries again.)
+                self._forget_later([w.member for w in fresh])
+                for waiter in batch:
+                    waiter.requeue = False
                 continue
             for i, waiter in enumerate(batch):
                 status, a, b = answer[3 * i : 3 * i + 3]
-                waiter.status = str(status)
+                waiter.requeue = False
                 if status == "Q":
                     waiter.seq = str(a)
                 elif status == "G":
                     self._deliver(waiter.member, Grant(int(a), int(b)))
-                waiter.answered.set()
+                if not waiter.answered.is_set():
+                    waiter.status = str(status)
+                    waiter.answered.set()
             await trio.lowlevel.checkpoint()
+
+    async def _forgetter(self) -> None:
+        """Forget, in batches, members whose clean-up could not reach Redis at once."""
+        while True:
+            await self._forget_wakeup.wait()
+            self._forget_wakeup = trio.Event()
+            now = trio.current_time()
+            for member, give_up in list(self._forgetting.items()):
+                if now > give_up:
+                    del self._forgetting[member]
+            members = list(self._forgetting)
+            if not members:
+                continue
+            try:
+                await self._call("forget", members, limit=CLEANUP_GRACE)
+            except _Unreachable:
+                await trio.sleep(0.2)
+                self._forget_wakeup.set()
+            else:
+                for member in members:
+                    self._forgetting.pop(member, None)
 
     async def _listener(self) -> None:
         """Receive published changes: hand-offs, figures and the queue mirror."""
@@ -575,8 +605,8 @@ class RedisBackend:
                 self._reap_at = trio.current_time() + 0.1
 
     async def _queue_renewer(self) -> None:
-        """Extend this process's queue leases; pick up missed hand-offs; put back lost
-        entries. One call every TTL/3 for all of this process's waiters."""
+        """Extend this process's queue leases; pick up missed hand-offs; enqueue again
+        the entries that went missing. One call every TTL/3 for all of its waiters."""
         every = self.lease_ttl / 3
         wait = every
         while True:
@@ -585,29 +615,29 @@ class RedisBackend:
             self._renew_queue_now = trio.Event()
             wait = every
             waiting = [
-                w for w in self._waiters.values() if w.seq is not None and not w.granted.is_set()
+                w
+                for w in self._waiters.values()
+                if w.seq is not None and not w.granted.is_set() and not w.requeue
             ]
             if not waiting:
                 continue
-            args: list[str] = []
-            for waiter in waiting:
-                args += [waiter.member, str(waiter.seq)]
             try:
-                answer = await self._call("renew_queue", args, limit=every)
+                answer = await self._call("renew_queue", [w.member for w in waiting], limit=every)
             except _Unreachable:
                 wait = min(every, 0.1)  # try again soon: two misses and the places lapse
                 continue
-            ghosts = []
             for i, waiter in enumerate(waiting):
                 status, a, b = answer[3 * i : 3 * i + 3]
                 if self._waiters.get(waiter.member) is not waiter:
-                    if status in ("G", "R"):
-                        ghosts.append(waiter.member)  # it left while we renewed it
-                elif status == "G":
+                    continue  # it left meanwhile (its leave forgets it)
+                if status == "G":
                     self._deliver(waiter.member, Grant(int(a), int(b)))
-            if ghosts:
-                with suppress(_Unreachable):
-                    await self._call("release", ghosts, limit=CLEANUP_GRACE)
+                elif status == "M" and not waiter.granted.is_set():
+                    # Its place lapsed (this process stalled) or Redis lost the gate:
+                    # enqueue it again, at its own arrival time.
+                    waiter.requeue = True
+                    self._pending[waiter.key] = waiter
+                    self._pending_wakeup.set()
 
     async def _health(self) -> None:
         """Tick when Redis has been quiet for a second: ``healthy`` turns true again

@@ -16,6 +16,17 @@ from .conftest import RedisServer, _free_port
 from .test_redis_backend import CapWatch, wait_until, zcard
 
 
+async def sample_holders(server: RedisServer, key: str, cap: int) -> None:
+    """Fail if Redis ever shows more holders than the cap (sampled every 10 ms)."""
+    while True:
+        try:
+            n = await trio.to_thread.run_sync(zcard, server, key)
+        except OSError:
+            n = 0  # Redis is down: nobody holds anything
+        assert n <= cap, f"{n} holders for capacity {cap}"
+        await trio.sleep(0.01)
+
+
 async def expect_lease_lost(session: Callable[[], Awaitable[None]], ttl: float) -> None:
     start = trio.current_time()
     with pytest.raises(sessiongate.LeaseLost):
@@ -104,6 +115,7 @@ async def test_redis_restarted_empty_rebuilds_from_live_holders(
                 await wait_until(lambda: two.active == 1)
                 own_redis.kill()
                 own_redis.start()  # empty: no gate, no holders, no queue
+                nursery.start_soon(sample_holders, own_redis, f"sg:{{{gate_name}}}:holders", 1)
                 # A newcomer arrives at the empty Redis: it must not get the slot the
                 # live holder still uses.
                 await wait_until(lambda: two.healthy)
@@ -114,6 +126,7 @@ async def test_redis_restarted_empty_rebuilds_from_live_holders(
                 assert one.active == 1
                 release.set()
                 await wait_until(lambda: bool(admitted_at))
+                nursery.cancel_scope.cancel()
 
 
 async def test_starting_while_redis_is_down(own_redis: RedisServer, gate_name: str) -> None:

@@ -259,28 +259,31 @@ class Gate:
                 self._on_admitted(ticket)
                 try:
                     yield ticket
-                except trio.Cancelled:
-                    self._cancelled += 1
-                    raise
-                except BaseException:
-                    self._failed += 1
-                    raise
-                else:
-                    self._completed += 1
                 finally:
                     self._on_ended()
+        # The outcome is classified once ``hold`` has exited, so that what the backend
+        # made of the body's exit counts (a Redis lease lost mid-session turns the
+        # body's cancellation into LeaseLost: a failure, not a cancellation).
         except (trio.TooSlowError, trio.WouldBlock):
             if admitted:
-                raise  # the session's own error, not the gate's
+                self._failed += 1  # the session's own error, not the gate's
+                raise
             raise self._wait_ended(ticket) from None
         except trio.Cancelled:
-            if not admitted:
-                self._cancelled += 1  # the caller went away while queued
+            self._cancelled += 1  # the caller went away, queued or active
             raise
         except AdmissionError:
-            if not admitted:
+            if admitted:
+                self._failed += 1
+            else:
                 self._rejected += 1  # refused by the backend (queue full, unreachable)
             raise
+        except BaseException:
+            if admitted:
+                self._failed += 1
+            raise
+        else:
+            self._completed += 1
         finally:
             if not admitted:
                 self._waiting.pop(ticket, None)

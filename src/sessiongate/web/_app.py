@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 
 import trio
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
@@ -103,6 +103,10 @@ def create_app(
     async def finish_request_body(response: Response) -> Response:
         # Never answer with an unread body on a keep-alive connection (Hypercorn would
         # leave it stuck): read the rest, within --max-body, or close the connection.
+        if g.get("body_read") or (
+            not request.content_length and "Transfer-Encoding" not in request.headers
+        ):
+            return response
         try:
             with trio.move_on_after(BODY_DRAIN_TIMEOUT) as scope:
                 await request.get_data(cache=True)

@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from quart import request
+from quart import g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ._errors import ApiError
@@ -62,6 +62,7 @@ async def read_body(max_body: int) -> bytes:
             f"the body is larger than {max_body} bytes",
             headers={"Connection": "close"},
         ) from None
+    g.body_read = True
     return data
 
 

@@ -89,7 +89,7 @@ def register(app: Quart, service: Service) -> None:
         body = await read_json_object(settings.max_body)
         service.validate(body)
         respond_async = wants_async(request.headers.getlist("Prefer"))
-        record = await service.start_session(arrival, body)
+        record = await service.start_session(arrival, body, answer_now=respond_async)
         if record.refused_at_once:
             raise service.refusal(record)
         if respond_async:

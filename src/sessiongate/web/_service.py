@@ -303,11 +303,15 @@ class Service:
             raise NotStarted("the app is not serving yet")
         self._handler.validate(body)
 
-    async def start_session(self, arrival: Arrival, body: dict[str, Any]) -> SessionRecord:
+    async def start_session(
+        self, arrival: Arrival, body: dict[str, Any], *, answer_now: bool = False
+    ) -> SessionRecord:
         """Make a session and start its task; on return it is queued, active or ended.
 
         On the in-memory backend the task has run up to its first wait when this
         returns, so a refusal at once (queue full, draining) is already known.
+        ``answer_now`` (an asynchronous request): also let a session that was handed a
+        free slot become active first, so that the answer says so.
         """
         gate, registry = self.gate, self.registry
         session_id = secrets.token_urlsafe(16)  # 128 random bits
@@ -327,9 +331,9 @@ class Service:
         registry.poke()
         if self.shared_backend:
             await self._settle(record)
-        elif record.state == QUEUED:
+        elif answer_now and record.state == QUEUED:
             # A session handed a free slot is rescheduled in the same batch as this
-            # task: one more checkpoint lets it reach "active", so the answer says so.
+            # task: one more checkpoint lets it reach "active".
             await trio.lowlevel.checkpoint()
         return record
 

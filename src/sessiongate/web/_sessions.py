@@ -5,8 +5,9 @@ Theory of operation
 A :class:`SessionRecord` is made when a valid ``POST /sessions`` has read its body; it is
 *live* (``queued``, then ``active``) until its task ends it with one terminal state
 (``completed``, ``failed``, ``expired``, ``cancelled``, ``rejected``). Each change of
-state is appended to ``transitions`` as a snapshot of the session object, so an event
-stream that wakes late still sends one event per change, in order.
+state is appended to ``transitions`` as a snapshot of the session object (while an event
+stream follows the session), so a stream that wakes late still sends one event per
+change, in order.
 
 The :class:`Registry` keeps live records by id, and ended ones for ``result_ttl``
 seconds, at most ``result_max`` of them, oldest evicted first: memory stays flat under
@@ -70,6 +71,8 @@ class SessionRecord:
     exception: BaseException | None = None
     done: trio.Event = attrs.Factory(trio.Event)
     transitions: list[dict[str, Any]] = attrs.Factory(list)
+    #: Event streams following this session; snapshots are kept only while there are.
+    watchers: int = 0
 
     @property
     def ended(self) -> bool:
@@ -141,7 +144,8 @@ class Registry:
 
     def changed(self, record: SessionRecord) -> None:
         """Record a change of state: a snapshot for event streams, and a pulse."""
-        record.transitions.append(record.to_json(self.gate))
+        if record.watchers:
+            record.transitions.append(record.to_json(self.gate))
         self.poke()
 
     def poke(self) -> None:

@@ -29,6 +29,15 @@ def _event(snapshot: dict[str, Any]) -> bytes:
 
 
 async def session_events(service: Service, record: SessionRecord) -> AsyncIterator[bytes]:
+    record.watchers += 1
+    try:
+        async for event in _events(service, record):
+            yield event
+    finally:
+        record.watchers -= 1
+
+
+async def _events(service: Service, record: SessionRecord) -> AsyncIterator[bytes]:
     gate, registry = service.gate, service.registry
     shared = service.shared_backend
     seen = len(record.transitions)

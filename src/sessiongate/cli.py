@@ -94,14 +94,20 @@ def hypercorn_config(settings: Settings) -> object:
 
     config = Config()
     config.bind = [settings.bind]
-    config.accesslog = "-"
-    config.errorlog = "-"
+    # Hypercorn's error log goes through the application's logging (stderr); its
+    # access log to stdout, one line per request.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    access = logging.getLogger("hypercorn.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    config.accesslog = access
     config.backlog = 2048  # bursts of clients, as in the article's load, must not be reset
     # After the drain only answers still being written remain; the grace bounds them.
     config.graceful_timeout = max(settings.shutdown_grace, 1.0)
-    # Hypercorn's loggers have their own handlers; do not print each line twice.
-    for name in ("hypercorn.error", "hypercorn.access"):
-        logging.getLogger(name).propagate = False
     return config
 
 

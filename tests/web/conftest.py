@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -106,9 +106,6 @@ def request_bytes(
 
 def jbody(value: Any) -> bytes:
     return json.dumps(value).encode()
-
-
-Factory = Callable[..., Any]
 
 
 @pytest.fixture(scope="session")

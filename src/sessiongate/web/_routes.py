@@ -12,7 +12,7 @@ from ._body import read_json_object
 from ._errors import ApiError, json_response
 from ._openapi import openapi_document
 from ._service import Service
-from ._sessions import ACTIVE, COMPLETED, QUEUED
+from ._sessions import ACTIVE, COMPLETED, QUEUED, SessionRecord
 from ._sse import session_events
 
 MAX_LIST = 1000
@@ -75,7 +75,7 @@ def stats_json(service: Service) -> dict[str, Any]:
 def register(app: Quart, service: Service) -> None:
     settings = service.settings
 
-    def find(session_id: str) -> Any:
+    def find(session_id: str) -> SessionRecord:
         record = service.registry.get(session_id)
         if record is None:
             raise ApiError("not_found", "no session with this id (unknown, or ended and evicted)")

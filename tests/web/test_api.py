@@ -577,3 +577,40 @@ async def test_one_log_line_per_session_end(
     (failed,) = [r for r in caplog.records if r.getMessage().startswith("session ")]
     assert failed.levelname == "ERROR" and "failed (session_failed)" in failed.getMessage()
     assert failed.exc_info is not None and "secret internal detail" in str(failed.exc_info[1])
+
+
+async def test_threads_are_limited_and_a_cancelled_thread_frees_its_slot(
+    sample_handlers: str,
+) -> None:
+    import importlib
+
+    module = importlib.import_module(sample_handlers)
+    module.STARTED.clear()
+    module.RELEASE.clear()
+    with trio.fail_after(10):
+        async with running(
+            handler=f"{sample_handlers}:blocking", capacity=2, thread_limit=1
+        ) as app:
+            client = app.test_client()
+            _, first = await post(client, {}, ASYNC)
+            _, second = await post(client, {}, ASYNC)
+            await trio.to_thread.run_sync(module.STARTED.wait)
+            assert app.service.gate.stats().active == 2  # the second waits for a thread
+            response = await client.delete(f"/sessions/{first['id']}")
+            assert (await response.get_json())["state"] == "cancelled"
+            assert app.service.gate.stats().active == 1  # freed while its thread still runs
+            module.RELEASE.set()
+            await app.service.registry.get(second["id"]).done.wait()
+            done = await (await client.get(f"/sessions/{second['id']}")).get_json()
+            assert done["state"] == "completed" and done["result"] == "released"
+
+
+async def test_head_of_an_event_stream_does_not_follow_the_session(autojump_clock: Any) -> None:
+    async with running() as app:
+        client = app.test_client()
+        _, body = await post(client, {"duration": 100}, ASYNC)
+        start = trio.current_time()
+        response = await client.head(f"/sessions/{body['id']}/events")
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert trio.current_time() == start

@@ -136,6 +136,8 @@ def register(app: Quart, service: Service) -> None:
     @app.get("/sessions/<session_id>/events")
     async def session_event_stream(session_id: str) -> Response:
         record = find(session_id)
+        if request.method == "HEAD":  # headers only: never follow the session
+            return Response(b"", mimetype="text/event-stream")
         response = Response(
             session_events(service, record),
             mimetype="text/event-stream",

@@ -614,3 +614,17 @@ async def test_head_of_an_event_stream_does_not_follow_the_session(autojump_cloc
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         assert trio.current_time() == start
+
+
+async def test_a_lost_lease_fails_the_session_with_lease_lost(
+    autojump_clock: Any, sample_handlers: str
+) -> None:
+    async with running(handler=f"{sample_handlers}:lease_lost", refusal_status=429) as app:
+        client = app.test_client()
+        response, body = await post(client, {})
+        assert response.status_code == 429 and body["error"] == "lease_lost"
+        assert int(response.headers["Retry-After"]) >= 1
+        _, queued = await post(client, {}, ASYNC)
+        await app.service.registry.get(queued["id"]).done.wait()
+        record = await (await client.get(f"/sessions/{queued['id']}")).get_json()
+        assert record["state"] == "failed" and record["error"]["error"] == "lease_lost"

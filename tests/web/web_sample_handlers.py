@@ -77,3 +77,9 @@ async def tracked(body: dict[str, Any], ticket: Ticket) -> Any:
     finally:
         CONCURRENCY["now"] -= 1
     return ticket.waited
+
+
+async def lease_lost(body: dict[str, Any], ticket: Ticket) -> Any:
+    import sessiongate
+
+    raise sessiongate.LeaseLost("the lease lapsed")

@@ -54,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_args(args[1:], os.environ)
     except ConfigError as error:
         return _fail(str(error))
+    # Like hypercorn and gunicorn: a --handler module in the working directory imports.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     from .web import HandlerLoadError
     from .web._handlers import load
 

@@ -33,22 +33,25 @@ _HTTP_CODES = {
 
 
 class _ShieldedSendConnection(TrioASGIHTTPConnection):
-    """Quart-Trio's HTTP connection with every ASGI ``send`` shielded from cancellation.
+    """Quart-Trio's HTTP connection with the response's last ``send`` shielded.
 
     Quart-Trio cancels the request's nursery as soon as Hypercorn reports
     ``http.disconnect``. Hypercorn reports it from *inside* the app's last ``send``
     when the response says ``Connection: close``: its close path then checkpoints, the
     cancellation lands there, and the socket is never closed (the client waits for EOF
-    forever). Shielding the send lets that close finish. A send cannot block for long
+    forever). Shielding that send lets the close finish. A send cannot block for long
     on its own: Hypercorn already shields its socket writes.
     """
 
     async def __call__(self, receive, send) -> None:  # type: ignore[no-untyped-def]
-        async def shielded_send(message) -> None:  # type: ignore[no-untyped-def]
-            with trio.CancelScope(shield=True):
+        async def send_last_shielded(message) -> None:  # type: ignore[no-untyped-def]
+            if message.get("type") == "http.response.body" and not message.get("more_body"):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
                 await send(message)
 
-        await super().__call__(receive, shielded_send)
+        await super().__call__(receive, send_last_shielded)
 
 
 class SessionGateApp(QuartTrio):

@@ -477,6 +477,22 @@ async def start(system: str, sc: Scenario) -> Server | None:
     raise ValueError(system)
 
 
+async def try_start(system: str, sc: Scenario) -> Server | str:
+    """Start ``system``; on failure, the reason (its column is then skipped, not the run)."""
+    before = len(_SPAWNED)
+    try:
+        server = await start(system, sc)
+    except (RuntimeError, OSError) as exc:
+        progress_done()
+        print(f"[bench_http] {system} did not start: {exc}", file=sys.stderr)
+        for proc in _SPAWNED[before:]:  # only what this attempt started
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return f"did not start: {str(exc).splitlines()[0]}"
+    return server if server is not None else "haproxy is not installed"
+
+
 @contextlib.contextmanager
 def stopping(server: Server | None) -> Iterator[None]:
     try:
@@ -491,9 +507,9 @@ async def queued_scenario(sc: Scenario, systems: list[str]) -> dict[str, dict[st
     body = json.dumps({"duration": sc.session}).encode()
     for system in systems:
         progress(f"{sc.name}: {system} (starting)")
-        server = await start(system, sc)
-        if server is None:
-            results[system] = {"skipped": "haproxy is not installed"}
+        server = await try_start(system, sc)
+        if isinstance(server, str):
+            results[system] = {"skipped": server}
             continue
         with stopping(server):
             progress(f"{sc.name}: {system}, {sc.clients} clients for {sc.window:g} s")
@@ -592,8 +608,10 @@ async def throughput_scenario(
             if system == "sessiongate" and system not in systems:
                 continue
             progress(f"{sc.name}: {system} (starting)")
-            server = await start(system, sc)
-            assert server is not None
+            server = await try_start(system, sc)
+            if isinstance(server, str):
+                runs[system] = [{"skipped": server}]
+                continue
             servers.append(server)
             targets.append((system, server, "POST", server.path, body))
             if system == "sessiongate":
@@ -612,15 +630,15 @@ async def throughput_scenario(
     finally:
         for server in servers:
             server.stop()
-    results = {label: median_summary(r) for label, r in runs.items()}
+    results = {label: r[0] if "skipped" in r[0] else median_summary(r) for label, r in runs.items()}
     # The others once each, for context.
     for system in systems:
         if system == "sessiongate":
             continue
         progress(f"{sc.name}: {system} (starting)")
-        other = await start(system, sc)
-        if other is None:
-            results[system] = {"skipped": "haproxy is not installed"}
+        other = await try_start(system, sc)
+        if isinstance(other, str):
+            results[system] = {"skipped": other}
             continue
         with stopping(other):
             progress(f"{sc.name}: {system}, {sc.clients} clients for {sc.window:g} s")
@@ -734,6 +752,15 @@ def dump_raw(name: str, exchanges: list[Exchange]) -> None:
 WRK = False
 
 
+def skipped_notes(results: dict[str, dict[str, Any]]) -> str:
+    notes = [
+        f"({LABELS.get(system, system)} skipped: {res['skipped']})"
+        for system, res in results.items()
+        if "skipped" in res
+    ]
+    return ("\n\n" + "\n".join(notes)) if notes else ""
+
+
 def render(results: dict[str, dict[str, Any]], rows: list[tuple[str, Any, str]]) -> str:
     systems = list(results)
     body = []
@@ -756,7 +783,8 @@ def render(results: dict[str, dict[str, Any]], rows: list[tuple[str, Any, str]])
             else:
                 cells.append(_cell(res, key, kind))
         body.append((label, *cells))
-    return table(("figure", *(LABELS.get(s, s) for s in systems)), body)
+    header = ("figure", *(LABELS.get(s, s) for s in systems))
+    return table(header, body) + skipped_notes(results)
 
 
 def _loadavg() -> str:

@@ -630,7 +630,12 @@ async def throughput_scenario(
     finally:
         for server in servers:
             server.stop()
-    results = {label: r[0] if "skipped" in r[0] else median_summary(r) for label, r in runs.items()}
+    order = ["bare-quart", "sessiongate", "sessiongate-healthz"]
+    results = {
+        label: runs[label][0] if "skipped" in runs[label][0] else median_summary(runs[label])
+        for label in order
+        if label in runs
+    }
     # The others once each, for context.
     for system in systems:
         if system == "sessiongate":

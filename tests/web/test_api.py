@@ -628,3 +628,17 @@ async def test_a_lost_lease_fails_the_session_with_lease_lost(
         await app.service.registry.get(queued["id"]).done.wait()
         record = await (await client.get(f"/sessions/{queued['id']}")).get_json()
         assert record["state"] == "failed" and record["error"]["error"] == "lease_lost"
+
+
+async def test_concurrent_arrivals_are_admitted_in_arrival_order(autojump_clock: Any) -> None:
+    async with running(capacity=1, max_wait=1000) as app:
+        client = app.test_client()
+        await post(client, {"duration": 1}, ASYNC)
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(post, client, {"duration": 1})
+        records = sorted(app.service.registry.ended.values(), key=lambda r: r.arrival.seq)
+        assert len(records) == 21 and all(r.state == "completed" for r in records)
+        admitted = [r.admitted_at for r in records]
+        assert admitted == sorted(admitted) and len(set(admitted)) == 21
+        assert admitted[-1] - admitted[0] == 20.0  # no slot ever idle

@@ -144,7 +144,8 @@ async def until(check: Callable[[], Awaitable[bool]]) -> None:
         await trio.sleep(0.02)
 
 
-async def test_sigterm_drains_then_exits_0() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_sigterm_drains_then_exits_0(signum: int) -> None:
     prefer = {"Prefer": "respond-async"}
     with trio.fail_after(30):
         async with (
@@ -177,7 +178,7 @@ async def test_sigterm_drains_then_exits_0() -> None:
                             names.append(line[7:])
                             if len(names) == 1:
                                 start = trio.current_time()
-                                process.send_signal(signal.SIGTERM)
+                                process.send_signal(signum)
                 # The drain ended the queued session at once, and so its stream.
                 assert names == ["queued", "rejected"]
                 assert (await client.get("/readyz")).status_code == 503

@@ -642,3 +642,18 @@ async def test_concurrent_arrivals_are_admitted_in_arrival_order(autojump_clock:
         admitted = [r.admitted_at for r in records]
         assert admitted == sorted(admitted) and len(set(admitted)) == 21
         assert admitted[-1] - admitted[0] == 20.0  # no slot ever idle
+
+
+async def test_a_session_cancelled_before_its_task_ran_never_runs(autojump_clock: Any) -> None:
+    async with running() as app:
+        service = app.service
+        record = service.new_session(service.arrive(), {"duration": 100})
+        assert record.cancel("client_disconnected")
+        start = trio.current_time()
+        await service.start_session(record)
+        await record.done.wait()
+        assert trio.current_time() == start
+        assert record.state == "cancelled" and record.error_code == "client_disconnected"
+        assert record.admitted_at is None
+        stats = service.gate.stats()
+        assert (stats.active, stats.queued, stats.admitted, stats.cancelled) == (0, 0, 0, 1)

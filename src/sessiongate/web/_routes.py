@@ -89,16 +89,23 @@ def register(app: Quart, service: Service) -> None:
         body = await read_json_object(settings.max_body)
         service.validate(body)
         respond_async = wants_async(request.headers.getlist("Prefer"))
-        record = await service.start_session(arrival, body, answer_now=respond_async)
-        if record.refused_at_once:
-            raise service.refusal(record)
+        record = service.new_session(arrival, body)
         if respond_async:
+            # The session lives on in the sessions nursery, whatever this request does.
+            await service.start_session(record, answer_now=True)
+            if record.refused_at_once:
+                raise service.refusal(record)
             return json_response(
                 record.to_json(service.gate),
                 202,
                 {"Location": f"/sessions/{record.id}", "Preference-Applied": "respond-async"},
             )
-        await service.wait_sync(record)
+        try:
+            await service.start_session(record)
+            await service.wait_sync(record)
+        finally:
+            if not record.ended:  # the client went away: cancel its session, queued or active
+                record.cancel("client_disconnected")
         if record.state == COMPLETED:
             return json_response(record.to_json(service.gate), 200)
         raise service.refusal(record)

@@ -303,29 +303,30 @@ class Service:
             raise NotStarted("the app is not serving yet")
         self._handler.validate(body)
 
-    async def start_session(
-        self, arrival: Arrival, body: dict[str, Any], *, answer_now: bool = False
-    ) -> SessionRecord:
-        """Make a session and start its task; on return it is queued, active or ended.
+    def new_session(self, arrival: Arrival, body: dict[str, Any]) -> SessionRecord:
+        """A session record for a valid request (not started yet, not registered)."""
+        session_id = secrets.token_urlsafe(16)  # 128 random bits
+        return SessionRecord(
+            id=session_id,
+            arrival=arrival,
+            body=body,
+            probe=Ticket(arrival.seq, arrival.at, gate=self.gate, id=session_id),
+            wall_offset=self.wall_offset,
+        )
+
+    async def start_session(self, record: SessionRecord, *, answer_now: bool = False) -> None:
+        """Start the session's task; on return it is queued, active or ended.
 
         On the in-memory backend the task has run up to its first wait when this
         returns, so a refusal at once (queue full, draining) is already known.
         ``answer_now`` (an asynchronous request): also let a session that was handed a
         free slot become active first, so that the answer says so.
         """
-        gate, registry = self.gate, self.registry
-        session_id = secrets.token_urlsafe(16)  # 128 random bits
-        record = SessionRecord(
-            id=session_id,
-            arrival=arrival,
-            body=body,
-            probe=Ticket(arrival.seq, arrival.at, gate=gate, id=session_id),
-            wall_offset=self.wall_offset,
-        )
         if self._closed or self._sessions is None:
             record.refused_at_once = True
             self._end(record, REJECTED, error=_error("shutting_down"))
-            return record
+            return
+        registry = self.registry
         registry.add(record)
         await self._sessions.start(self._session_task, record)
         registry.poke()
@@ -335,7 +336,6 @@ class Service:
             # A session handed a free slot is rescheduled in the same batch as this
             # task: one more checkpoint lets it reach "active".
             await trio.lowlevel.checkpoint()
-        return record
 
     async def _settle(self, record: SessionRecord) -> None:
         # A shared backend queues over the network: give it up to 1 s to say whether
@@ -346,7 +346,7 @@ class Service:
                     await self.registry.pulse.wait()
 
     async def wait_sync(self, record: SessionRecord) -> None:
-        """Wait for a synchronous caller's session; cancel it if the caller goes away."""
+        """Wait for a synchronous caller's session to end."""
         self._sync_waiters += 1
         try:
             await record.done.wait()
@@ -355,8 +355,6 @@ class Service:
             if not self._sync_waiters:
                 answered, self._answered = self._answered, trio.Event()
                 answered.set()
-            if not record.ended:
-                record.cancel("client_disconnected")
 
     async def cancel(self, record: SessionRecord) -> bool:
         """DELETE: cancel a live session and wait for it to end; False if it had ended."""
@@ -385,6 +383,8 @@ class Service:
         result: Any = None
         with trio.CancelScope() as scope:
             record.scope = scope
+            if record.cancel_reason is not None:
+                scope.cancel()  # cancelled before its task ran (the caller went away)
             task_status.started()
             closed_at_arrival = gate.closed
             try:

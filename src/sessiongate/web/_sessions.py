@@ -86,12 +86,16 @@ class SessionRecord:
         return self.probe.position if self.state == QUEUED else None
 
     def cancel(self, reason: str) -> bool:
-        """Cancel the session's task (queued or active); False if it already ended."""
-        if self.ended or self.scope is None:
+        """Cancel the session's task (queued or active); False if it already ended.
+
+        A session whose task has not run yet is cancelled as soon as it does.
+        """
+        if self.ended:
             return False
         if self.cancel_reason is None:
             self.cancel_reason = reason
-        self.scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
         return True
 
     def to_json(self, gate: Gate) -> dict[str, Any]:

@@ -330,9 +330,11 @@ class Service:
         registry.add(record)
         await self._sessions.start(self._session_task, record)
         registry.poke()
+        if not answer_now:
+            return
         if self.shared_backend:
             await self._settle(record)
-        elif answer_now and record.state == QUEUED:
+        elif record.state == QUEUED:
             # A session handed a free slot is rescheduled in the same batch as this
             # task: one more checkpoint lets it reach "active".
             await trio.lowlevel.checkpoint()

@@ -59,21 +59,22 @@ class Metrics:
             buckets=_BUCKETS,
             registry=r,
         )
-        for outcome in OUTCOMES:
-            self.sessions.labels(outcome)
-        for reason in REFUSAL_REASONS:
-            self.refusals.labels(reason)
+        # Children made once: every label value shows (as 0) from the first scrape, and
+        # counting a session is a dict lookup.
+        self._by_outcome = {outcome: self.sessions.labels(outcome) for outcome in OUTCOMES}
+        self._by_reason = {reason: self.refusals.labels(reason) for reason in REFUSAL_REASONS}
 
     def session_ended(self, outcome: str, waited: float | None, ran: float | None) -> None:
-        self.sessions.labels(outcome).inc()
+        self._by_outcome[outcome].inc()
         if waited is not None:
             self.queue_wait.observe(waited)
         if ran is not None:
             self.run_time.observe(ran)
 
     def refused(self, reason: str) -> None:
-        if reason in REFUSAL_REASONS:
-            self.refusals.labels(reason).inc()
+        child = self._by_reason.get(reason)
+        if child is not None:
+            child.inc()
 
     def render(self, stats: GateStats) -> bytes:
         self.capacity.set(stats.capacity)

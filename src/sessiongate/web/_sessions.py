@@ -138,7 +138,9 @@ class Registry:
     live: dict[str, SessionRecord] = attrs.Factory(dict)
     #: Ended sessions by id, oldest end first, with the Trio time they ended.
     ended: OrderedDict[str, SessionRecord] = attrs.Factory(OrderedDict)
-    pulse: trio.Event = attrs.Factory(trio.Event)
+    _pulse: trio.Event = attrs.Factory(trio.Event)
+    #: True once someone took the current pulse (so a change must set it).
+    _pulse_taken: bool = False
     #: Set (and replaced) when the last live session ends.
     idle: trio.Event = attrs.Factory(trio.Event)
 
@@ -152,10 +154,17 @@ class Registry:
             record.transitions.append(record.to_json(self.gate))
         self.poke()
 
+    @property
+    def pulse(self) -> trio.Event:
+        """An event set at the next change of any session (take it before looking)."""
+        self._pulse_taken = True
+        return self._pulse
+
     def poke(self) -> None:
         """Wake everything waiting on the pulse (a session took its queue place)."""
-        pulse, self.pulse = self.pulse, trio.Event()
-        pulse.set()
+        if self._pulse_taken:  # nobody took it: no event to spend
+            pulse, self._pulse, self._pulse_taken = self._pulse, trio.Event(), False
+            pulse.set()
 
     def finish(self, record: SessionRecord) -> None:
         """Move an ended record from live to ended (or forget a refusal at once)."""

@@ -109,7 +109,11 @@ class Handler:
     async def __call__(self, body: dict[str, Any], ticket: Ticket) -> Any:
         fn = self.fn
         if fn is None:
-            await trio.sleep(float(body.get("duration", DEFAULT_SLEEP)))
+            duration = float(body.get("duration", DEFAULT_SLEEP))
+            if duration > 0:
+                await trio.sleep(duration)
+            else:  # a zero-length session: nothing to wait for, but still cancellable
+                await trio.lowlevel.checkpoint_if_cancelled()
             return {"data": body}
         if _is_async(fn):
             awaitable: Awaitable[Any] = fn(body, ticket)

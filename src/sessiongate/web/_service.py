@@ -317,10 +317,11 @@ class Service:
     async def start_session(self, record: SessionRecord, *, answer_now: bool = False) -> None:
         """Start the session's task; on return it is queued, active or ended.
 
-        On the in-memory backend the task has run up to its first wait when this
-        returns, so a refusal at once (queue full, draining) is already known.
-        ``answer_now`` (an asynchronous request): also let a session that was handed a
-        free slot become active first, so that the answer says so.
+        ``answer_now`` (an asynchronous request, answered as soon as this returns): on
+        the in-memory backend the task has then run up to its first wait, so a refusal
+        at once (queue full, draining) is already known, and a session handed a free
+        slot is already active. Without it, the task is only started: a synchronous
+        caller waits for the session's end anyway.
         """
         if self._closed or self._sessions is None:
             record.refused_at_once = True
@@ -328,10 +329,13 @@ class Service:
             return
         registry = self.registry
         registry.add(record)
+        if not answer_now:
+            # A synchronous caller only waits for the end (a refusal at once included):
+            # no need to wait for the task's first step.
+            self._sessions.start_soon(self._session_task, record)
+            return
         await self._sessions.start(self._session_task, record)
         registry.poke()
-        if not answer_now:
-            return
         if self.shared_backend:
             await self._settle(record)
         elif record.state == QUEUED:
@@ -366,7 +370,10 @@ class Service:
         return record.state == CANCELLED
 
     async def _session_task(
-        self, record: SessionRecord, *, task_status: trio.TaskStatus[None]
+        self,
+        record: SessionRecord,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         # Every exception is handled here: a session never takes the nursery down.
         try:

@@ -195,9 +195,14 @@ class Service:
 
     def _tapped(self, ticket: Ticket) -> None:
         # The session's real ticket, as it enters the queue: positions come from it.
-        record = self._registry.live.get(ticket.id) if self._registry is not None else None
+        registry = self._registry
+        record = registry.live.get(ticket.id) if registry is not None else None
         if record is not None:
             record.probe = ticket
+        if registry is not None:
+            # Waiters wake after this task's next yield, by when the ticket has its
+            # place (the in-memory backend queues it before yielding).
+            registry.poke()
 
     def retry_after(self) -> str:
         """An honest Retry-After: a newcomer's likely wait at the recent hand-off rate."""

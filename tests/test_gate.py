@@ -497,3 +497,57 @@ async def test_library_guide_example(autojump_clock: trio.testing.MockClock) -> 
             await gate.run(trio.sleep, 1)
         assert trio.current_time() == 60
         nursery.cancel_scope.cancel()
+
+
+async def test_reserved_arrivals_enter_free_slots_in_stamp_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=2, max_wait=60.0)
+    admitted: list[str] = []
+    arrivals = {name: gate.arrive(reserve=True) for name in ("a", "b", "c")}
+    go = {name: trio.Event() for name in arrivals}
+
+    async def enter(name: str) -> None:
+        await go[name].wait()
+        async with gate.session(arrival=arrivals[name]):
+            admitted.append(name)
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        for name in arrivals:
+            nursery.start_soon(enter, name)
+        for name in ("c", "b", "a"):  # their tasks reach the gate in reverse
+            go[name].set()
+            await settle()
+        # a and b, in the same instant; not c and b, though their tasks came first.
+        assert sorted(admitted) == ["a", "b"]
+        assert gate.queued == 1
+    assert admitted[2] == "c"
+
+
+async def test_withdrawn_reservation_lets_later_arrivals_go(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=60.0)
+    rec = Recorder(gate)
+    early = gate.arrive(reserve=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "later", 1.0)
+        await settle()
+        assert rec.admitted == {}  # held back for the earlier stamp, not lost
+        assert gate.queued == 1
+        await trio.sleep(2.0)
+        gate.withdraw(early)  # the early request was refused: it never enters
+        await settle()
+        assert rec.admitted == {"later": 2.0}
+        gate.withdraw(early)  # idempotent
+
+
+async def test_closed_gate_withdraws_a_reservation(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1)
+    arrival = gate.arrive(reserve=True)
+    await gate.aclose()
+    with pytest.raises(GateClosed):
+        async with gate.session(arrival=arrival):
+            pytest.fail("admitted by a closed gate")
+    assert not gate.backend._reserved  # type: ignore[attr-defined]

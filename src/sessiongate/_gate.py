@@ -203,14 +203,29 @@ class Gate:
 
     # -- arrival ------------------------------------------------------------------------
 
-    def arrive(self) -> Arrival:
+    def arrive(self, *, reserve: bool = False) -> Arrival:
         """Take a place in the FIFO now, for a session that will enter a little later.
 
-        A web request stamps its arrival as it reaches the app and enters
-        ``session(arrival=...)`` after reading its body; its place is fixed by the
-        stamp, not by the order in which Trio happens to run the tasks.
+        A web request stamps its arrival once it has been read and checked, and its
+        session's task enters ``session(arrival=...)`` a scheduler pass later; its place
+        among the queued is fixed by the stamp, not by the order in which Trio happens
+        to run the tasks.
+
+        Args:
+            reserve: also admit no later arrival ahead of this one until it enters, even
+                into a free slot (a burst of arrivals is then admitted exactly in stamp
+                order). A reserved arrival that will not enter after all must be given
+                back with :meth:`withdraw`, or later arrivals wait for it.
         """
-        return Arrival(next(self._seq), trio.current_time())
+        seq = next(self._seq)
+        if reserve:
+            self._backend.reserve(seq)
+        return Arrival(seq, trio.current_time())
+
+    def withdraw(self, arrival: Arrival) -> None:
+        """Give up a place taken with :meth:`arrive` that will not enter after all
+        (the request was refused before its session started). Idempotent."""
+        self._backend.unreserve(arrival.seq)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -234,6 +249,8 @@ class Gate:
             QueueTimeout: no slot within ``max_wait`` seconds of arrival.
             GateClosed: the gate is draining, before or while this session waited.
         """
+        if self._closed and arrival is not None:
+            self.withdraw(arrival)
         self._check_open()
         if arrival is None:
             ticket = Ticket(next(self._seq), trio.current_time(), gate=self, id=id)

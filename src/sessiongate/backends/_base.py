@@ -54,25 +54,38 @@ class Backend(Protocol):
         """1 for the head of the queue; ``None`` unless ``ticket`` is queued."""
         ...
 
+    def reserve(self, seq: int) -> None:
+        """An arrival stamped ``seq`` will enter ``hold`` soon: admit no later stamp
+        ahead of it meanwhile. Entering ``hold`` ends the reservation; so does
+        :meth:`unreserve`. A backend that orders arrivals by their stamps by other means
+        may make both no-ops."""
+        ...
+
+    def unreserve(self, seq: int) -> None:
+        """The arrival stamped ``seq`` will not enter after all."""
+        ...
+
     def hold(
         self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
     ) -> AbstractAsyncContextManager[None]:
         """Wait FIFO for a slot under ``deadline_scope``, then hold it for the body.
 
         ``__aenter__`` enters ``deadline_scope`` (the gate's queue deadline, which the
-        gate also cancels to drain) around the wait, nested inside the backend's own
-        scopes so every scope opened here is closed inside ``hold``. Once the slot is
-        taken: if ``deadline_scope.cancel_called`` (the deadline fired at that very
-        instant), give the slot straight back and raise :class:`trio.TooSlowError`;
-        otherwise lift the deadline (``deadline = math.inf``) and run the body. If the
-        scope catches its cancellation while waiting, raise :class:`trio.TooSlowError`.
+        gate also cancels to drain) around the wait only; every scope it opens is closed
+        by the time it returns, or lifted (``deadline = math.inf``) before the body runs,
+        so the body never runs under the queue deadline. A slot handed over at the very
+        instant the deadline fires is either kept (the session is admitted) or handed
+        straight on (the session expires); it is never lost, and a session is never
+        admitted into a cancelled scope. If the wait ends without a slot,
+        ``__aenter__`` raises :class:`trio.TooSlowError`, holding nothing.
 
         ``deadline_scope=None`` means never wait: admit now or raise
         :class:`trio.WouldBlock`. ``__aenter__`` raises :class:`~sessiongate.QueueFull`
         at once, holding nothing, when the ticket would queue behind ``max_queue``
         others (checked atomically with the enqueue). Other refusals (an unreachable
         Redis) are :class:`~sessiongate.AdmissionError` subclasses. An outer
-        cancellation leaves the queue at once.
+        cancellation leaves the queue at once. Leaving the body, by any exit, frees the
+        slot to the head of the queue.
         """
         ...
 

@@ -2,30 +2,40 @@
 
 Theory of operation
 -------------------
-``trio.CapacityLimiter`` already hands a released token straight to its oldest waiter,
-so it gives us direct hand-off and no barging. What it cannot give is *arrival* order:
-its waiters are ordered by when their tasks reach ``acquire()``, and Trio may run a batch
-of woken tasks in reverse. So only one ticket at a time (the *turn holder*) waits inside
-the limiter; the rest wait in a ``SortedList`` keyed by their arrival stamp, each task
-parked until it is given the turn. When the turn holder is admitted or leaves, the lowest stamp left
-gets the turn. Invariant: the turn holder, if any, is the queued ticket with the lowest
-stamp, and every other queued ticket waits for the turn. A ticket stamped earlier that
-registers late (its task ran after a later one's) takes the turn back, unless the limiter
-has already handed the turn holder a slot.
+Slots are the limiter's tokens, borrowed on behalf of tickets. Waiters park in a
+``SortedDict`` keyed by their arrival stamp. Whoever frees a slot (a holder leaving, a
+resize) hands it on in the same step: it borrows tokens *on behalf of the queue's
+heads*, oldest stamp first, as many as are free, and reschedules their tasks. So every
+slot freed in a scheduler pass is handed over in that pass, in arrival order, whatever
+order Trio then runs the woken tasks in; no one polls, and no newcomer can take a slot
+while anyone waits (the uncontended fast path is taken only when the queue is empty).
 
-Positions are O(log n) (``SortedList.bisect_left``), so asking for a waiter's place in a
+Arrival order is the stamp's order, not the order in which tasks reach the gate: a
+ticket stamped earlier that enters later simply sorts ahead. A stamp taken with
+``reserve`` (the web layer stamps a request before it starts the session's task) also
+holds back the fast path and the hand-off for later stamps until it enters or is
+withdrawn, so a burst of arrivals is admitted in stamp order even when Trio runs their
+tasks in reverse.
+
+Invariants (checked by the property tests):
+
+* a queued ticket is never left waiting while a token is free, unless an earlier
+  reserved stamp is about to enter;
+* tokens are only ever handed to the lowest stamps queued;
+* a parked waiter's abort succeeds only while it is still queued, so a waiter is either
+  handed a token or leaves the queue, never both.
+
+Positions are O(log n) (``SortedDict.index``), so asking for a waiter's place in a
 queue of 10 000 never walks the queue.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import trio
-from sortedcontainers import SortedList
+from sortedcontainers import SortedDict, SortedList
 
 from .._errors import QueueFull
 
@@ -38,15 +48,10 @@ class MemoryBackend:
 
     def __init__(self, capacity: int) -> None:
         self._limiter = trio.CapacityLimiter(capacity)
-        # Arrival stamps of every queued ticket, lowest (oldest) first.
-        self._queue: SortedList = SortedList()
-        # Stamp -> task, only for tickets parked waiting for their turn.
-        self._turn_waiters: dict[int, trio.lowlevel.Task] = {}
-        # The stamp that may wait inside the limiter; None when nobody does.
-        self._turn: int | None = None
-        # The turn holder's task and its cancel scope while it waits in the limiter.
-        self._turn_task: trio.lowlevel.Task | None = None
-        self._turn_scope: trio.CancelScope | None = None
+        # Arrival stamp -> the parked waiter, oldest first.
+        self._queue: SortedDict = SortedDict()
+        # Stamps reserved by ``reserve`` whose sessions have not entered yet.
+        self._reserved: SortedList = SortedList()
 
     # -- sizes ------------------------------------------------------------------------
 
@@ -55,9 +60,10 @@ class MemoryBackend:
         return int(self._limiter.total_tokens)
 
     def set_capacity(self, capacity: int) -> None:
-        # Growing wakes the limiter's waiter at once; the turn then passes down the
-        # queue one admission at a time. Shrinking lets current holders finish.
+        # Growing hands the new slots to the queue's heads at once; shrinking lets the
+        # current holders finish (the limiter lends no token above its total).
         self._limiter.total_tokens = capacity
+        self._hand_on()
 
     async def resize(self, capacity: int) -> None:
         self.set_capacity(capacity)
@@ -72,122 +78,121 @@ class MemoryBackend:
         return len(self._queue)
 
     def position(self, ticket: Ticket) -> int | None:
-        index: int = self._queue.bisect_left(ticket.seq)
-        if index < len(self._queue) and self._queue[index] == ticket.seq:
-            return index + 1
-        return None
+        if ticket.seq not in self._queue:
+            return None
+        return int(self._queue.index(ticket.seq)) + 1
 
-    # -- the queue --------------------------------------------------------------------
+    # -- arrival order ----------------------------------------------------------------
 
-    def _would_wait(self) -> bool:
+    def reserve(self, seq: int) -> None:
+        self._reserved.add(seq)
+
+    def unreserve(self, seq: int) -> None:
+        if seq in self._reserved:
+            self._reserved.remove(seq)
+            self._hand_on()
+
+    def _has_free_slot(self) -> bool:
         limiter = self._limiter
-        return bool(self._queue) or limiter.borrowed_tokens >= limiter.total_tokens
+        return limiter.borrowed_tokens < limiter.total_tokens
 
-    def _enter(self, seq: int) -> None:
-        """Take a place in the queue (``_Place`` calls this; its exit calls ``_leave``)."""
-        self._queue.add(seq)
-        if self._turn is None:
-            self._give_turn(seq)
-        elif seq < self._turn and not self._turn_is_served():
-            # An earlier arrival reached the gate after a later one took the turn (Trio
-            # ran their tasks out of order): the earlier one takes the turn back.
-            if self._turn_scope is not None:
-                self._turn_scope.cancel()
-            self._give_turn(seq)
+    def _held_back(self, seq: int) -> bool:
+        # An earlier stamp is reserved but has not entered: it goes first.
+        reserved = self._reserved
+        return bool(reserved) and reserved[0] < seq
 
-    def _turn_is_served(self) -> bool:
-        # True once the limiter has handed the turn holder its token: from then on it is
-        # admitted, whether or not its task has run yet, and must not be disturbed.
-        task = self._turn_task
-        return task is not None and task in self._limiter.statistics().borrowers
+    def _hand_on(self) -> None:
+        """Hand every free slot to the queue's heads, oldest stamp first."""
+        limiter, queue = self._limiter, self._queue
+        while queue and limiter.borrowed_tokens < limiter.total_tokens:
+            seq, waiter = queue.peekitem(0)
+            if self._held_back(seq):
+                return
+            del queue[seq]
+            limiter.acquire_on_behalf_of_nowait(waiter.ticket)
+            if waiter.task is not None:  # None: served as it enters, not parked yet
+                trio.lowlevel.reschedule(waiter.task)
 
-    def _leave(self, seq: int) -> None:
-        # Idempotent: called once on admission and again when the place's scope exits.
-        if seq not in self._queue:
-            return
-        self._queue.remove(seq)
-        self._turn_waiters.pop(seq, None)
-        if self._turn == seq:
-            self._turn = None
-            self._turn_scope = self._turn_task = None
-            if self._queue:
-                self._give_turn(self._queue[0])
+    # -- holding a slot ---------------------------------------------------------------
 
-    def _give_turn(self, seq: int) -> None:
-        self._turn = seq
-        self._turn_scope = self._turn_task = None
-        task = self._turn_waiters.pop(seq, None)
-        if task is not None:
-            trio.lowlevel.reschedule(task)
-
-    async def _wait_turn(self, seq: int) -> None:
-        # Parks the task itself rather than a trio.Event per waiter: with 100 000
-        # waiters the difference is most of the memory a waiter costs.
-        waiters = self._turn_waiters
-        while self._turn != seq:
-            waiters[seq] = trio.lowlevel.current_task()
-
-            def abort(_: object) -> trio.lowlevel.Abort:
-                waiters.pop(seq, None)
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
-
-    @asynccontextmanager
-    async def hold(
+    def hold(
         self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
-    ) -> AsyncIterator[None]:
-        if not self._would_wait():
-            # Uncontended: nobody queued and a slot free. The limiter admits at once
-            # (its lot is empty: only a turn holder ever waits there), so no queue
-            # place, turn or deadline is needed.
-            async with self._limiter:
-                yield
-            return
-        if deadline_scope is None:
-            raise trio.WouldBlock
-        if len(self._queue) >= max_queue:
-            raise QueueFull(max_queue)
-        wait_scope = deadline_scope
-        seq = ticket.seq
-        with _Place(self, seq), wait_scope:
-            while True:
-                await self._wait_turn(seq)
-                # The turn holder is the limiter's only waiter, so the limiter's own FIFO
-                # hand-off on release goes to the oldest arrival. The turn scope lets an
-                # earlier arrival take the turn back while this one is still parked.
-                with trio.CancelScope() as turn_scope:
-                    self._turn_scope = turn_scope
-                    self._turn_task = trio.lowlevel.current_task()
-                    async with self._limiter:
-                        # Served: the next ticket gets its turn now, not at our exit.
-                        self._leave(seq)
-                        if not wait_scope.cancel_called:
-                            # The deadline covers waiting only: lift it for the session.
-                            wait_scope.deadline = math.inf
-                            yield
-                            return
-                        # Served at the very instant the wait ended (deadline or drain):
-                        # leaving the limiter hands the slot straight on.
-                if not turn_scope.cancelled_caught:
-                    break
-        raise trio.TooSlowError
+    ) -> _Hold:
+        return _Hold(self, ticket, deadline_scope, max_queue)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
 
 
-class _Place:
-    """A ticket's place in the queue, held for a ``with`` block; leaving passes the turn."""
+class _Hold:
+    """``async with`` holds one slot: entering waits FIFO for it, leaving hands it on.
 
-    __slots__ = ("_backend", "_seq")
+    Entering parks the task under the gate's deadline scope; the slot is borrowed on
+    the ticket's behalf, by the releaser that hands it over or by the fast path.
+    """
 
-    def __init__(self, backend: MemoryBackend, seq: int) -> None:
+    __slots__ = ("_backend", "_max_queue", "_scope", "task", "ticket")
+
+    def __init__(
+        self,
+        backend: MemoryBackend,
+        ticket: Ticket,
+        scope: trio.CancelScope | None,
+        max_queue: int,
+    ) -> None:
         self._backend = backend
-        self._seq = seq
+        self.ticket = ticket
+        self._scope = scope
+        self._max_queue = max_queue
+        self.task: trio.lowlevel.Task | None = None
 
-    def __enter__(self) -> None:
-        self._backend._enter(self._seq)
+    async def __aenter__(self) -> None:
+        backend, ticket = self._backend, self.ticket
+        seq = ticket.seq
+        # Entering ends this stamp's reservation, in the same step as it takes its place
+        # (no checkpoint in between), so no later stamp can slip ahead.
+        if seq in backend._reserved:
+            backend._reserved.remove(seq)
+        queue = backend._queue
+        if not queue and backend._has_free_slot() and not backend._held_back(seq):
+            # Uncontended: nobody waits and a slot is free.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            backend._limiter.acquire_on_behalf_of_nowait(ticket)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        scope = self._scope
+        if scope is None:
+            backend._hand_on()  # a reservation just ended: a held-back head may go
+            raise trio.WouldBlock
+        if len(queue) >= self._max_queue:
+            backend._hand_on()
+            raise QueueFull(self._max_queue)
+        with scope:
+            queue[seq] = self
+            # This stamp may sort first, or its reservation may have held others back.
+            backend._hand_on()
+            if seq in queue:
+                self.task = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        # Handed a slot unless the park was aborted: the abort succeeds only while the
+        # waiter is still queued, so a hand-off and a deadline cannot both happen. The
+        # scope is closed now, so the session's body never runs under the deadline.
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._backend._leave(self._seq)
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        # Cancelled while parked (deadline, drain, caller gone): leave the queue.
+        del self._backend._queue[self.ticket.seq]
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        backend = self._backend
+        backend._limiter.release_on_behalf_of(self.ticket)
+        backend._hand_on()

@@ -183,6 +183,13 @@ class RedisBackend:
         """Redis answered the latest call and the hand-off listener is subscribed."""
         return self._healthy and self._subscribed
 
+    def reserve(self, seq: int) -> None:
+        """No-op: a queued place is the arrival time on Redis's clock, so an arrival
+        stamped earlier keeps its place even if its enqueue reaches Redis later."""
+
+    def unreserve(self, seq: int) -> None:
+        """No-op (see :meth:`reserve`)."""
+
     def position(self, ticket: Ticket) -> int | None:
         waiter = self._by_ticket.get(ticket)
         if waiter is None or waiter.seq is None or waiter.granted.is_set():

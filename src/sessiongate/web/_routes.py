@@ -83,13 +83,13 @@ def register(app: Quart, service: Service) -> None:
 
     @app.post("/sessions")
     async def create_session() -> Response:
-        # The arrival stamp fixes this session's FIFO place as the request reaches the
-        # app, before the body is read.
-        arrival = service.arrive()
         body = await read_json_object(settings.max_body)
         service.validate(body)
         respond_async = wants_async(request.headers.getlist("Prefer"))
-        record = service.new_session(arrival, body)
+        # The arrival stamp fixes this session's FIFO place once its request has been
+        # read and checked (a slow upload holds nobody back); it is reserved until the
+        # session's task enters the gate, so no later arrival gets ahead of it.
+        record = service.new_session(service.arrive(), body)
         if respond_async:
             # The session lives on in the sessions nursery, whatever this request does.
             await service.start_session(record, answer_now=True)

@@ -112,6 +112,12 @@ class _TicketTap:
     def position(self, ticket: Ticket) -> int | None:
         return self.inner.position(ticket)
 
+    def reserve(self, seq: int) -> None:
+        self.inner.reserve(seq)
+
+    def unreserve(self, seq: int) -> None:
+        self.inner.unreserve(seq)
+
     def hold(
         self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
     ) -> AbstractAsyncContextManager[None]:
@@ -301,7 +307,9 @@ class Service:
     # -- sessions ---------------------------------------------------------------------
 
     def arrive(self) -> Arrival:
-        return self.gate.arrive()
+        """Stamp a checked request's FIFO place, reserved until its session enters the
+        gate (a scheduler pass later), so no later arrival is admitted ahead of it."""
+        return self.gate.arrive(reserve=True)
 
     def validate(self, body: dict[str, Any]) -> None:
         if self._handler is None:
@@ -329,6 +337,7 @@ class Service:
         caller waits for the session's end anyway.
         """
         if self._closed or self._sessions is None:
+            self.gate.withdraw(record.arrival)
             record.refused_at_once = True
             self._end(record, REJECTED, error=_error("shutting_down"))
             return
@@ -339,7 +348,11 @@ class Service:
             # no need to wait for the task's first step.
             self._sessions.start_soon(self._session_task, record)
             return
-        await self._sessions.start(self._session_task, record)
+        try:
+            await self._sessions.start(self._session_task, record)
+        except BaseException:
+            self.gate.withdraw(record.arrival)  # idempotent: the task may have entered
+            raise
         registry.poke()
         if self.shared_backend:
             await self._settle(record)

@@ -203,7 +203,9 @@ async def _supervise(settings: Settings) -> int:
             with trio.CancelScope(shield=True):
                 status = await process.wait()
             if stopping.is_set():
-                if status != 0:
+                # A worker still starting when the signal came dies of it, holding no
+                # session: that is a clean stop too.
+                if status not in (0, -signal.SIGTERM, -signal.SIGINT):
                     failures += 1
                 return
             log.warning("worker %d exited with status %s; restarting", index, status)

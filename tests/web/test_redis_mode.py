@@ -116,3 +116,42 @@ async def test_unreachable_redis_is_refused_fast_and_the_service_stays_up() -> N
             assert ready.status_code == 503 and ready.json()["error"] == "backend_unavailable"
             assert (await client.get("/healthz")).status_code == 200
             assert not app.service.registry.live and not app.service.registry.ended
+
+
+async def test_a_dead_worker_is_restarted(redis_url: str) -> None:
+    import os
+
+    with trio.fail_after(40):
+        async with serve_process(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--shutdown-grace", "1",
+        ) as (process, base):  # fmt: skip
+
+            def children() -> set[int]:
+                # Trio spawns processes from worker threads: look at every thread.
+                found: set[int] = set()
+                for task in os.listdir(f"/proc/{process.pid}/task"):
+                    with open(f"/proc/{process.pid}/task/{task}/children") as file:
+                        found.update(int(pid) for pid in file.read().split())
+                return found
+
+            async def two_workers() -> bool:
+                await trio.lowlevel.checkpoint()
+                return len(children()) == 2
+
+            await until(two_workers)
+            victim = min(children())
+            os.kill(victim, signal.SIGKILL)
+
+            async def replaced() -> bool:
+                await trio.lowlevel.checkpoint()
+                now = children()
+                return len(now) == 2 and victim not in now
+
+            await until(replaced)
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                for _ in range(4):
+                    response = await client.post("/sessions", json={"duration": 0})
+                    assert response.status_code == 200
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0

@@ -79,7 +79,7 @@ async def test_arrival_stamp_fixes_the_place_not_task_order(
     gate = Gate(capacity=1, max_wait=100.0)
     admitted: list[str] = []
 
-    async def stamped(name: str, arrival: sessiongate.Arrival, go: trio.Event) -> None:
+    async def stamped(name: str, arrival: sessiongate.Ticket, go: trio.Event) -> None:
         await go.wait()
         async with gate.session(arrival=arrival):
             admitted.append(name)
@@ -432,7 +432,7 @@ async def test_position_counts_from_the_head(autojump_clock: trio.testing.MockCl
         nursery.start_soon(queued)
         await settle()
         arrivals = [gate.arrive() for _ in range(4)]
-        tickets = [sessiongate.Ticket(a.seq, a.at, gate=gate) for a in arrivals]
+        tickets = arrivals  # the sessions' own tickets, live while they wait
         for a in arrivals:
             nursery.start_soon(_session_at, gate, a)
         await settle()
@@ -442,7 +442,7 @@ async def test_position_counts_from_the_head(autojump_clock: trio.testing.MockCl
         assert [t.position for t in tickets] == [None, 1, 2, 3]
 
 
-async def _session_at(gate: Gate, arrival: sessiongate.Arrival) -> None:
+async def _session_at(gate: Gate, arrival: sessiongate.Ticket) -> None:
     async with gate.session(arrival=arrival):
         await trio.sleep(1)
 

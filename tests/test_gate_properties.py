@@ -10,14 +10,14 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessiongate import AdmissionError, Arrival, Gate, QueueFull, QueueTimeout
+from sessiongate import AdmissionError, Gate, QueueFull, QueueTimeout, Ticket
 
 MAX_WAIT = 5.0
 
 
 @attrs.define
 class Visitor:
-    arrival: Arrival
+    arrival: Ticket
     run_for: int
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     state: str = "queued"  # queued, active, done, expired, refused, cancelled
@@ -31,7 +31,7 @@ class Visitor:
 
     @property
     def arrived_at(self) -> float:
-        return self.arrival.at
+        return self.arrival.arrived_at
 
 
 arrive = st.tuples(st.just("arrive"), st.integers(min_value=0, max_value=6))

@@ -14,7 +14,6 @@ from ._errors import GateClosed as GateClosed
 from ._errors import LeaseLost as LeaseLost
 from ._errors import QueueFull as QueueFull
 from ._errors import QueueTimeout as QueueTimeout
-from ._gate import Arrival as Arrival
 from ._gate import Gate as Gate
 from ._gate import Ticket as Ticket
 from ._stats import GateStats as GateStats
@@ -25,7 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdmissionError",
-    "Arrival",
     "Backend",
     "BackendUnavailable",
     "Gate",

@@ -50,14 +50,6 @@ def _new_id() -> str:
     return secrets.token_urlsafe(16)
 
 
-@attrs.frozen
-class Arrival:
-    """A place in the FIFO, taken when a request reaches the app (see ``Gate.arrive``)."""
-
-    seq: int
-    at: float
-
-
 @attrs.define(eq=False)
 class Ticket:
     """One session's pass through the gate.
@@ -75,6 +67,9 @@ class Ticket:
     #: downstream store that remembers the highest token it has seen can refuse a late
     #: writer whose lease has lapsed. None on the in-memory backend.
     fencing_token: int | None = None
+    #: True once the backend parked this ticket in the queue to wait for a slot; an
+    #: admission after that is a hand-off (what the ETA and Retry-After estimate from).
+    queued: bool = False
 
     @property
     def id(self) -> str:
@@ -91,7 +86,7 @@ class Ticket:
 
     @property
     def position(self) -> int | None:
-        """1 for the next to be admitted; None unless queued. O(log n)."""
+        """1 for the next to be admitted; None unless waiting in the queue. O(log n)."""
         if self.admitted_at is not None:
             return None
         return self._gate._backend.position(self)
@@ -203,26 +198,28 @@ class Gate:
 
     # -- arrival ------------------------------------------------------------------------
 
-    def arrive(self, *, reserve: bool = False) -> Arrival:
+    def arrive(self, *, reserve: bool = False, id: str | None = None) -> Ticket:
         """Take a place in the FIFO now, for a session that will enter a little later.
 
         A web request stamps its arrival once it has been read and checked, and its
-        session's task enters ``session(arrival=...)`` a scheduler pass later; its place
-        among the queued is fixed by the stamp, not by the order in which Trio happens
-        to run the tasks.
+        session's task enters ``session(arrival=ticket)`` a scheduler pass later; its
+        place among the queued is fixed by the stamp, not by the order in which Trio
+        happens to run the tasks. The ticket returned is the session's own: its
+        ``position`` and ``eta`` are live while it waits.
 
         Args:
             reserve: also admit no later arrival ahead of this one until it enters, even
                 into a free slot (a burst of arrivals is then admitted exactly in stamp
                 order). A reserved arrival that will not enter after all must be given
                 back with :meth:`withdraw`, or later arrivals wait for it.
+            id: the ticket's id (the HTTP session id); a fresh random one by default.
         """
-        seq = next(self._seq)
+        ticket = Ticket(next(self._seq), trio.current_time(), gate=self, id=id)
         if reserve:
-            self._backend.reserve(seq)
-        return Arrival(seq, trio.current_time())
+            self._backend.reserve(ticket.seq)
+        return ticket
 
-    def withdraw(self, arrival: Arrival) -> None:
+    def withdraw(self, arrival: Ticket) -> None:
         """Give up a place taken with :meth:`arrive` that will not enter after all
         (the request was refused before its session started). Idempotent."""
         self._backend.unreserve(arrival.seq)
@@ -236,13 +233,15 @@ class Gate:
 
     @asynccontextmanager
     async def session(
-        self, *, arrival: Arrival | None = None, id: str | None = None
+        self, *, arrival: Ticket | None = None, id: str | None = None
     ) -> AsyncIterator[Ticket]:
         """Wait FIFO for a slot (at most ``max_wait``), hold it for the block.
 
         Args:
-            arrival: a place taken earlier with :meth:`arrive`; now, by default.
-            id: the ticket's id (the HTTP session id); a fresh random one by default.
+            arrival: the ticket of a place taken earlier with :meth:`arrive` (the same
+                object is yielded); a place taken now, by default.
+            id: the ticket's id (the HTTP session id), for a place taken now; a fresh
+                random one by default.
 
         Raises:
             QueueFull: the queue already holds ``max_queue`` sessions.
@@ -252,10 +251,7 @@ class Gate:
         if self._closed and arrival is not None:
             self.withdraw(arrival)
         self._check_open()
-        if arrival is None:
-            ticket = Ticket(next(self._seq), trio.current_time(), gate=self, id=id)
-        else:
-            ticket = Ticket(arrival.seq, arrival.at, gate=self, id=id)
+        ticket = arrival if arrival is not None else self.arrive(id=id)
         # The queue deadline: a cancel scope the backend enters around the wait only.
         # max_wait == 0 asks the backend not to wait at all (a deadline scope that is
         # already due would cancel even an admission into a free slot).
@@ -312,7 +308,7 @@ class Gate:
         waited = now - ticket.arrived_at
         self._admitted += 1
         self._waits.add(waited)
-        if waited > 0:
+        if ticket.queued:
             self._handoffs.add(now)
         self._local_active += 1
 

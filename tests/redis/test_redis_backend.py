@@ -413,7 +413,7 @@ async def test_place_is_fixed_by_arrival_not_by_enqueue(open_backend) -> None:  
             order: list[str] = []
             release = trio.Event()
 
-            async def session(name: str, arrival: sessiongate.Arrival | None = None) -> None:
+            async def session(name: str, arrival: sessiongate.Ticket | None = None) -> None:
                 async with gate.session(arrival=arrival):
                     order.append(name)
                     if name == "holder":

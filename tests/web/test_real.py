@@ -218,11 +218,6 @@ async def test_three_hundred_clients_against_capacity_five(monkeypatch: pytest.M
             assert not app.service.registry.live
 
 
-@pytest.mark.xfail(
-    reason="core: Gate._on_admitted counts any admission with waited > 0 as a hand-off; "
-    "on the real clock every stamped arrival waits a few microseconds, so an admission "
-    "into a free slot counts (requested: count only admissions that queued)",
-)
 async def test_retry_after_is_1_before_any_hand_off_on_the_real_clock() -> None:
     with trio.fail_after(10):
         async with (

@@ -299,10 +299,10 @@ class RedisBackend:
         waiter = Waiter(member, key, deadline_scope is not None, max_queue)
         async with self._place(ticket, waiter):
             if deadline_scope is None:
-                await self._wait_for_grant(waiter)  # admitted now, or WouldBlock
+                await self._wait_for_grant(waiter, ticket)  # admitted now, or WouldBlock
             else:
                 with deadline_scope:
-                    await self._wait_for_grant(waiter)
+                    await self._wait_for_grant(waiter, ticket)
                 if deadline_scope.cancel_called:
                     # The wait ended (deadline or drain), perhaps at the very instant a
                     # slot came: leaving _place hands any such slot straight on.
@@ -363,7 +363,7 @@ class RedisBackend:
             self._forgetting[member] = give_up
         self._forget_wakeup.set()
 
-    async def _wait_for_grant(self, waiter: Waiter) -> None:
+    async def _wait_for_grant(self, waiter: Waiter, ticket: Ticket) -> None:
         self._pending[waiter.key] = waiter
         self._pending_wakeup.set()
         with trio.move_on_after(FAIL_FAST * 2) as answer_scope:
@@ -374,6 +374,8 @@ class RedisBackend:
             raise trio.WouldBlock
         if answer_scope.cancelled_caught or waiter.status not in ("Q", "G"):
             raise BackendUnavailable("Redis did not answer in time") from waiter.error
+        if not waiter.granted.is_set():
+            ticket.queued = True  # it waits: its admission will be a hand-off
         await waiter.granted.wait()
 
     def _lease_from(self, waiter: Waiter) -> Lease:

@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-import secrets
 import time
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 
 import trio
 
 from .. import _errors as errors
-from .._gate import Arrival, Gate, Ticket
-from ..backends import Backend
+from .._gate import Gate, Ticket
 from ..backends.memory import MemoryBackend
 from ..config import Settings
 from ..metrics import Metrics
@@ -71,61 +68,6 @@ _DETAILS = {
 
 def _error(code: str, detail: str | None = None) -> dict[str, Any]:
     return {"error": code, "detail": detail if detail is not None else _DETAILS[code]}
-
-
-class _TicketTap:
-    """A backend that passes everything to the real one, and shows each ticket to
-    ``on_hold`` as it enters the queue.
-
-    The gate makes a session's :class:`Ticket` inside ``session()`` and hands it to the
-    backend; a queued session's position is asked of the backend with that very ticket
-    (the Redis backend knows its waiters by ticket object). Tapping ``hold`` gives the
-    record the real ticket while it is queued, through the public backend interface.
-    """
-
-    def __init__(self, inner: Backend, on_hold: Callable[[Ticket], None]) -> None:
-        self.inner = inner
-        self._on_hold = on_hold
-
-    @property
-    def capacity(self) -> int:
-        return self.inner.capacity
-
-    def set_capacity(self, capacity: int) -> None:
-        self.inner.set_capacity(capacity)
-
-    async def resize(self, capacity: int) -> None:
-        await self.inner.resize(capacity)
-
-    @property
-    def active(self) -> int:
-        return self.inner.active
-
-    @property
-    def queued(self) -> int:
-        return self.inner.queued
-
-    @property
-    def healthy(self) -> bool:
-        return bool(getattr(self.inner, "healthy", True))
-
-    def position(self, ticket: Ticket) -> int | None:
-        return self.inner.position(ticket)
-
-    def reserve(self, seq: int) -> None:
-        self.inner.reserve(seq)
-
-    def unreserve(self, seq: int) -> None:
-        self.inner.unreserve(seq)
-
-    def hold(
-        self, ticket: Ticket, *, deadline_scope: trio.CancelScope | None, max_queue: int
-    ) -> AbstractAsyncContextManager[None]:
-        self._on_hold(ticket)
-        return self.inner.hold(ticket, deadline_scope=deadline_scope, max_queue=max_queue)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 class NotStarted(Exception):
@@ -199,17 +141,6 @@ class Service:
     def shared_backend(self) -> bool:
         return not isinstance(self.backend, MemoryBackend)
 
-    def _tapped(self, ticket: Ticket) -> None:
-        # The session's real ticket, as it enters the queue: positions come from it.
-        registry = self._registry
-        record = registry.live.get(ticket.id) if registry is not None else None
-        if record is not None:
-            record.probe = ticket
-        if registry is not None:
-            # Waiters wake after this task's next yield, by when the ticket has its
-            # place (the in-memory backend queues it before yielding).
-            registry.poke()
-
     def retry_after(self) -> str:
         """An honest Retry-After: a newcomer's likely wait at the recent hand-off rate."""
         gate = self.gate
@@ -237,7 +168,7 @@ class Service:
                     settings.capacity,
                     settings.max_wait,
                     settings.max_queue,
-                    backend=_TicketTap(self.backend, self._tapped),
+                    backend=self.backend,
                 )
                 self._registry = Registry(self._gate, settings.result_ttl, settings.result_max)
                 self._handler = Handler(
@@ -306,9 +237,10 @@ class Service:
 
     # -- sessions ---------------------------------------------------------------------
 
-    def arrive(self) -> Arrival:
+    def arrive(self) -> Ticket:
         """Stamp a checked request's FIFO place, reserved until its session enters the
-        gate (a scheduler pass later), so no later arrival is admitted ahead of it."""
+        gate (a scheduler pass later), so no later arrival is admitted ahead of it. The
+        ticket is the session's own; its id (128 random bits) is the session id."""
         return self.gate.arrive(reserve=True)
 
     def validate(self, body: dict[str, Any]) -> None:
@@ -316,14 +248,12 @@ class Service:
             raise NotStarted("the app is not serving yet")
         self._handler.validate(body)
 
-    def new_session(self, arrival: Arrival, body: dict[str, Any]) -> SessionRecord:
+    def new_session(self, arrival: Ticket, body: dict[str, Any]) -> SessionRecord:
         """A session record for a valid request (not started yet, not registered)."""
-        session_id = secrets.token_urlsafe(16)  # 128 random bits
         return SessionRecord(
-            id=session_id,
+            id=arrival.id,
             arrival=arrival,
             body=body,
-            probe=Ticket(arrival.seq, arrival.at, gate=self.gate, id=session_id),
             wall_offset=self.wall_offset,
         )
 
@@ -414,8 +344,11 @@ class Service:
                 scope.cancel()  # cancelled before its task ran (the caller went away)
             task_status.started()
             closed_at_arrival = gate.closed
+            # Followers (SSE) look again once this task yields: by then the ticket has
+            # its place in the queue and a position.
+            self.registry.poke()
             try:
-                async with gate.session(arrival=record.arrival, id=record.id) as ticket:
+                async with gate.session(arrival=record.arrival) as ticket:
                     self._admitted(record, ticket)
                     value = await handler(record.body, ticket)
                     dumps(value)  # the result must be JSON; if not, the session failed
@@ -471,7 +404,7 @@ class Service:
             return
         admitted = record.admitted_at
         end = record.ended_at
-        waited = (admitted if admitted is not None else end) - record.arrival.at
+        waited = (admitted if admitted is not None else end) - record.arrival.arrived_at
         ran = end - admitted if admitted is not None else None
         self.metrics.session_ended(state, waited if admitted is not None else None, ran)
         log.log(

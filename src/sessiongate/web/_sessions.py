@@ -29,7 +29,7 @@ from typing import Any
 import attrs
 import trio
 
-from .._gate import Arrival, Gate, Ticket
+from .._gate import Gate, Ticket
 
 QUEUED = "queued"
 ACTIVE = "active"
@@ -47,11 +47,10 @@ class SessionRecord:
     """One session as the service sees it. Times are on the Trio clock."""
 
     id: str
-    arrival: Arrival
+    #: The session's ticket from its arrival on (the gate yields the same object on
+    #: admission): its stamp, and its position while queued.
+    arrival: Ticket
     body: dict[str, Any]
-    #: A ticket with this session's arrival stamp, to ask the backend for its position
-    #: while queued (the gate hands out the real ticket only on admission).
-    probe: Ticket
     #: Unix time minus Trio time, to show times as Unix time.
     wall_offset: float
     state: str = QUEUED
@@ -83,7 +82,7 @@ class SessionRecord:
         return None if self.error is None else str(self.error["error"])
 
     def position(self) -> int | None:
-        return self.probe.position if self.state == QUEUED else None
+        return self.arrival.position if self.state == QUEUED else None
 
     def cancel(self, reason: str) -> bool:
         """Cancel the session's task (queued or active); False if it already ended.
@@ -101,7 +100,7 @@ class SessionRecord:
     def to_json(self, gate: Gate) -> dict[str, Any]:
         """The session object, exactly as the SPEC names its fields."""
         now = trio.current_time()
-        arrived = self.arrival.at
+        arrived = self.arrival.arrived_at
         position = self.position()
         eta = gate.estimate_wait(position) if position is not None else None
         queue_end = self.admitted_at if self.admitted_at is not None else self.ended_at

@@ -20,11 +20,16 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .config import ConfigError, Settings, serve_help
+
+if TYPE_CHECKING:
+    from hypercorn.logging import Logger
 
 log = logging.getLogger("sessiongate.cli")
 
@@ -92,10 +97,75 @@ def _leaf(error: BaseException) -> BaseException:
     return error
 
 
+def _access_logger_class() -> type[Logger]:
+    """Hypercorn's logger with a cheaper access line (the same text as its default).
+
+    Hypercorn builds its access-log atoms eagerly for every request: every request and
+    response header and a copy of the whole process environment (``{name}e`` atoms),
+    whatever the format uses. That was about a third of a zero-length request's cost.
+    This logger writes Hypercorn's default format,
+    ``%(h)s %(l)s %(l)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"``, from the few
+    values it needs, with the timestamp formatted once a second.
+    """
+    from hypercorn.logging import Logger
+
+    class AccessLogger(Logger):
+        _stamp_second = -1
+        _stamp = ""
+
+        async def access(self, request: Any, response: Any, request_time: float) -> None:
+            logger = self.access_logger
+            if logger is None or not logger.isEnabledFor(logging.INFO):
+                return
+            now = time.time()
+            second = int(now)
+            if second != self._stamp_second:
+                self._stamp = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now))
+                self._stamp_second = second
+            client = request.get("client")
+            if client is None:
+                remote = None
+            elif len(client) == 2:
+                remote = f"{client[0]}:{client[1]}"
+            elif len(client) == 1:
+                remote = client[0]
+            else:
+                remote = f"<???{client}???>"
+            referer = agent = length = "-"
+            for name, value in request["headers"]:
+                lowered = name.lower()
+                if lowered == b"referer":
+                    referer = value.decode("latin1")
+                elif lowered == b"user-agent":
+                    agent = value.decode("latin1")
+            status = "-"
+            if response is not None:
+                status = str(response["status"])
+                for name, value in response.get("headers", ()):
+                    if name.lower() == b"content-length":
+                        length = value.decode("latin1")
+            method = request["method"] if request["type"] == "http" else "GET"
+            logger.info(
+                '%s - - %s "%s %s %s" %s %s "%s" "%s"',
+                remote,
+                self._stamp,
+                method,
+                request["path"],
+                request.get("http_version", "ws"),
+                status,
+                length,
+                referer,
+                agent,
+            )
+
+    return AccessLogger
+
+
 def hypercorn_config(settings: Settings) -> object:
     from hypercorn.config import Config
 
     config = Config()
+    config.logger_class = _access_logger_class()
     config.bind = [settings.bind]
     # Hypercorn's error log goes through the application's logging (stderr); its
     # access log to stdout, one line per request.

@@ -351,7 +351,8 @@ class Service:
                 async with gate.session(arrival=record.arrival) as ticket:
                     self._admitted(record, ticket)
                     value = await handler(record.body, ticket)
-                    dumps(value)  # the result must be JSON; if not, the session failed
+                    if handler.fn is not None:  # the built-in sleep returns parsed JSON
+                        dumps(value)  # the result must be JSON; if not, the session failed
                     state, result = COMPLETED, value
             except errors.QueueTimeout as exc:
                 record.waited = exc.waited

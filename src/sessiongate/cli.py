@@ -14,6 +14,7 @@ drains within the grace, and a worker that dies otherwise is restarted.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
@@ -79,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if settings.workers > 1:
             return trio.run(_supervise, settings)
+        _tune_gc()
         trio.run(serve, settings)
     except OSError as error:
         return _fail(f"cannot serve on {settings.bind}: {error}", 1)
@@ -89,6 +91,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(f"cannot serve on {settings.bind}: {_leaf(matched)}", 1)
     return 0
+
+
+#: Allocations between young collections (CPython's default is 700). Every request
+#: allocates a few thousand container objects, most of them freed by reference counting
+#: within the request; with the default, a zero-length request paid ~0.1 ms of cyclic GC
+#: (0.6-0.7 s of GC per ~6 000 requests, measured in-process); with these, ~0.02 ms.
+GC_THRESHOLDS = (10_000, 20, 100)
+
+
+def _tune_gc() -> None:
+    """Once, before serving: start-up objects (modules, the app) leave the collector's
+    generations for good (``gc.freeze``), and young collections run less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _leaf(error: BaseException) -> BaseException:

@@ -551,3 +551,33 @@ async def test_closed_gate_withdraws_a_reservation(autojump_clock: trio.testing.
         async with gate.session(arrival=arrival):
             pytest.fail("admitted by a closed gate")
     assert not gate.backend._reserved  # type: ignore[attr-defined]
+
+
+async def test_reservations_keep_only_the_slots_they_need(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Three free slots, two reserved stamps: the later one may enter first and take a
+    # slot at once, since one is still left for the earlier.
+    gate = Gate(capacity=3, max_wait=60.0)
+    first, second = gate.arrive(reserve=True), gate.arrive(reserve=True)
+    async with gate.session(arrival=second):
+        assert gate.queued == 0
+        assert second.waited == 0.0
+        async with gate.session(arrival=first):
+            assert gate.active == 2
+    # With one free slot, the same later stamp must wait for the earlier one.
+    gate = Gate(capacity=1, max_wait=60.0)
+    first, second = gate.arrive(reserve=True), gate.arrive(reserve=True)
+    admitted: dict[str, float] = {}
+
+    async def enter(name: str, arrival: sessiongate.Ticket) -> None:
+        async with gate.session(arrival=arrival):
+            admitted[name] = trio.current_time()
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(enter, "second", second)
+        await settle()
+        assert gate.queued == 1
+        nursery.start_soon(enter, "first", first)
+    assert admitted == {"first": 0.0, "second": 1.0}

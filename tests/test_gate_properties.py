@@ -22,6 +22,7 @@ class Visitor:
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     state: str = "queued"  # queued, active, done, expired, refused, cancelled
     admitted_at: float | None = None
+    reserved: bool = False
     go: trio.Event = attrs.Factory(trio.Event)
     entered: bool = False
 
@@ -62,11 +63,20 @@ async def _drive(
     def waiting() -> list[Visitor]:
         return [v for v in visitors if v.state == "queued" and v.entered]
 
+    def reserved_before(seq: int) -> int:
+        # Earlier stamps reserved and about to enter: each may claim a free slot first.
+        return sum(
+            w.state == "queued" and not w.entered and w.reserved and w.seq < seq for w in visitors
+        )
+
     def held_back() -> bool:
-        # An earlier stamp is reserved and about to enter: the head may wait for it.
+        # Every free slot is spoken for by an earlier reservation: the head may wait.
         backend = gate.backend
-        queue, reserved = backend._queue, backend._reserved  # type: ignore[attr-defined]
-        return bool(queue and reserved and reserved[0] < queue.peekitem(0)[0])
+        queue = backend._queue  # type: ignore[attr-defined]
+        if not queue:
+            return False
+        free = gate.capacity - gate.active
+        return reserved_before(queue.peekitem(0)[0]) >= free
 
     async def visit(v: Visitor) -> None:
         with v.scope:
@@ -80,18 +90,19 @@ async def _drive(
                     # Admitted: into a gate that had room, in FIFO order, in time.
                     if gate.active > gate.capacity:
                         violations.append(f"{v.seq} admitted over the cap")
-                    # No earlier stamp may still be waiting for a slot, nor reserved
-                    # and about to enter (one handed a slot in this same step is fine).
+                    # No earlier stamp may still be waiting for a slot (one handed a
+                    # slot in this same step is fine), and the slots left must cover
+                    # every earlier reservation about to enter.
                     backend = gate.backend
                     earlier = [
                         w.seq
                         for w in visitors
-                        if w.state == "queued"
-                        and w.seq < v.seq
-                        and (w.seq in backend._queue or w.seq in backend._reserved)  # type: ignore[attr-defined]
+                        if w.state == "queued" and w.seq < v.seq and w.seq in backend._queue  # type: ignore[attr-defined]
                     ]
                     if earlier:
                         violations.append(f"{v.seq} admitted before {earlier}")
+                    if reserved_before(v.seq) > gate.capacity - gate.active:
+                        violations.append(f"{v.seq} took a slot an earlier arrival needs")
                     if now - v.arrived_at > MAX_WAIT:
                         violations.append(f"{v.seq} admitted after waiting too long")
                     v.state, v.admitted_at = "active", now
@@ -115,7 +126,7 @@ async def _drive(
             if op == "arrive":
                 # Odd run times reserve their place: they hold back later arrivals
                 # until their task enters (on the next settle).
-                v = Visitor(gate.arrive(reserve=bool(arg % 2)), arg)
+                v = Visitor(gate.arrive(reserve=bool(arg % 2)), arg, reserved=bool(arg % 2))
                 if not arg % 2:
                     v.go.set()
                 visitors.append(v)

@@ -13,14 +13,15 @@ while anyone waits (the uncontended fast path is taken only when the queue is em
 Arrival order is the stamp's order, not the order in which tasks reach the gate: a
 ticket stamped earlier that enters later simply sorts ahead. A stamp taken with
 ``reserve`` (the web layer stamps a request before it starts the session's task) also
-holds back the fast path and the hand-off for later stamps until it enters or is
-withdrawn, so a burst of arrivals is admitted in stamp order even when Trio runs their
-tasks in reverse.
+keeps a slot for itself against later stamps until it enters or is withdrawn: a later
+stamp takes a free slot only if enough are left for every earlier reservation, so a
+burst of arrivals is admitted in stamp order even when Trio runs their tasks in
+reverse, and a burst smaller than the free slots never waits at all.
 
 Invariants (checked by the property tests):
 
-* a queued ticket is never left waiting while a token is free, unless an earlier
-  reserved stamp is about to enter;
+* a queued ticket is never left waiting while a token is free, unless every free
+  token is spoken for by an earlier reserved stamp about to enter;
 * tokens are only ever handed to the lowest stamps queued;
 * a parked waiter's abort succeeds only while it is still queued, so a waiter is either
   handed a token or leaves the queue, never both.
@@ -92,21 +93,19 @@ class MemoryBackend:
             self._reserved.remove(seq)
             self._hand_on()
 
-    def _has_free_slot(self) -> bool:
+    def _free_for(self, seq: int) -> bool:
+        """A slot is free for ``seq`` once each earlier reserved stamp, about to enter,
+        can have one too: those go first, and FIFO holds whatever order they enter in."""
         limiter = self._limiter
-        return limiter.borrowed_tokens < limiter.total_tokens
-
-    def _held_back(self, seq: int) -> bool:
-        # An earlier stamp is reserved but has not entered: it goes first.
-        reserved = self._reserved
-        return bool(reserved) and reserved[0] < seq
+        free = limiter.total_tokens - limiter.borrowed_tokens
+        return free > 0 and free > self._reserved.bisect_left(seq)
 
     def _hand_on(self) -> None:
         """Hand every free slot to the queue's heads, oldest stamp first."""
         limiter, queue = self._limiter, self._queue
         while queue and limiter.borrowed_tokens < limiter.total_tokens:
             seq, waiter = queue.peekitem(0)
-            if self._held_back(seq):
+            if not self._free_for(seq):
                 return
             del queue[seq]
             limiter.acquire_on_behalf_of_nowait(waiter.ticket)
@@ -154,7 +153,7 @@ class _Hold:
         if seq in backend._reserved:
             backend._reserved.remove(seq)
         queue = backend._queue
-        if not queue and backend._has_free_slot() and not backend._held_back(seq):
+        if not queue and backend._free_for(seq):
             # Uncontended: nobody waits and a slot is free.
             await trio.lowlevel.checkpoint_if_cancelled()
             backend._limiter.acquire_on_behalf_of_nowait(ticket)

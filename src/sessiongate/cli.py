@@ -215,10 +215,26 @@ async def serve(
     assert isinstance(config, Config)
     stop = trio.Event()
 
+    draining = False
+
     async def drain_then_stop() -> None:
+        nonlocal draining
+        if draining:
+            return
+        draining = True
         if app.service.started:
             await app.service.drain()
         stop.set()
+
+    async def watch_supervisor(fd: int) -> None:
+        # A supervised worker reads the lifeline pipe its supervisor holds open and never
+        # writes: end of file means the supervisor is gone (even SIGKILLed), and a worker
+        # must not outlive it holding the port.
+        async with trio.lowlevel.FdStream(fd) as lifeline:
+            while await lifeline.receive_some():
+                pass
+        log.warning("the supervisor is gone: draining")
+        await drain_then_stop()
 
     async def on_signals(*, task_status: trio.TaskStatus[None]) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -235,12 +251,18 @@ async def serve(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
+        lifeline = os.environ.get(LIFELINE_ENV)
+        if lifeline is not None:
+            nursery.start_soon(watch_supervisor, int(lifeline))
         # Returns once the app's lifespan has shut down (after the drain).
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
         nursery.cancel_scope.cancel()
 
 
 # -- several workers -----------------------------------------------------------------
+
+#: Names the read end of the supervisor's lifeline pipe in a worker's environment.
+LIFELINE_ENV = "_SESSIONGATE_LIFELINE_FD"
 
 
 def _listen(bind: str) -> socket.socket:
@@ -271,6 +293,10 @@ async def _supervise(settings: Settings) -> int:
     env.pop("SESSIONGATE_ADMIN_TOKEN", None)
     if settings.admin_token is not None:
         env["SESSIONGATE_ADMIN_TOKEN"] = settings.admin_token
+    # The lifeline: workers inherit its read end; the supervisor holds the write end
+    # (not inherited) until it exits, however it exits.
+    lifeline_read, lifeline_write = os.pipe()
+    env[LIFELINE_ENV] = str(lifeline_read)
     command = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", f"fd://{fd}"]
     command += ["--workers", "1"]
     stopping = trio.Event()
@@ -281,7 +307,7 @@ async def _supervise(settings: Settings) -> int:
         nonlocal failures
         while not stopping.is_set():
             process = await trio.lowlevel.open_process(
-                command, env=env, pass_fds=(fd,), start_new_session=True
+                command, env=env, pass_fds=(fd, lifeline_read), start_new_session=True
             )
             processes[index] = process
             if stopping.is_set():  # the signal came while this worker was starting
@@ -331,6 +357,8 @@ async def _supervise(settings: Settings) -> int:
                     workers.start_soon(worker, index)
             outer.cancel_scope.cancel()
     sock.close()
+    os.close(lifeline_read)
+    os.close(lifeline_write)
     return 1 if failures else 0
 
 

@@ -155,3 +155,44 @@ async def test_a_dead_worker_is_restarted(redis_url: str) -> None:
                     assert response.status_code == 200
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> None:
+    import os
+
+    with trio.fail_after(40):
+        async with serve_process(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--shutdown-grace", "1",
+        ) as (process, _base):  # fmt: skip
+
+            def children() -> set[int]:
+                found: set[int] = set()
+                for task in os.listdir(f"/proc/{process.pid}/task"):
+                    with open(f"/proc/{process.pid}/task/{task}/children") as file:
+                        found.update(int(pid) for pid in file.read().split())
+                return found
+
+            async def two_workers() -> bool:
+                await trio.lowlevel.checkpoint()
+                return len(children()) == 2
+
+            await until(two_workers)
+            workers = children()
+            process.kill()  # SIGKILL: the supervisor relays nothing
+            await process.wait()
+
+            async def all_gone() -> bool:
+                await trio.lowlevel.checkpoint()
+                return all(_zombie_or_gone(pid) for pid in workers)
+
+            # Their lifeline pipe hits end of file: they drain (nothing active) and exit.
+            await until(all_gone)
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

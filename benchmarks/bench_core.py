@@ -89,19 +89,12 @@ async def _loop_limiter(n: int) -> float:
     return (perf() - t0) / n
 
 
-def _make_gate(capacity: int, max_wait: float, max_queue: int, proto: bool) -> sessiongate.Gate:
-    backend = None
-    if proto:
-        from _proto_handoff import HandoffBackend
-
-        backend = HandoffBackend(capacity)
-    return sessiongate.Gate(
-        capacity=capacity, max_wait=max_wait, max_queue=max_queue, backend=backend
-    )
+def _make_gate(capacity: int, max_wait: float, max_queue: int) -> sessiongate.Gate:
+    return sessiongate.Gate(capacity=capacity, max_wait=max_wait, max_queue=max_queue)
 
 
-async def _loop_gate(n: int, proto: bool = False) -> float:
-    gate = _make_gate(50, 60.0, 10_000, proto)
+async def _loop_gate(n: int) -> float:
+    gate = _make_gate(50, 60.0, 10_000)
     t0 = perf()
     for _ in range(n):
         async with gate.session():
@@ -117,8 +110,8 @@ async def _loop_checkpoint(n: int) -> float:
     return (perf() - t0) / n
 
 
-def bench_uncontended(n: int, repeats: int, proto: bool = False) -> dict[str, Any]:
-    results: dict[str, list[float]] = {"limiter": [], "gate": [], "checkpoint": [], "proto": []}
+def bench_uncontended(n: int, repeats: int) -> dict[str, Any]:
+    results: dict[str, list[float]] = {"limiter": [], "gate": [], "checkpoint": []}
 
     async def main() -> None:
         # Warm up both paths once.
@@ -129,8 +122,6 @@ def bench_uncontended(n: int, repeats: int, proto: bool = False) -> dict[str, An
             results["limiter"].append(await _loop_limiter(n))
             results["gate"].append(await _loop_gate(n))
             results["checkpoint"].append(await _loop_checkpoint(n))
-            if proto:
-                results["proto"].append(await _loop_gate(n, proto=True))
 
     trio.run(main)
     progress_done()
@@ -144,7 +135,6 @@ def bench_uncontended(n: int, repeats: int, proto: bool = False) -> dict[str, An
         "ratio": median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
-        "proto_s": median(results["proto"]) if proto else math.nan,
     }
 
 
@@ -297,7 +287,7 @@ def memory_breakdown(waiters: int, top: int = 20) -> str:
 # -- 2. hand-off --------------------------------------------------------------------------
 
 
-def bench_handoff(waiters: int, repeats: int, proto: bool = False) -> dict[str, Any]:
+def bench_handoff(waiters: int, repeats: int) -> dict[str, Any]:
     """Capacity 1 and a queue of ``waiters``: the time from a holder's last instruction
     in its body to the next holder's first, for each hand-off.
 
@@ -309,15 +299,8 @@ def bench_handoff(waiters: int, repeats: int, proto: bool = False) -> dict[str, 
     gaps: dict[str, list[float]] = {}
 
     async def chain(kind: str, steady: bool) -> None:
-        if kind in ("gate", "proto"):
-            backend = None
-            if kind == "proto":
-                from _proto_handoff import HandoffBackend
-
-                backend = HandoffBackend(1)
-            gate = sessiongate.Gate(
-                capacity=1, max_wait=3600.0, max_queue=waiters + 1, backend=backend
-            )
+        if kind == "gate":
+            gate = _make_gate(1, 3600.0, waiters + 1)
 
             def slot() -> Any:
                 return gate.session()
@@ -352,8 +335,6 @@ def bench_handoff(waiters: int, repeats: int, proto: bool = False) -> dict[str, 
             for steady in (True, False):
                 await chain("limiter", steady)
                 await chain("gate", steady)
-                if proto:
-                    await chain("proto", steady)
 
     trio.run(main)
     progress_done()
@@ -383,7 +364,7 @@ def child_memory(kind: str, waiters: int, method: str) -> dict[str, Any]:
             pass
 
     async def main() -> None:
-        gate = _make_gate(1, 3600.0, waiters + 1, kind == "proto")
+        gate = _make_gate(1, 3600.0, waiters + 1)
         event = trio.Event()
         async with trio.open_nursery() as nursery, gate.session():
             gc.collect()
@@ -395,7 +376,7 @@ def child_memory(kind: str, waiters: int, method: str) -> dict[str, Any]:
                 before = rss_bytes()
             t0 = perf()
             for _ in range(waiters):
-                if kind in ("gate", "proto"):
+                if kind == "gate":
                     nursery.start_soon(park_on_gate, gate)
                 else:
                     nursery.start_soon(park_on_event, event)
@@ -429,11 +410,10 @@ def run_child(args: list[str], timeout: float) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_memory(waiters: int, proto: bool = False) -> dict[str, Any]:
+def bench_memory(waiters: int) -> dict[str, Any]:
     out: dict[str, Any] = {"waiters": waiters}
-    kinds = ("event", "gate", "proto") if proto else ("event", "gate")
     for method in ("tracemalloc", "rss"):
-        for kind in kinds:
+        for kind in ("event", "gate"):
             progress(f"memory: {waiters} {kind} waiters, {method}")
             out[f"{kind}_{method}"] = run_child(
                 [
@@ -455,8 +435,6 @@ def bench_memory(waiters: int, proto: bool = False) -> dict[str, Any]:
         out[f"{method}_per_task"] = task
         out[f"{method}_per_gate_waiter"] = gate
         out[f"{method}_beyond_task"] = gate - task
-        if proto:
-            out[f"{method}_proto_beyond_task"] = out[f"proto_{method}"]["bytes"] / waiters - task
     return out
 
 
@@ -489,15 +467,8 @@ def child_workload(system: str, cfg: dict[str, Any]) -> dict[str, Any]:
     peak = rss0
     extra: dict[str, Any] = {}
 
-    if system in ("sessiongate", "proto"):
-        backend = None
-        if system == "proto":
-            from _proto_handoff import HandoffBackend
-
-            backend = HandoffBackend(capacity)
-        gate = sessiongate.Gate(
-            capacity=capacity, max_wait=deadline, max_queue=n + 1, backend=backend
-        )
+    if system == "sessiongate":
+        gate = _make_gate(capacity, deadline, n + 1)
 
         async def client(i: int) -> None:
             rec = records[i]
@@ -603,10 +574,8 @@ def child_workload(system: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def bench_workload(
-    cfg: dict[str, Any], runs: int, proto: bool = False
-) -> dict[str, list[dict[str, Any]]]:
-    systems = ("article", "sessiongate", "proto") if proto else ("article", "sessiongate")
+def bench_workload(cfg: dict[str, Any], runs: int) -> dict[str, list[dict[str, Any]]]:
+    systems = ("article", "sessiongate")
     out: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
     budget = cfg["bursts"] * cfg["interval"] + cfg["deadline"] + cfg["poll"] + cfg["session"]
     for _ in range(runs):
@@ -629,7 +598,6 @@ def _med(runs: list[dict[str, Any]], key: str) -> float:
 
 def report_workload(cfg: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -> str:
     art, ours = results["article"], results["sessiongate"]
-    proto = results.get("proto")
     tol = "50 ms"
 
     def int_cell(runs: list[dict[str, Any]], key: str) -> str:
@@ -655,12 +623,8 @@ def report_workload(cfg: dict[str, Any], results: dict[str, list[dict[str, Any]]
         ("RSS growth, peak", lambda r: fmt_bytes(_med(r, "rss_growth_peak"))),
         ("RSS growth, after the run", lambda r: fmt_bytes(_med(r, "rss_growth_after"))),
     ]
-    header: tuple[str, ...] = ("figure", "article (asyncio)", "sessiongate (trio)")
-    if proto:
-        header += ("prototype: releaser hand-off",)
-        body = [(name, fn(art), fn(ours), fn(proto)) for name, fn in rows]
-    else:
-        body = [(name, fn(art), fn(ours)) for name, fn in rows]
+    header = ("figure", "article (asyncio)", "sessiongate (trio)")
+    body = [(name, fn(art), fn(ours)) for name, fn in rows]
     n = len(art)
     head = (
         f"Workload: {cfg['bursts']} bursts of {cfg['burst']} arrivals every "
@@ -690,11 +654,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--payload", type=int, default=256, help="bytes of text per payload")
     p.add_argument("--runs", type=int, default=1, help="workload runs per system (median)")
-    p.add_argument(
-        "--proto",
-        action="store_true",
-        help="add a column for the prototype backend in _proto_handoff.py (hand-off too)",
-    )
     # Internal: child processes.
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
@@ -724,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     if "uncontended" in only:
-        u = bench_uncontended(a.uncontended_n, a.repeats, a.proto)
+        u = bench_uncontended(a.uncontended_n, a.repeats)
         print(
             f"\n## Uncontended enter+exit ({u['n']} iterations x {u['repeats']} rounds, "
             "interleaved, medians)\n"
@@ -739,17 +698,6 @@ def main(argv: list[str] | None = None) -> None:
                         "async with gate.session()",
                         fmt_us(u["gate_s"]),
                         f"{u['ratio']:.2f}x (rounds {u['ratio_min']:.2f}-{u['ratio_max']:.2f}x)",
-                    ),
-                    *(
-                        [
-                            (
-                                "gate.session(), prototype backend",
-                                fmt_us(u["proto_s"]),
-                                f"{u['proto_s'] / u['limiter_s']:.2f}x",
-                            )
-                        ]
-                        if a.proto
-                        else []
                     ),
                 ],
             )
@@ -771,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
         print("```\n" + profile_uncontended(a.uncontended_n).rstrip() + "\n```")
 
     if "handoff" in only:
-        h = bench_handoff(a.handoff_waiters, a.handoff_repeats, a.proto)
+        h = bench_handoff(a.handoff_waiters, a.handoff_repeats)
         print(
             f"\n## Hand-off: holder's exit -> next waiter running (capacity 1, "
             f"{a.handoff_waiters} queued, {a.handoff_repeats} rounds, real clock)\n"
@@ -796,10 +744,8 @@ def main(argv: list[str] | None = None) -> None:
                     for label, k in (
                         ("trio.CapacityLimiter, steady", "limiter-steady"),
                         ("gate.session(), steady", "gate-steady"),
-                        ("prototype backend, steady", "proto-steady"),
                         ("trio.CapacityLimiter, back-to-back", "limiter-b2b"),
                         ("gate.session(), back-to-back", "gate-b2b"),
-                        ("prototype backend, back-to-back", "proto-b2b"),
                     )
                     if k in h
                 ],
@@ -809,7 +755,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nSteady p50, gate vs bare limiter: {ratio:.2f}x.")
 
     if "memory" in only:
-        m = bench_memory(a.waiters, a.proto)
+        m = bench_memory(a.waiters)
         print(f"\n## Memory per queued waiter ({a.waiters} waiters, capacity 1)\n")
         print(
             table(
@@ -827,12 +773,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         beyond = m["tracemalloc_beyond_task"]
         verdict = "met" if beyond < 2048 else "MISSED"
-        if a.proto:
-            print(
-                "\nPrototype backend, beyond the task: "
-                f"{fmt_bytes(m['tracemalloc_proto_beyond_task'])} (tracemalloc), "
-                f"{fmt_bytes(m['rss_proto_beyond_task'])} (RSS)."
-            )
         print(
             f"\nTarget < 2 KiB beyond the task (tracemalloc): {verdict}. Parking "
             f"{a.waiters} waiters took {m['gate_rss']['park_s']:.2f} s "
@@ -850,7 +790,7 @@ def main(argv: list[str] | None = None) -> None:
             "interval": a.interval,
             "payload": a.payload,
         }
-        res = bench_workload(cfg, a.runs, a.proto)
+        res = bench_workload(cfg, a.runs)
         print("\n## Workload: the article's algorithm vs sessiongate\n")
         print(report_workload(cfg, res))
 

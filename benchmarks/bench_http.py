@@ -182,13 +182,12 @@ def sessiongate_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [PY, "-m", "sessiongate.cli"]
 
 
-async def start_sessiongate(capacity: int, deadline: float, proto: bool = False) -> Server:
+async def start_sessiongate(capacity: int, deadline: float) -> Server:
     port = free_port()
-    launcher = [PY, str(HERE / "_serve_proto.py")] if proto else sessiongate_cmd()
-    cmd = [*launcher, "serve", "--bind", f"{HOST}:{port}"]
+    cmd = [*sessiongate_cmd(), "serve", "--bind", f"{HOST}:{port}"]
     cmd += ["--capacity", str(capacity), "--max-wait", f"{deadline:g}"]
     cmd += ["--max-queue", "100000", "--shutdown-grace", "1"]
-    name = "sessiongate-proto" if proto else "sessiongate"
+    name = "sessiongate"
     proc = _spawn(name, cmd)
     await wait_ready(port, [proc], name)
     return Server(name, port, "/sessions", [proc])
@@ -282,8 +281,6 @@ def parse(system: str, exchanges: list[Exchange], deadline: float) -> Parsed:
         out.statuses[ex.status] = out.statuses.get(ex.status, 0) + 1
         latency = ex.t_recv - ex.t_send
         out.latency_all.append(latency)
-        if system == "sessiongate-proto":
-            system = "sessiongate"
         if system not in ("sessiongate", "article", "haproxy"):
             if ex.status == 200:
                 out.latency_ok.append(latency)
@@ -466,8 +463,6 @@ def summarise(system: str, sc: Scenario, run: dict[str, Any]) -> dict[str, Any]:
 async def start(system: str, sc: Scenario) -> Server | None:
     if system == "sessiongate":
         return await start_sessiongate(sc.capacity, sc.deadline)
-    if system == "sessiongate-proto":
-        return await start_sessiongate(sc.capacity, sc.deadline, proto=True)
     if system == "article":
         return await start_article(sc.capacity, sc.deadline, sc.session)
     if system == "haproxy":
@@ -663,7 +658,6 @@ LABELS = {
     "haproxy": "HAProxy + sleeper",
     "bare-quart": "bare Quart-Trio",
     "sessiongate-healthz": "sessiongate GET /healthz",
-    "sessiongate-proto": "sessiongate + prototype hand-off",
 }
 
 
@@ -792,6 +786,27 @@ def render(results: dict[str, dict[str, Any]], rows: list[tuple[str, Any, str]])
     return table(header, body) + skipped_notes(results)
 
 
+def _git_rev() -> str:
+    """The commit measured, and whether src/ had uncommitted edits (others work live)."""
+    root = str(HERE.parent)
+    try:
+        rev = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + (" + uncommitted src/ edits" if dirty else "")
+
+
 def _loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -850,7 +865,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--systems",
         default="sessiongate,article,haproxy",
-        help="add sessiongate-proto for the prototype backend of _proto_handoff.py",
+        help="comma-separated: sessiongate, article, haproxy (throughput adds bare-quart)",
     )
     p.add_argument("--scenarios", default="saturation,overload,throughput")
     p.add_argument("--capacity", type=int, default=50)
@@ -875,7 +890,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     print(
         f"# bench_http: Python {platform.python_version()}, {len(os.sched_getaffinity(0))} CPUs, "
-        f"load average {_loadavg()}, haproxy {'yes' if shutil.which('haproxy') else 'no'}"
+        f"load average {_loadavg()}, haproxy {'yes' if shutil.which('haproxy') else 'no'}, "
+        f"tree {_git_rev()}"
     )
     try:
         report = asyncio.run(amain(a))

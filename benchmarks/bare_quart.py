@@ -6,6 +6,11 @@ zero-length ``sleep`` sessions do, with no gate. Served as ``sessiongate serve``
 difference left is the gate and the session bookkeeping::
 
     .venv/bin/python benchmarks/bare_quart.py 127.0.0.1:8003
+    .venv/bin/python benchmarks/bare_quart.py 127.0.0.1:8003 --tuned
+
+``--tuned`` also takes the server tuning that ``sessiongate serve`` applies and that is
+not about the gate (its lighter access logger, same line; its GC settings), so that the
+comparison can be made against the same server with and without the gate.
 """
 
 from __future__ import annotations
@@ -34,11 +39,19 @@ async def healthz() -> Any:
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    tuned = "--tuned" in args
+    args = [a for a in args if a != "--tuned"]
     config = Config()
-    config.bind = [sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:8003"]
+    config.bind = [args[0] if args else "127.0.0.1:8003"]
     config.accesslog = "-"
     config.errorlog = "-"
     config.backlog = 2048
+    if tuned:
+        from sessiongate.cli import _access_logger_class, _tune_gc
+
+        config.logger_class = _access_logger_class()
+        _tune_gc()
     trio.run(serve, app, config)
 
 

@@ -283,7 +283,6 @@ class Service:
         except BaseException:
             self.gate.withdraw(record.arrival)  # idempotent: the task may have entered
             raise
-        registry.poke()
         if self.shared_backend:
             await self._settle(record)
         elif record.state == QUEUED:
@@ -349,7 +348,7 @@ class Service:
             self.registry.poke()
             try:
                 async with gate.session(arrival=record.arrival) as ticket:
-                    self._admitted(record, ticket)
+                    self._admitted(record)
                     value = await handler(record.body, ticket)
                     if handler.fn is not None:  # the built-in sleep returns parsed JSON
                         dumps(value)  # the result must be JSON; if not, the session failed
@@ -373,9 +372,7 @@ class Service:
             state, error, result = CANCELLED, _error(reason), None
         self._end(record, state, error=error, result=result)
 
-    def _admitted(self, record: SessionRecord, ticket: Ticket) -> None:
-        record.ticket = ticket
-        record.admitted_at = ticket.admitted_at
+    def _admitted(self, record: SessionRecord) -> None:
         record.state = ACTIVE
         self.registry.changed(record)
 

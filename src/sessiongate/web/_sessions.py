@@ -54,8 +54,6 @@ class SessionRecord:
     #: Unix time minus Trio time, to show times as Unix time.
     wall_offset: float
     state: str = QUEUED
-    ticket: Ticket | None = None
-    admitted_at: float | None = None
     ended_at: float | None = None
     result: Any = None
     error: dict[str, Any] | None = None
@@ -72,6 +70,11 @@ class SessionRecord:
     transitions: list[dict[str, Any]] = attrs.Factory(list)
     #: Event streams following this session; snapshots are kept only while there are.
     watchers: int = 0
+
+    @property
+    def admitted_at(self) -> float | None:
+        """When the session got its slot (Trio clock): the gate sets it on the ticket."""
+        return self.arrival.admitted_at
 
     @property
     def ended(self) -> bool:

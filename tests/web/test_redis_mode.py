@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import uuid
 import warnings
@@ -119,8 +120,6 @@ async def test_unreachable_redis_is_refused_fast_and_the_service_stays_up() -> N
 
 
 async def test_a_dead_worker_is_restarted(redis_url: str) -> None:
-    import os
-
     with trio.fail_after(40):
         async with serve_process(
             "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
@@ -128,12 +127,7 @@ async def test_a_dead_worker_is_restarted(redis_url: str) -> None:
         ) as (process, base):  # fmt: skip
 
             def children() -> set[int]:
-                # Trio spawns processes from worker threads: look at every thread.
-                found: set[int] = set()
-                for task in os.listdir(f"/proc/{process.pid}/task"):
-                    with open(f"/proc/{process.pid}/task/{task}/children") as file:
-                        found.update(int(pid) for pid in file.read().split())
-                return found
+                return _children(process.pid)
 
             async def two_workers() -> bool:
                 await trio.lowlevel.checkpoint()
@@ -158,8 +152,6 @@ async def test_a_dead_worker_is_restarted(redis_url: str) -> None:
 
 
 async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> None:
-    import os
-
     with trio.fail_after(40):
         async with serve_process(
             "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
@@ -167,11 +159,7 @@ async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> Non
         ) as (process, _base):  # fmt: skip
 
             def children() -> set[int]:
-                found: set[int] = set()
-                for task in os.listdir(f"/proc/{process.pid}/task"):
-                    with open(f"/proc/{process.pid}/task/{task}/children") as file:
-                        found.update(int(pid) for pid in file.read().split())
-                return found
+                return _children(process.pid)
 
             async def two_workers() -> bool:
                 await trio.lowlevel.checkpoint()
@@ -188,6 +176,15 @@ async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> Non
 
             # Their lifeline pipe hits end of file: they drain (nothing active) and exit.
             await until(all_gone)
+
+
+def _children(pid: int) -> set[int]:
+    # Trio spawns processes from worker threads: look at every thread of the supervisor.
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as file:
+            found.update(int(child) for child in file.read().split())
+    return found
 
 
 def _zombie_or_gone(pid: int) -> bool:

@@ -76,8 +76,10 @@ async def test_oversized_body_is_refused_before_it_is_read() -> None:
             stream = await raw_request(port_of(base), head + b"{" + b" " * 500)
             async with stream:
                 status, headers, body = await read_response(stream)
-            assert status == 413 and json.loads(body)["error"] == "body_too_large"
-            assert headers.get("connection", "").lower() == "close"
+                assert status == 413 and json.loads(body)["error"] == "body_too_large"
+                assert headers.get("connection", "").lower() == "close"
+                with trio.fail_after(2):
+                    assert await stream.receive_some() == b""  # the server closed it
             assert app.service.gate.stats().admitted == 0
 
 

@@ -9,7 +9,7 @@ difference left is the gate and the session bookkeeping::
     .venv/bin/python benchmarks/bare_quart.py 127.0.0.1:8003 --tuned
 
 ``--tuned`` also takes the server tuning that ``sessiongate serve`` applies and that is
-not about the gate (its lighter access logger, same line; its GC settings), so that the
+not about the gate (its lighter access logger, same line; its GC and logging settings), so that the
 comparison can be made against the same server with and without the gate.
 """
 
@@ -48,10 +48,11 @@ def main() -> None:
     config.errorlog = "-"
     config.backlog = 2048
     if tuned:
-        from sessiongate.cli import _access_logger_class, _tune_gc
+        from sessiongate.cli import _access_logger_class, _tune_gc, _tune_logging
 
         config.logger_class = _access_logger_class()
         _tune_gc()
+        _tune_logging()
     trio.run(serve, app, config)
 
 

@@ -139,6 +139,46 @@ async def test_admitted_just_before_the_deadline_runs_in_full(
     assert not rec.refused
 
 
+async def test_a_handoff_is_stamped_at_the_instant_the_slot_is_handed_over(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # The releaser hands its slot over as it leaves; the waiter's task only runs a
+    # scheduler pass later (here a second later, as on a busy server). The admission is
+    # the hand-off, never earlier than the release: the slot is never counted twice.
+    gate = Gate(capacity=1, max_wait=60.0)
+    tickets: dict[str, sessiongate.Ticket] = {}
+    resumed: list[float] = []
+    leave = trio.Event()
+
+    async def holder() -> None:
+        async with gate.session() as ticket:
+            tickets["holder"] = ticket
+            await leave.wait()
+        mock_clock.jump(1.0)  # the releaser's step goes on after the hand-off
+
+    async def waiter() -> None:
+        async with gate.session() as ticket:
+            tickets["waiter"] = ticket
+            resumed.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder)
+        await settle()
+        mock_clock.jump(2.0)
+        nursery.start_soon(waiter)
+        await settle()
+        assert tickets["holder"].released_at is None
+        mock_clock.jump(3.0)
+        leave.set()
+    held, handed = tickets["holder"], tickets["waiter"]
+    assert (held.admitted_at, held.released_at) == (0.0, 5.0)
+    assert handed.arrived_at == 2.0
+    assert (handed.admitted_at, handed.waited) == (5.0, 3.0)
+    assert resumed == [6.0]
+    assert handed.released_at == 6.0
+    assert gate.stats().wait_p99 == 3.0
+
+
 async def test_slot_freed_at_the_deadline_instant_is_not_lost(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -61,8 +61,15 @@ class Ticket:
     arrived_at: float
     _gate: Gate = attrs.field(repr=False, alias="gate")
     _id: str | None = attrs.field(default=None, alias="id")
-    #: When the session got its slot; None while queued (or if it never did).
+    #: When the session got its slot; None while queued (or if it never did). For a
+    #: queued session that is the instant a releaser handed it the slot (its task runs
+    #: a scheduler pass later), so a hand-off's gap is the gate's, not the scheduler's.
     admitted_at: float | None = None
+    #: When the session gave its slot back (left ``session()``); None until then.
+    released_at: float | None = None
+    #: Set by a backend that hands a freed slot straight to this parked ticket: the
+    #: instant of the hand-off, which becomes ``admitted_at`` when the task resumes.
+    granted_at: float | None = None
     #: Distributed mode: the lease's fencing token, a number that only grows. A
     #: downstream store that remembers the highest token it has seen can refuse a late
     #: writer whose lease has lapsed. None on the in-memory backend.
@@ -273,7 +280,7 @@ class Gate:
                 try:
                     yield ticket
                 finally:
-                    self._on_ended()
+                    self._on_ended(ticket)
         # The outcome is classified once ``hold`` has exited, so that what the backend
         # made of the body's exit counts (a Redis lease lost mid-session turns the
         # body's cancellation into LeaseLost: a failure, not a cancellation).
@@ -303,7 +310,8 @@ class Gate:
 
     def _on_admitted(self, ticket: Ticket) -> None:
         self._waiting.pop(ticket, None)
-        now = trio.current_time()
+        granted = ticket.granted_at
+        now = granted if granted is not None else trio.current_time()
         ticket.admitted_at = now
         waited = now - ticket.arrived_at
         self._admitted += 1
@@ -312,7 +320,10 @@ class Gate:
             self._handoffs.add(now)
         self._local_active += 1
 
-    def _on_ended(self) -> None:
+    def _on_ended(self, ticket: Ticket) -> None:
+        # Stamped before the backend hands the slot on, so a successor's admission
+        # never precedes this release.
+        ticket.released_at = trio.current_time()
         self._local_active -= 1
         if self._idle is not None and self._local_active == 0:
             self._idle.set()

@@ -387,7 +387,10 @@ class Service:
         record.state = state
         record.error = error
         record.result = result
-        record.ended_at = trio.current_time()
+        # An admitted session ended when it gave its slot back (a successor may have
+        # been admitted in that same instant); any other when it was refused or expired.
+        released = record.arrival.released_at
+        record.ended_at = released if released is not None else trio.current_time()
         if self._registry is not None:
             self._registry.finish(record)
         else:

@@ -12,7 +12,8 @@ with ``time.perf_counter()`` (the same clock for every system in a run):
 From those, :func:`analyse` derives the figures every benchmark prints the same way:
 
 * *utilisation while saturated*: over the time when at least one session was waiting,
-  the mean of (sessions running / capacity);
+  the mean of (sessions running / capacity); also after the first second alone (the
+  steady state, without the opening burst that the server is still reading);
 * *hand-off gap*: for each release that happened while somebody waited, the time until
   the next admission (releases are matched to admissions oldest first);
 * *FIFO inversions*: sessions admitted while an earlier arrival was still waiting, by
@@ -86,6 +87,8 @@ class Analysis:
     other: int = 0
     saturated_s: float = 0.0
     utilisation: float = NAN
+    #: The same after the first ``steady_after`` seconds (the opening burst excluded).
+    utilisation_steady: float = NAN
     handoff_gaps: list[float] = field(default_factory=list)
     idle_releases: int = 0
     fifo_inversions: int = 0
@@ -106,6 +109,7 @@ class Analysis:
             "other": self.other,
             "saturated_s": self.saturated_s,
             "utilisation": self.utilisation,
+            "utilisation_steady": self.utilisation_steady,
             "handoffs": len(gaps),
             "handoff_p50_s": quantile(gaps, 0.5),
             "handoff_p99_s": quantile(gaps, 0.99),
@@ -133,6 +137,7 @@ def analyse(
     deadline: float,
     tolerance: float = 0.05,
     fifo_guard: float = 0.002,
+    steady_after: float = 1.0,
 ) -> Analysis:
     recs = list(records)
     out = Analysis(arrivals=len(recs))
@@ -166,11 +171,18 @@ def analyse(
     pending: deque[float] = deque()
     busy = 0.0
     prev = events[0][0]
+    steady_from = prev + steady_after
+    steady_s = steady_busy = 0.0
     for t, kind in events:
         if waiting > 0:
             dt = t - prev
             out.saturated_s += dt
-            busy += dt * min(active, capacity) / capacity
+            share = min(active, capacity) / capacity
+            busy += dt * share
+            if t > steady_from:
+                steady_dt = t - max(prev, steady_from)
+                steady_s += steady_dt
+                steady_busy += steady_dt * share
         prev = t
         if kind == _ARRIVE:
             waiting += 1
@@ -190,6 +202,7 @@ def analyse(
             if waiting > 0:
                 pending.append(t)
     out.utilisation = busy / out.saturated_s if out.saturated_s > 0 else NAN
+    out.utilisation_steady = steady_busy / steady_s if steady_s > 0 else NAN
 
     # FIFO: walking in arrival order, an admitted session is an inversion if some
     # earlier arrival was still waiting (had neither been admitted nor expired) then.

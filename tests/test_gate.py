@@ -179,6 +179,26 @@ async def test_a_handoff_is_stamped_at_the_instant_the_slot_is_handed_over(
     assert gate.stats().wait_p99 == 3.0
 
 
+async def test_on_queued_hears_of_each_ticket_that_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=60.0)
+    heard: list[tuple[sessiongate.Ticket, bool, int]] = []
+    gate.on_queued = lambda ticket: heard.append((ticket, ticket.queued, gate.queued))
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "first", 1.0)  # a free slot: never queued
+        await settle()
+        assert heard == []
+        nursery.start_soon(rec.session, "second", 1.0)
+        await settle()
+        assert len(heard) == 1
+    ticket, queued, in_queue = heard[0]
+    # Heard at the moment it took its place, before it was admitted.
+    assert ticket is rec.tickets["second"] and queued and in_queue == 1
+    assert not rec.tickets["first"].queued
+
+
 async def test_slot_freed_at_the_deadline_instant_is_not_lost(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -78,6 +78,14 @@ class Ticket:
     #: admission after that is a hand-off (what the ETA and Retry-After estimate from).
     queued: bool = False
 
+    def mark_queued(self) -> None:
+        """For backends: the ticket now waits in the queue, so its admission will be a
+        hand-off; the gate's :attr:`Gate.on_queued` hook hears of it at once."""
+        self.queued = True
+        hook = self._gate.on_queued
+        if hook is not None:
+            hook(self)
+
     @property
     def id(self) -> str:
         """An unguessable id (at least 128 random bits), made on first use."""
@@ -159,6 +167,10 @@ class Gate:
         self._cancelled = 0
         self._waits = WaitQuantiles()
         self._handoffs = HandoffRate()
+        #: Called, synchronously, when one of this gate's tickets starts waiting in the
+        #: queue (the web layer wakes its event streams and async answers with it).
+        #: It must not block or raise.
+        self.on_queued: Callable[[Ticket], None] | None = None
 
     # -- sizes ------------------------------------------------------------------------
 

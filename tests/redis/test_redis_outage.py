@@ -142,8 +142,12 @@ async def test_starting_while_redis_is_down(own_redis: RedisServer, gate_name: s
                 async with gate.session():
                     raise AssertionError("admitted without Redis")
             assert trio.current_time() - start < 1.0
+            with trio.move_on_after(0.3):
+                await backend.wait_healthy()  # Redis is still down: it must not return
+                raise AssertionError("wait_healthy() returned while Redis was down")
             own_redis.start()
-            await wait_until(lambda: backend.healthy)
+            await backend.wait_healthy()  # woken by the recovery, no polling
+            assert backend.healthy
             async with gate.session() as ticket:
                 assert ticket.fencing_token is not None
                 assert backend.capacity == 3

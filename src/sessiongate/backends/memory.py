@@ -172,7 +172,7 @@ class _Hold:
             # This stamp may sort first, or its reservation may have held others back.
             backend._hand_on()
             if seq in queue:
-                ticket.queued = True  # it waits: its admission will be a hand-off
+                ticket.mark_queued()  # it waits: its admission will be a hand-off
                 self.task = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._abort)
             else:

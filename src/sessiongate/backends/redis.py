@@ -139,6 +139,8 @@ class RedisBackend:
         self._healthy = False
         self._last_ok = -math.inf
         self._subscribed = False
+        # Set while ``healthy`` holds; replaced by a fresh one when it stops holding.
+        self._healthy_now = trio.Event()
         self._reap_at = math.inf
         self._reap_scope = trio.CancelScope()
         self._reap_floor = -math.inf
@@ -182,6 +184,17 @@ class RedisBackend:
     def healthy(self) -> bool:
         """Redis answered the latest call and the hand-off listener is subscribed."""
         return self._healthy and self._subscribed
+
+    async def wait_healthy(self) -> None:
+        """Return once :attr:`healthy` holds (at once if it does)."""
+        while not self.healthy:
+            await self._healthy_now.wait()
+
+    def _health_moved(self) -> None:
+        if self.healthy:
+            self._healthy_now.set()
+        elif self._healthy_now.is_set():
+            self._healthy_now = trio.Event()
 
     def reserve(self, seq: int) -> None:
         """No-op: a queued place is the arrival time on Redis's clock, so an arrival
@@ -227,9 +240,11 @@ class RedisBackend:
             if self._healthy:
                 logger.warning("Redis unreachable (%s): %r", op, exc)
             self._healthy = False
+            self._health_moved()
             raise _Unreachable(op) from exc
         answered = trio.current_time()
         self._healthy = True
+        self._health_moved()
         self._last_ok = answered
         result = list(cast("Sequence[Any]", raw))
         figures = Figures.from_answer(result)
@@ -375,7 +390,7 @@ class RedisBackend:
         if answer_scope.cancelled_caught or waiter.status not in ("Q", "G"):
             raise BackendUnavailable("Redis did not answer in time") from waiter.error
         if not waiter.granted.is_set():
-            ticket.queued = True  # it waits: its admission will be a hand-off
+            ticket.mark_queued()  # it waits: its admission will be a hand-off
         await waiter.granted.wait()
 
     def _lease_from(self, waiter: Waiter) -> Lease:
@@ -553,6 +568,7 @@ class RedisBackend:
                     # Subscribed: anything published from now on reaches us, so a
                     # snapshot taken now plus the messages after it is complete.
                     self._subscribed = True
+                    self._health_moved()
                     self._resync_wanted.set()
                     self._renew_queue_now.set()
                     backoff = 0.05
@@ -563,6 +579,7 @@ class RedisBackend:
                 if self._subscribed:
                     logger.warning("hand-off listener lost Redis: %r", exc)
             self._subscribed = False
+            self._health_moved()
             self._mirror.ok = False
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 0.5)

@@ -56,6 +56,8 @@ CUT_BOUND = 5.0
 ANSWER_BOUND = 1.0
 #: How long start-up waits for a Redis backend to report itself healthy.
 STARTUP_HEALTH_WAIT = 2.0
+#: How long an asynchronous request waits for a shared backend to queue or refuse it.
+SETTLE_BOUND = 1.0
 
 _DETAILS = {
     "cancelled": "the session was cancelled (DELETE)",
@@ -158,10 +160,8 @@ class Service:
                     # Start serving once Redis answers (and its hand-off listener is
                     # subscribed), but never hang start-up on a Redis that is down: the
                     # service comes up refusing with backend_unavailable, and recovers.
-                    # The backend offers no event for this, so it is polled, briefly.
                     with trio.move_on_after(STARTUP_HEALTH_WAIT):
-                        while not self.backend_healthy:  # noqa: ASYNC110
-                            await trio.sleep(0.01)
+                        await self.backend.wait_healthy()
                 else:
                     self.backend = MemoryBackend(settings.capacity)
                 self._gate = Gate(
@@ -171,6 +171,8 @@ class Service:
                     backend=self.backend,
                 )
                 self._registry = Registry(self._gate, settings.result_ttl, settings.result_max)
+                # A session taking its queue place wakes event streams and async answers.
+                self._gate.on_queued = self._on_queued
                 self._handler = Handler(
                     self.handler_fn,
                     settings.max_duration,
@@ -293,10 +295,13 @@ class Service:
     async def _settle(self, record: SessionRecord) -> None:
         # A shared backend queues over the network: give it up to 1 s to say whether
         # the session is queued, admitted or refused, so a refusal is answered as one.
-        with trio.move_on_after(1.0):
-            while record.state == QUEUED and record.position() is None:
-                with trio.move_on_after(0.01):
-                    await self.registry.pulse.wait()
+        # Each of those pokes the registry (``_on_queued``, ``_admitted``, ``_end``).
+        with trio.move_on_after(SETTLE_BOUND):
+            while record.state == QUEUED and not record.arrival.queued:
+                await self.registry.pulse.wait()
+
+    def _on_queued(self, ticket: Ticket) -> None:
+        self.registry.poke()
 
     async def wait_sync(self, record: SessionRecord) -> None:
         """Wait for a synchronous caller's session to end."""
@@ -343,9 +348,6 @@ class Service:
                 scope.cancel()  # cancelled before its task ran (the caller went away)
             task_status.started()
             closed_at_arrival = gate.closed
-            # Followers (SSE) look again once this task yields: by then the ticket has
-            # its place in the queue and a position.
-            self.registry.poke()
             try:
                 async with gate.session(arrival=record.arrival) as ticket:
                     self._admitted(record)

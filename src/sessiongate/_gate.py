@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from itertools import count
+from types import TracebackType
 from typing import TypeVar
 
 import attrs
@@ -250,11 +251,13 @@ class Gate:
 
     # -- sessions -----------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def session(
+    def session(
         self, *, arrival: Ticket | None = None, id: str | None = None
-    ) -> AsyncIterator[Ticket]:
+    ) -> AbstractAsyncContextManager[Ticket]:
         """Wait FIFO for a slot (at most ``max_wait``), hold it for the block.
+
+        ``async with gate.session() as ticket:`` enters once admitted; leaving the block,
+        by any exit, gives the slot to the head of the queue.
 
         Args:
             arrival: the ticket of a place taken earlier with :meth:`arrive` (the same
@@ -267,61 +270,9 @@ class Gate:
             QueueTimeout: no slot within ``max_wait`` seconds of arrival.
             GateClosed: the gate is draining, before or while this session waited.
         """
-        if self._closed and arrival is not None:
-            self.withdraw(arrival)
-        self._check_open()
-        ticket = arrival if arrival is not None else self.arrive(id=id)
-        # The queue deadline: a cancel scope the backend enters around the wait only.
-        # max_wait == 0 asks the backend not to wait at all (a deadline scope that is
-        # already due would cancel even an admission into a free slot).
-        wait_scope = (
-            trio.CancelScope(deadline=ticket.arrived_at + self.max_wait)
-            if self.max_wait > 0
-            else None
-        )
-        if wait_scope is not None:
-            # Registered so that a drain can end the wait; admission unregisters.
-            self._waiting[ticket] = wait_scope
-        admitted = False
-        try:
-            async with self._backend.hold(
-                ticket, deadline_scope=wait_scope, max_queue=self.max_queue
-            ):
-                admitted = True
-                self._on_admitted(ticket)
-                try:
-                    yield ticket
-                finally:
-                    self._on_ended(ticket)
-        # The outcome is classified once ``hold`` has exited, so that what the backend
-        # made of the body's exit counts (a Redis lease lost mid-session turns the
-        # body's cancellation into LeaseLost: a failure, not a cancellation).
-        except (trio.TooSlowError, trio.WouldBlock):
-            if admitted:
-                self._failed += 1  # the session's own error, not the gate's
-                raise
-            raise self._wait_ended(ticket) from None
-        except trio.Cancelled:
-            self._cancelled += 1  # the caller went away, queued or active
-            raise
-        except AdmissionError:
-            if admitted:
-                self._failed += 1
-            else:
-                self._rejected += 1  # refused by the backend (queue full, unreachable)
-            raise
-        except BaseException:
-            if admitted:
-                self._failed += 1
-            raise
-        else:
-            self._completed += 1
-        finally:
-            if not admitted:
-                self._waiting.pop(ticket, None)
+        return _Session(self, arrival, id)
 
     def _on_admitted(self, ticket: Ticket) -> None:
-        self._waiting.pop(ticket, None)
         granted = ticket.granted_at
         now = granted if granted is not None else trio.current_time()
         ticket.admitted_at = now
@@ -331,6 +282,13 @@ class Gate:
         if ticket.queued:
             self._handoffs.add(now)
         self._local_active += 1
+
+    def _count_end(self, error: BaseException) -> None:
+        """Count an admitted session that ended by ``error``."""
+        if isinstance(error, trio.Cancelled):
+            self._cancelled += 1  # the caller went away
+        else:
+            self._failed += 1  # the session's own error (a lost lease included)
 
     def _on_ended(self, ticket: Ticket) -> None:
         # Stamped before the backend hands the slot on, so a successor's admission
@@ -403,3 +361,79 @@ class Gate:
         else:
             await trio.lowlevel.checkpoint()
         await self._backend.aclose()
+
+
+class _Session:
+    """One ``async with gate.session()``.
+
+    A class, not an ``@asynccontextmanager``: a queued session then costs no generator
+    frame, no ``contextlib`` wrapper and no entry in Trio's async-generator registry
+    (about 0.45 KiB per waiter and 2 µs per session, by the core benchmark's profile).
+    """
+
+    __slots__ = ("_arrival", "_gate", "_hold", "_id", "_ticket")
+
+    def __init__(self, gate: Gate, arrival: Ticket | None, id: str | None) -> None:
+        self._gate = gate
+        self._arrival = arrival
+        self._id = id
+        self._ticket: Ticket | None = None
+        self._hold: AbstractAsyncContextManager[None] | None = None
+
+    async def __aenter__(self) -> Ticket:
+        gate, arrival = self._gate, self._arrival
+        if gate._closed and arrival is not None:
+            gate.withdraw(arrival)
+        gate._check_open()
+        ticket = arrival if arrival is not None else gate.arrive(id=self._id)
+        self._ticket = ticket
+        # The queue deadline: a cancel scope the backend enters around the wait only.
+        # max_wait == 0 asks the backend not to wait at all (a deadline scope that is
+        # already due would cancel even an admission into a free slot).
+        wait_scope = (
+            trio.CancelScope(deadline=ticket.arrived_at + gate.max_wait)
+            if gate.max_wait > 0
+            else None
+        )
+        if wait_scope is not None:
+            # Registered so that a drain can end the wait; admission unregisters.
+            gate._waiting[ticket] = wait_scope
+        hold = gate._backend.hold(ticket, deadline_scope=wait_scope, max_queue=gate.max_queue)
+        try:
+            await hold.__aenter__()
+        except (trio.TooSlowError, trio.WouldBlock):
+            raise gate._wait_ended(ticket) from None
+        except trio.Cancelled:
+            gate._cancelled += 1  # the caller went away while queued
+            raise
+        except AdmissionError:
+            gate._rejected += 1  # refused by the backend (queue full, unreachable)
+            raise
+        finally:
+            gate._waiting.pop(ticket, None)  # admitted or not, it waits no more
+        self._hold = hold
+        gate._on_admitted(ticket)
+        return ticket
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        gate, ticket, hold = self._gate, self._ticket, self._hold
+        assert ticket is not None and hold is not None
+        gate._on_ended(ticket)
+        # The outcome is classified once ``hold`` has exited, so that what the backend
+        # made of the body's exit counts (a Redis lease lost mid-session turns the
+        # body's cancellation into LeaseLost: a failure, not a cancellation).
+        try:
+            suppressed = bool(await hold.__aexit__(exc_type, exc, tb))
+        except BaseException as raised:
+            gate._count_end(raised)
+            raise
+        if exc is None or suppressed:
+            gate._completed += 1
+        else:
+            gate._count_end(exc)
+        return suppressed

@@ -137,6 +137,35 @@ async def test_session_longer_than_the_ttl_keeps_its_slot(  # type: ignore[no-un
                     await admitted_other.wait()
 
 
+async def test_a_slot_handed_over_by_a_shorter_ttl_process_is_kept(  # type: ignore[no-untyped-def]
+    open_backend,
+) -> None:
+    # The first lease of a handed-over slot is the releaser's (1 s here); the new holder
+    # (10 s TTL) must neither end it at once nor let it lapse: it renews in time.
+    with trio.fail_after(10):
+        async with (
+            open_backend(capacity=1, lease_ttl=1.0) as short,
+            open_backend(capacity=1, lease_ttl=10.0) as long,
+        ):
+            releaser = sessiongate.Gate(1, max_wait=10, backend=short)
+            taker = sessiongate.Gate(1, max_wait=10, backend=long)
+            queued = trio.Event()
+            taker.on_queued = lambda _ticket: queued.set()
+            ran: list[float] = []
+
+            async def take() -> None:
+                async with taker.session():
+                    start = trio.current_time()
+                    await trio.sleep(1.5)  # past the first (1 s) lease
+                    ran.append(trio.current_time() - start)
+
+            async with trio.open_nursery() as nursery, releaser.session():
+                nursery.start_soon(take)
+                await queued.wait()
+            assert len(ran) == 1 and ran[0] >= 1.5  # no LeaseLost, not cut short
+            assert taker.stats().completed == 1 and taker.stats().failed == 0
+
+
 async def test_cancelled_waiter_frees_the_head(  # type: ignore[no-untyped-def]
     open_backend, redis_server: RedisServer, gate_name: str
 ) -> None:

@@ -8,6 +8,10 @@ import httpx
 import trio
 from tests.web.conftest import real_server
 from tests.web.test_cli import serve_process, until
+from tests.web.test_real import read_events
+
+from sessiongate import Gate
+from sessiongate.backends.redis import open_redis_backend
 
 from .conftest import RedisServer
 
@@ -122,3 +126,65 @@ async def test_two_server_processes_share_one_cap(
             # serve_process drains stderr until the process ends: end them here.
             first.kill()
             second.kill()
+
+
+async def test_event_stream_follows_a_position_moved_by_another_process(
+    redis_server: RedisServer, gate_name: str
+) -> None:
+    # The queue ahead of the followed session belongs to another backend (as if another
+    # host's): its waiter leaving moves the position only through Redis's published
+    # change, so the event stream must be woken by that, not by anything local.
+    with trio.fail_after(20):
+        async with (
+            open_redis_backend(
+                redis_server.url, gate_name=gate_name, capacity=1, lease_ttl=2.0
+            ) as other,
+            real_server(backend=redis_server.url, gate_name=gate_name, capacity=1) as (
+                app,
+                base,
+            ),
+            httpx.AsyncClient(base_url=base, timeout=10) as client,
+            trio.open_nursery() as nursery,
+        ):
+            gate = Gate(1, max_wait=30, backend=other)
+            release = trio.Event()
+            ahead_queued = trio.Event()
+
+            async def holder(task_status: trio.TaskStatus[None]) -> None:
+                async with gate.session():
+                    task_status.started()
+                    await release.wait()
+
+            async def ahead() -> None:
+                gate.on_queued = lambda _ticket: ahead_queued.set()
+                async with gate.session():
+                    pass
+
+            await nursery.start(holder)
+            ahead_scope = trio.CancelScope()
+
+            async def run_ahead() -> None:
+                with ahead_scope:
+                    await ahead()
+
+            nursery.start_soon(run_ahead)
+            await ahead_queued.wait()
+            created = await client.post("/sessions", json={"duration": 0}, headers=PREFER_ASYNC)
+            assert created.status_code == 202
+            session_id = created.json()["id"]
+            async with client.stream("GET", f"/sessions/{session_id}/events") as response:
+                events = read_events(response)
+                first = await events.__anext__()
+                while first["data"]["position"] != 2:  # until the server's mirror has it
+                    first = await events.__anext__()
+                assert first["event"] == "queued"
+                ahead_scope.cancel()  # the other process's waiter leaves the queue
+                moved = await events.__anext__()
+                assert moved["event"] == "queued" and moved["data"]["position"] == 1
+                release.set()  # the slot comes free: the followed session runs and ends
+                states = [moved["event"]]
+                async for event in events:
+                    states.append(event["event"])
+                assert states[-1] == "completed"
+            assert app.service.gate.stats().admitted == 1
+            nursery.cancel_scope.cancel()

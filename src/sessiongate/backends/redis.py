@@ -148,6 +148,10 @@ class RedisBackend:
         self._renew_queue_now = trio.Event()
         #: Script calls made (for measuring round trips per admission).
         self.calls = 0
+        #: Called, synchronously, after a published change of the global queue has been
+        #: taken in (positions may have moved, in any process); it must not block or
+        #: raise. The HTTP service wakes the event streams that show positions with it.
+        self.on_change: Callable[[], None] | None = None
 
     # -- the protocol's sync members --------------------------------------------------
 
@@ -402,11 +406,14 @@ class RedisBackend:
         )
 
     def _valid_until(self, expires: int, fallback_basis: float) -> float:
-        margin = LEASE_MARGIN * self.lease_ttl
         earliest = self._clock.earliest(expires)
         if earliest is None:
-            earliest = fallback_basis + self.lease_ttl - margin
-        return earliest - margin
+            earliest = fallback_basis + self.lease_ttl * (1 - LEASE_MARGIN)
+        # The margin is a share of what is left of the lease, never more: a slot handed
+        # over by a process with a shorter --lease-ttl comes with a shorter first lease
+        # (the releaser's), and a margin taken from our own TTL would end it at once.
+        left = max(earliest - fallback_basis, 0.0)
+        return earliest - LEASE_MARGIN * min(self.lease_ttl, left)
 
     @contextmanager
     def _renewing(self, lease: Lease, body_scope: trio.CancelScope) -> Iterator[None]:
@@ -608,12 +615,19 @@ class RedisBackend:
         holders = answer[1 + 2 * n :]
         for i in range(0, len(holders), 3):
             self._deliver(str(holders[i]), Grant(int(holders[i + 1]), int(holders[i + 2])))
+        self._changed()
 
     def _on_message(self, data: str) -> None:
         figures = Figures.from_message(data)
         self._absorb(figures)
         if not self._mirror.apply(figures):
             self._resync_wanted.set()  # missed a change: rebuild from a snapshot
+        self._changed()
+
+    def _changed(self) -> None:
+        hook = self.on_change
+        if hook is not None:
+            hook()
 
     async def _reaper(self) -> None:
         """Tick at the nearest lease expiry, so lapsed leases are reclaimed on time."""

@@ -162,6 +162,9 @@ class Service:
                     # service comes up refusing with backend_unavailable, and recovers.
                     with trio.move_on_after(STARTUP_HEALTH_WAIT):
                         await self.backend.wait_healthy()
+                    # Other processes move the global queue too: their changes, as
+                    # published, wake the event streams that show positions.
+                    self.backend.on_change = self._on_backend_change
                 else:
                     self.backend = MemoryBackend(settings.capacity)
                 self._gate = Gate(
@@ -302,6 +305,10 @@ class Service:
 
     def _on_queued(self, ticket: Ticket) -> None:
         self.registry.poke()
+
+    def _on_backend_change(self) -> None:
+        if self._registry is not None:
+            self._registry.poke()
 
     async def wait_sync(self, record: SessionRecord) -> None:
         """Wait for a synchronous caller's session to end."""

@@ -5,9 +5,9 @@ The event name is the state and the data is the session object. While queued, a 
 not an event). After the terminal event the stream ends. State changes come from the
 record's ``transitions`` (so a stream that wakes late still sends each one, in order);
 position changes are noticed on the registry's ``pulse``, which fires whenever any
-session changes state (the only way a position moves on the in-memory backend). With a
-shared backend, other processes move the queue too, so the position is also rechecked
-every second.
+session changes state (the only way a position moves on the in-memory backend) and,
+with a shared backend, whenever a change of the global queue published by any process
+has been taken in.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import trio
-
 from ._errors import dumps
 from ._service import Service
 from ._sessions import QUEUED, TERMINAL_STATES, SessionRecord
-
-RECHECK_SHARED = 1.0
 
 
 def _event(snapshot: dict[str, Any]) -> bytes:
@@ -39,7 +35,6 @@ async def session_events(service: Service, record: SessionRecord) -> AsyncIterat
 
 async def _events(service: Service, record: SessionRecord) -> AsyncIterator[bytes]:
     gate, registry = service.gate, service.registry
-    shared = service.shared_backend
     seen = len(record.transitions)
     snapshot = record.to_json(gate)
     yield _event(snapshot)
@@ -63,8 +58,4 @@ async def _events(service: Service, record: SessionRecord) -> AsyncIterator[byte
                 last_position = position
                 yield _event(record.to_json(gate))
                 continue
-        if shared:
-            with trio.move_on_after(RECHECK_SHARED):
-                await pulse.wait()
-        else:
-            await pulse.wait()
+        await pulse.wait()

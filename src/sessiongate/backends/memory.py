@@ -151,7 +151,8 @@ class _Hold:
         seq = ticket.seq
         # Entering ends this stamp's reservation, in the same step as it takes its place
         # (no checkpoint in between), so no later stamp can slip ahead.
-        if seq in backend._reserved:
+        was_reserved = seq in backend._reserved
+        if was_reserved:
             backend._reserved.remove(seq)
         queue = backend._queue
         if not queue and backend._free_for(seq):
@@ -161,11 +162,13 @@ class _Hold:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         scope = self._scope
-        if scope is None:
-            backend._hand_on()  # a reservation just ended: a held-back head may go
-            raise trio.WouldBlock
-        if len(queue) >= self._max_queue:
-            backend._hand_on()
+        if scope is None or len(queue) >= self._max_queue:
+            # Refused, holding nothing. If its reservation was what held a queued head
+            # back from a free slot, that head may go now.
+            if was_reserved:
+                backend._hand_on()
+            if scope is None:
+                raise trio.WouldBlock
             raise QueueFull(self._max_queue)
         with scope:
             queue[seq] = self

@@ -40,9 +40,13 @@ STATUS = {
 MAX_RETRY_AFTER = 86_400
 
 
+# One encoder for every answer: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(value: Any) -> bytes:
     """Strict JSON (no NaN or Infinity), compact, UTF-8."""
-    return json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

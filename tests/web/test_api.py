@@ -81,6 +81,13 @@ async def test_cap_holds_and_admission_is_fifo(autojump_clock: Any) -> None:
         assert all(s["state"] == "completed" for s in done)
         admitted = [round(s["admitted_at"] - done[0]["admitted_at"], 6) for s in done]
         assert admitted == [0, 0, 10, 10, 20, 20]
+        # Each hand-off: the successor is admitted at the instant its predecessor gave
+        # the slot back, never before (stamps never show more than 2 at once).
+        ends = sorted(s["ended_at"] for s in done[:4])
+        assert [s["admitted_at"] for s in done[2:]] == pytest.approx(ends, abs=1e-6)
+        assert all(
+            b["admitted_at"] >= a["ended_at"] for a, b in zip(done[:4], done[2:], strict=True)
+        )
         assert trio.current_time() - start == 40
         figures = await stats(client)
         assert (figures["active"], figures["queued"], figures["completed_total"]) == (0, 0, 6)

@@ -36,6 +36,19 @@ async def test_connection_close_is_honoured() -> None:
                 with trio.fail_after(2):
                     assert await stream.receive_some() == b""  # the server closed it
                 await stream.aclose()
+            # HTTP/1.0 closes after the answer too (no keep-alive in h11 for 1.0).
+            body = b'{"duration": 0}'
+            stream = await raw_request(
+                port_of(base),
+                b"POST /sessions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + b"Content-Length: %d\r\n\r\n" % len(body)
+                + body,
+            )
+            async with stream:
+                status, _, answer = await read_response(stream)
+                assert status == 200 and json.loads(answer)["state"] == "completed"
+                with trio.fail_after(2):
+                    assert await stream.receive_some() == b""
 
 
 async def test_keep_alive_survives_error_answers() -> None:

@@ -297,10 +297,12 @@ class Service:
 
     async def _settle(self, record: SessionRecord) -> None:
         # A shared backend queues over the network: give it up to 1 s to say whether
-        # the session is queued, admitted or refused, so a refusal is answered as one.
-        # Each of those pokes the registry (``_on_queued``, ``_admitted``, ``_end``).
+        # the session is queued (with its position, which arrives with the published
+        # change), admitted or refused, so a refusal is answered as one. Each of those
+        # pokes the registry (``_on_queued``, ``_on_backend_change``, ``_admitted``,
+        # ``_end``).
         with trio.move_on_after(SETTLE_BOUND):
-            while record.state == QUEUED and not record.arrival.queued:
+            while record.state == QUEUED and record.position() is None:
                 await self.registry.pulse.wait()
 
     def _on_queued(self, ticket: Ticket) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import subprocess
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -214,6 +215,35 @@ def analyse(
         if not math.isnan(end):
             latest_wait_end = max(latest_wait_end, end)
     return out
+
+
+# -- the run's context ---------------------------------------------------------------
+
+
+def git_rev(root: str) -> str:
+    """The commit measured, and whether src/ had uncommitted edits (others work live)."""
+    try:
+        rev = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + (" + uncommitted src/ edits" if dirty else "")
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg gives them."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 # -- process memory ----------------------------------------------------------------------

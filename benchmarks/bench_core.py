@@ -60,6 +60,8 @@ from _metrics import (  # noqa: E402
     fmt_ms,
     fmt_pct,
     fmt_us,
+    git_rev,
+    loadavg,
     median,
     quantile,
     rss_bytes,
@@ -679,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# bench_core: sessiongate {sessiongate.__version__}, trio {trio.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()}, "
-        f"{_cpu_count()} CPUs, load average {_loadavg()}, tree {_git_rev()}"
+        f"{_cpu_count()} CPUs, load average {loadavg()}, tree {git_rev(str(HERE.parent))}"
     )
 
     if "uncontended" in only:
@@ -801,31 +803,6 @@ def _cpu_count() -> int:
     import os
 
     return len(os.sched_getaffinity(0))
-
-
-def _git_rev() -> str:
-    """The commit measured, and whether src/ had uncommitted edits (others work live)."""
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + (" + uncommitted src/ edits" if dirty else "")
-
-
-def _loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ from _metrics import (  # noqa: E402
     fmt_bytes,
     fmt_ms,
     fmt_pct,
+    git_rev,
+    loadavg,
     median,
     quantile,
     rss_bytes,
@@ -804,52 +806,21 @@ def render(results: dict[str, dict[str, Any]], rows: list[tuple[str, Any, str]])
     return table(header, body) + skipped_notes(results)
 
 
-def _git_rev() -> str:
-    """The commit measured, and whether src/ had uncommitted edits (others work live)."""
-    root = str(HERE.parent)
-    try:
-        rev = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + (" + uncommitted src/ edits" if dirty else "")
-
-
-def _loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
 async def amain(a: argparse.Namespace) -> dict[str, Any]:
     systems = [s for s in a.systems.split(",") if s]
     scenarios = set(a.scenarios.split(","))
     report: dict[str, Any] = {}
-    if "saturation" in scenarios:
-        sc = Scenario("saturation", a.sat_clients, a.capacity, a.session, 5.0, a.window)
+    for name, clients, deadline in (
+        ("saturation", a.sat_clients, 5.0),
+        ("overload", a.over_clients, 3.0),
+    ):
+        if name not in scenarios:
+            continue
+        sc = Scenario(name, clients, a.capacity, a.session, deadline, a.window)
         res = await queued_scenario(sc, systems)
-        report["saturation"] = res
+        report[name] = res
         print(
-            f"\n## Saturation: capacity {sc.capacity}, {sc.session:g} s sessions, "
-            f"{sc.clients} closed-loop clients, {sc.deadline:g} s deadline, "
-            f"{sc.window:g} s of load\n"
-        )
-        print(render(res, QUEUED_ROWS), flush=True)
-    if "overload" in scenarios:
-        sc = Scenario("overload", a.over_clients, a.capacity, a.session, 3.0, a.window)
-        res = await queued_scenario(sc, systems)
-        report["overload"] = res
-        print(
-            f"\n## Overload: capacity {sc.capacity}, {sc.session:g} s sessions, "
+            f"\n## {name.capitalize()}: capacity {sc.capacity}, {sc.session:g} s sessions, "
             f"{sc.clients} closed-loop clients, {sc.deadline:g} s deadline, "
             f"{sc.window:g} s of load\n"
         )
@@ -912,8 +883,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     print(
         f"# bench_http: Python {platform.python_version()}, {len(os.sched_getaffinity(0))} CPUs, "
-        f"load average {_loadavg()}, haproxy {'yes' if shutil.which('haproxy') else 'no'}, "
-        f"tree {_git_rev()}"
+        f"load average {loadavg()}, haproxy {'yes' if shutil.which('haproxy') else 'no'}, "
+        f"tree {git_rev(str(HERE.parent))}"
     )
     try:
         report = asyncio.run(amain(a))

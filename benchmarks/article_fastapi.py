@@ -24,29 +24,17 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException
 
+from article_baseline import SessionManager
+
 MAX_ACTIVE_SESSIONS = int(os.environ.get("ARTICLE_MAX_ACTIVE", "50"))
 RTO_LIMIT_SECONDS = float(os.environ.get("ARTICLE_RTO", "60"))
 POLL_SECONDS = float(os.environ.get("ARTICLE_POLL", "1"))
 SESSION_SECONDS = float(os.environ.get("ARTICLE_SESSION_SECONDS", "5"))
 
 
-class SessionManager:
-    def __init__(self) -> None:
-        self.semaphore = asyncio.Semaphore(MAX_ACTIVE_SESSIONS)
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def acquire_slot(self) -> None:
-        await self.semaphore.acquire()
-
-    def release_slot(self) -> None:
-        self.semaphore.release()
-
-    async def enqueue(self, payload: Any) -> None:
-        await self.queue.put(payload)
-
-
 app = FastAPI()
-session_manager = SessionManager()
+# The article's SessionManager, as article_baseline.py writes it (same directory).
+session_manager = SessionManager(MAX_ACTIVE_SESSIONS)
 
 
 @app.post("/session")

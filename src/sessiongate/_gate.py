@@ -62,15 +62,13 @@ class Ticket:
     arrived_at: float
     _gate: Gate = attrs.field(repr=False, alias="gate")
     _id: str | None = attrs.field(default=None, alias="id")
-    #: When the session got its slot; None while queued (or if it never did). For a
-    #: queued session that is the instant a releaser handed it the slot (its task runs
-    #: a scheduler pass later), so a hand-off's gap is the gate's, not the scheduler's.
+    #: When the session got its slot; None while queued (or if it never did). A backend
+    #: that hands a freed slot straight to a parked ticket sets it at that instant (the
+    #: task runs a scheduler pass later), so a hand-off's gap is the gate's, not the
+    #: scheduler's; otherwise the gate sets it as the session enters.
     admitted_at: float | None = None
     #: When the session gave its slot back (left ``session()``); None until then.
     released_at: float | None = None
-    #: Set by a backend that hands a freed slot straight to this parked ticket: the
-    #: instant of the hand-off, which becomes ``admitted_at`` when the task resumes.
-    granted_at: float | None = None
     #: Distributed mode: the lease's fencing token, a number that only grows. A
     #: downstream store that remembers the highest token it has seen can refuse a late
     #: writer whose lease has lapsed. None on the in-memory backend.
@@ -273,9 +271,9 @@ class Gate:
         return _Session(self, arrival, id)
 
     def _on_admitted(self, ticket: Ticket) -> None:
-        granted = ticket.granted_at
-        now = granted if granted is not None else trio.current_time()
-        ticket.admitted_at = now
+        now = ticket.admitted_at  # set by the backend at a hand-off
+        if now is None:
+            now = ticket.admitted_at = trio.current_time()
         waited = now - ticket.arrived_at
         self._admitted += 1
         self._waits.add(waited)

@@ -3,6 +3,7 @@ resize, queue bound, drain, statistics."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -601,6 +602,41 @@ async def test_withdrawn_reservation_lets_later_arrivals_go(
         await settle()
         assert rec.admitted == {"later": 2.0}
         gate.withdraw(early)  # idempotent
+
+
+async def test_an_arrival_reserved_later_keeps_its_stamps_place_and_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Stamped first, reserved 2 s later (the web layer stamps a request's head and
+    # reserves once its body is checked): until the reservation, a later stamp may take
+    # the free slot; after it, the early stamp sorts ahead and its deadline is its own.
+    gate = Gate(capacity=1, max_wait=10.0)
+    early = gate.arrive()
+    later = gate.arrive()
+    rec = Recorder(gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "holder", 100.0)
+        await settle()
+        assert rec.admitted == {"holder": 0.0}  # nothing reserved: nobody held back
+        await trio.sleep(2.0)
+        gate.reserve(later)
+        gate.reserve(early)
+        expired: list[str] = []
+
+        async def enter(name: str, arrival: sessiongate.Ticket) -> None:
+            with contextlib.suppress(sessiongate.QueueTimeout):
+                async with gate.session(arrival=arrival):
+                    pytest.fail("admitted past a 100 s holder")
+            expired.append(f"{name}@{trio.current_time():g}")
+
+        nursery.start_soon(enter, "later", later)
+        await settle()
+        nursery.start_soon(enter, "early", early)
+        await settle()
+        assert early.position == 1 and later.position == 2
+        await trio.sleep(20)
+        assert sorted(expired) == ["early@10", "later@10"]  # both stamped at 0, not at 2
+        nursery.cancel_scope.cancel()
 
 
 async def test_closed_gate_withdraws_a_reservation(autojump_clock: trio.testing.MockClock) -> None:

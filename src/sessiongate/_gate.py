@@ -219,17 +219,16 @@ class Gate:
     def arrive(self, *, reserve: bool = False, id: str | None = None) -> Ticket:
         """Take a place in the FIFO now, for a session that will enter a little later.
 
-        A web request stamps its arrival once it has been read and checked, and its
-        session's task enters ``session(arrival=ticket)`` a scheduler pass later; its
-        place among the queued is fixed by the stamp, not by the order in which Trio
-        happens to run the tasks. The ticket returned is the session's own: its
-        ``position`` and ``eta`` are live while it waits.
+        A web request stamps its arrival as its head reaches the app, and its session's
+        task enters ``session(arrival=ticket)`` once the body has been read and checked;
+        its place among the queued, and its deadline, are fixed by the stamp, not by
+        the order in which Trio happens to run the tasks. The ticket returned is the
+        session's own: its ``position`` and ``eta`` are live while it waits. A stamp that
+        never enters costs nothing, unless it was reserved.
 
         Args:
             reserve: also admit no later arrival ahead of this one until it enters, even
-                into a free slot (a burst of arrivals is then admitted exactly in stamp
-                order). A reserved arrival that will not enter after all must be given
-                back with :meth:`withdraw`, or later arrivals wait for it.
+                into a free slot (the same as :meth:`reserve` at once).
             id: the ticket's id (the HTTP session id); a fresh random one by default.
         """
         ticket = Ticket(next(self._seq), trio.current_time(), gate=self, id=id)
@@ -237,9 +236,19 @@ class Gate:
             self._backend.reserve(ticket.seq)
         return ticket
 
+    def reserve(self, arrival: Ticket) -> None:
+        """Admit no later arrival ahead of ``arrival`` (taken with :meth:`arrive`) until
+        it enters, even into a free slot: a burst of arrivals is then admitted exactly
+        in stamp order, whatever order their tasks run in. A reserved arrival that will
+        not enter after all must be given back with :meth:`withdraw`, or later arrivals
+        wait for it. Reserve only just before entering: a reservation held while, say, a
+        slow client uploads would keep free slots from everyone stamped after it."""
+        self._backend.reserve(arrival.seq)
+
     def withdraw(self, arrival: Ticket) -> None:
-        """Give up a place taken with :meth:`arrive` that will not enter after all
-        (the request was refused before its session started). Idempotent."""
+        """Give up the reservation of a place taken with :meth:`arrive` that will not
+        enter after all (the request was refused before its session started).
+        Idempotent; a no-op for a place never reserved."""
         self._backend.unreserve(arrival.seq)
 
     def _check_open(self) -> None:

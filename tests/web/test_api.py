@@ -664,3 +664,84 @@ async def test_a_session_cancelled_before_its_task_ran_never_runs(autojump_clock
         assert record.admitted_at is None
         stats = service.gate.stats()
         assert (stats.active, stats.queued, stats.admitted, stats.cancelled) == (0, 0, 0, 1)
+
+
+async def post_uploading_slowly(
+    client: Any, body: bytes, delay: float, headers: dict[str, str]
+) -> tuple[Any, Any]:
+    """POST /sessions whose head arrives now and whose body arrives ``delay`` s later."""
+    async with client.request(
+        "/sessions", method="POST", headers={"Content-Type": "application/json", **headers}
+    ) as connection:
+        await trio.sleep(delay)
+        await connection.send(body)
+        await connection.send_complete()
+        response = await connection.as_response()
+    return response, await response.get_json()
+
+
+async def test_place_and_deadline_count_from_the_requests_head(autojump_clock: Any) -> None:
+    # SPEC: "a session's place is fixed by an arrival stamp taken when its request
+    # reaches the app". A request whose head came first is ahead of one that came while
+    # its body was on the way, and its queue deadline started with its head.
+    async with running(capacity=1, max_wait=10) as app:
+        client = app.test_client()
+        await post(client, {"duration": 100}, ASYNC)  # holds the only slot
+        start = trio.current_time()
+        answers: dict[str, Any] = {}
+
+        async def slow() -> None:
+            answers["slow"] = await post_uploading_slowly(client, b'{"duration": 1}', 4, ASYNC)
+
+        async def quick() -> None:
+            await trio.sleep(2)
+            answers["quick"] = await post(client, {"duration": 1}, ASYNC)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow)
+            nursery.start_soon(quick)
+        slow_id, quick_id = answers["slow"][1]["id"], answers["quick"][1]["id"]
+        assert answers["slow"][1]["position"] == 1
+        assert (await (await client.get(f"/sessions/{quick_id}")).get_json())["position"] == 2
+        await trio.sleep_until(start + 10.5)
+        slow_now = await (await client.get(f"/sessions/{slow_id}")).get_json()
+        assert slow_now["state"] == "expired"
+        assert slow_now["ended_at"] - slow_now["created_at"] == pytest.approx(10.0)
+        quick_now = await (await client.get(f"/sessions/{quick_id}")).get_json()
+        assert quick_now["state"] == "queued" and quick_now["position"] == 1
+        await trio.sleep_until(start + 12.5)
+        quick_now = await (await client.get(f"/sessions/{quick_id}")).get_json()
+        assert quick_now["state"] == "expired"
+
+
+async def test_a_slow_upload_holds_nobody_back(autojump_clock: Any) -> None:
+    # The stamp reserves nothing until the body has been read and checked: a later
+    # arrival takes a free slot while an earlier one is still uploading.
+    async with running(capacity=1, max_wait=10) as app:
+        client = app.test_client()
+        answers: dict[str, Any] = {}
+
+        async def slow() -> None:
+            answers["slow"] = await post_uploading_slowly(client, b'{"duration": 5}', 4, ASYNC)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow)
+            await trio.sleep(1)
+            _, quick = await post(client, {"duration": 5}, ASYNC)
+            assert quick["state"] == "active"
+        assert answers["slow"][1]["state"] == "queued" and answers["slow"][1]["position"] == 1
+        stats_now = await stats(client)
+        assert (stats_now["active"], stats_now["queued"]) == (1, 1)
+
+
+async def test_a_refused_request_costs_its_stamp_nothing(autojump_clock: Any) -> None:
+    # Bad input after the stamp: no reservation is left behind to hold others back.
+    async with running(capacity=1, max_wait=10) as app:
+        client = app.test_client()
+        response = await client.post(
+            "/sessions", data=b"{not json", headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 400
+        _, session = await post(client, {"duration": 1}, ASYNC)
+        assert session["state"] == "active"
+        assert app.service.gate.stats().rejected == 0

@@ -86,10 +86,11 @@ def register(app: Quart, service: Service) -> None:
         body = await read_json_object(settings.max_body)
         service.validate(body)
         respond_async = wants_async(request.headers.getlist("Prefer"))
-        # The arrival stamp fixes this session's FIFO place once its request has been
-        # read and checked (a slow upload holds nobody back); it is reserved until the
-        # session's task enters the gate, so no later arrival gets ahead of it.
-        record = service.new_session(service.arrive(), body)
+        # The arrival stamp, taken as the request's head reached the app, fixes this
+        # session's FIFO place and starts its queue deadline. It is reserved only now
+        # that the body has been read and checked (a slow upload holds nobody back),
+        # until the session's task enters the gate, so no later arrival gets ahead.
+        record = service.new_session(service.arrive(service.stamp_of(request.scope)), body)
         if respond_async:
             # The session lives on in the sessions nursery, whatever this request does.
             await service.start_session(record, answer_now=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 
@@ -58,6 +59,8 @@ ANSWER_BOUND = 1.0
 STARTUP_HEALTH_WAIT = 2.0
 #: How long an asynchronous request waits for a shared backend to queue or refuse it.
 SETTLE_BOUND = 1.0
+#: The ASGI scope key under which a ``POST`` request carries its arrival stamp.
+ARRIVAL_KEY = "sessiongate.arrival"
 
 _DETAILS = {
     "cancelled": "the session was cancelled (DELETE)",
@@ -242,11 +245,29 @@ class Service:
 
     # -- sessions ---------------------------------------------------------------------
 
-    def arrive(self) -> Ticket:
-        """Stamp a checked request's FIFO place, reserved until its session enters the
-        gate (a scheduler pass later), so no later arrival is admitted ahead of it. The
-        ticket is the session's own; its id (128 random bits) is the session id."""
-        return self.gate.arrive(reserve=True)
+    def stamp(self) -> Ticket | None:
+        """A request's arrival, stamped as its head reaches the app (its FIFO place and
+        the start of its queue deadline); None before the service has started. It
+        reserves nothing: a request that never becomes a session costs nothing."""
+        gate = self._gate
+        return gate.arrive() if gate is not None else None
+
+    @staticmethod
+    def stamp_of(scope: Mapping[str, Any]) -> Ticket | None:
+        """The arrival stamp a request's ASGI scope carries, if any."""
+        stamp = scope.get(ARRIVAL_KEY)
+        return stamp if isinstance(stamp, Ticket) else None
+
+    def arrive(self, stamp: Ticket | None = None) -> Ticket:
+        """The FIFO place of a checked request, reserved until its session enters the
+        gate (a scheduler pass later), so no later arrival is admitted ahead of it:
+        ``stamp`` if the request was stamped on arrival, else one taken now. The ticket
+        is the session's own; its id (128 random bits) is the session id."""
+        gate = self.gate
+        if stamp is None:
+            return gate.arrive(reserve=True)
+        gate.reserve(stamp)
+        return stamp
 
     def validate(self, body: dict[str, Any]) -> None:
         if self._handler is None:

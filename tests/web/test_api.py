@@ -8,6 +8,8 @@ import pytest
 import trio
 import trio.testing
 
+from sessiongate.web._sessions import SessionRecord
+
 from .conftest import running
 
 ASYNC = {"Prefer": "respond-async"}
@@ -31,6 +33,13 @@ async def post(client: Any, body: Any = None, headers: dict[str, str] | None = N
         "/sessions", json=body if body is not None else {}, headers=headers
     )
     return response, await response.get_json()
+
+
+async def session_ended(app: Any, session_id: str) -> None:
+    """Wait until a session has ended (its record then leaves the live sessions)."""
+    found = app.service.registry.get(session_id)
+    if isinstance(found, SessionRecord):
+        await found.done.wait()
 
 
 async def stats(client: Any) -> dict[str, Any]:
@@ -447,7 +456,7 @@ async def test_handler_errors_fail_the_session_cleanly(
             assert body["error"] == "session_failed"
             assert "secret" not in body["detail"] and "Traceback" not in body["detail"]
             _, second = await post(client, {}, ASYNC)
-            await app.service.registry.get(second["id"]).done.wait()
+            await session_ended(app, second["id"])
             record = await (await client.get(f"/sessions/{second['id']}")).get_json()
             assert record["state"] == "failed" and record["error"]["error"] == "session_failed"
             figures = await stats(client)
@@ -607,7 +616,7 @@ async def test_threads_are_limited_and_a_cancelled_thread_frees_its_slot(
             assert (await response.get_json())["state"] == "cancelled"
             assert app.service.gate.stats().active == 1  # freed while its thread still runs
             module.RELEASE.set()
-            await app.service.registry.get(second["id"]).done.wait()
+            await session_ended(app, second["id"])
             done = await (await client.get(f"/sessions/{second['id']}")).get_json()
             assert done["state"] == "completed" and done["result"] == "released"
 
@@ -632,7 +641,7 @@ async def test_a_lost_lease_fails_the_session_with_lease_lost(
         assert response.status_code == 429 and body["error"] == "lease_lost"
         assert int(response.headers["Retry-After"]) >= 1
         _, queued = await post(client, {}, ASYNC)
-        await app.service.registry.get(queued["id"]).done.wait()
+        await session_ended(app, queued["id"])
         record = await (await client.get(f"/sessions/{queued['id']}")).get_json()
         assert record["state"] == "failed" and record["error"]["error"] == "lease_lost"
 
@@ -644,7 +653,8 @@ async def test_concurrent_arrivals_are_admitted_in_arrival_order(autojump_clock:
         async with trio.open_nursery() as nursery:
             for _ in range(20):
                 nursery.start_soon(post, client, {"duration": 1})
-        records = sorted(app.service.registry.ended.values(), key=lambda r: r.arrival.seq)
+            await trio.testing.wait_all_tasks_blocked()
+            records = sorted(app.service.registry.live.values(), key=lambda r: r.arrival.seq)
         assert len(records) == 21 and all(r.state == "completed" for r in records)
         admitted = [r.admitted_at for r in records]
         assert admitted == sorted(admitted) and len(set(admitted)) == 21

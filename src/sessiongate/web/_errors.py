@@ -50,7 +50,9 @@ def dumps(value: Any) -> bytes:
 
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(dumps(value), status=status, headers=headers, mimetype="application/json")
+    """A JSON answer of ``value``, or of ``value`` already encoded (bytes)."""
+    data = value if isinstance(value, bytes) else dumps(value)
+    return Response(data, status=status, headers=headers, mimetype="application/json")
 
 
 @attrs.define

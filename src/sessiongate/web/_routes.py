@@ -12,7 +12,7 @@ from ._body import read_json_object
 from ._errors import ApiError, json_response
 from ._openapi import openapi_document
 from ._service import Service
-from ._sessions import ACTIVE, COMPLETED, QUEUED, SessionRecord
+from ._sessions import ACTIVE, COMPLETED, QUEUED, EndedSession, Session
 from ._sse import session_events
 
 MAX_LIST = 1000
@@ -75,7 +75,7 @@ def stats_json(service: Service) -> dict[str, Any]:
 def register(app: Quart, service: Service) -> None:
     settings = service.settings
 
-    def find(session_id: str) -> SessionRecord:
+    def find(session_id: str) -> Session:
         record = service.registry.get(session_id)
         if record is None:
             raise ApiError("not_found", "no session with this id (unknown, or ended and evicted)")
@@ -97,7 +97,7 @@ def register(app: Quart, service: Service) -> None:
             if record.refused_at_once:
                 raise service.refusal(record)
             return json_response(
-                record.to_json(service.gate),
+                record.encode(service.gate),
                 202,
                 {"Location": f"/sessions/{record.id}", "Preference-Applied": "respond-async"},
             )
@@ -108,7 +108,7 @@ def register(app: Quart, service: Service) -> None:
             if not record.ended:  # the client went away: cancel its session, queued or active
                 record.cancel("client_disconnected")
         if record.state == COMPLETED:
-            return json_response(record.to_json(service.gate), 200)
+            return json_response(record.encode(service.gate), 200)
         raise service.refusal(record)
 
     @app.get("/sessions")
@@ -132,14 +132,14 @@ def register(app: Quart, service: Service) -> None:
 
     @app.get("/sessions/<session_id>")
     async def get_session(session_id: str) -> Response:
-        return json_response(find(session_id).to_json(service.gate))
+        return json_response(find(session_id).encode(service.gate))
 
     @app.delete("/sessions/<session_id>")
     async def delete_session(session_id: str) -> Response:
         record = find(session_id)
-        if not await service.cancel(record):
+        if isinstance(record, EndedSession) or not await service.cancel(record):
             raise ApiError("already_ended", f"the session has already ended ({record.state})")
-        return json_response(record.to_json(service.gate))
+        return json_response(record.encode(service.gate))
 
     @app.get("/sessions/<session_id>/events")
     async def session_event_stream(session_id: str) -> Response:

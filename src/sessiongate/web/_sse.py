@@ -17,14 +17,21 @@ from typing import Any
 
 from ._errors import dumps
 from ._service import Service
-from ._sessions import QUEUED, TERMINAL_STATES, SessionRecord
+from ._sessions import QUEUED, TERMINAL_STATES, EndedSession, Session, SessionRecord
 
 
 def _event(snapshot: dict[str, Any]) -> bytes:
-    return b"event: " + str(snapshot["state"]).encode() + b"\ndata: " + dumps(snapshot) + b"\n\n"
+    return _encoded_event(str(snapshot["state"]), dumps(snapshot))
 
 
-async def session_events(service: Service, record: SessionRecord) -> AsyncIterator[bytes]:
+def _encoded_event(state: str, document: bytes) -> bytes:
+    return b"event: " + state.encode() + b"\ndata: " + document + b"\n\n"
+
+
+async def session_events(service: Service, record: Session) -> AsyncIterator[bytes]:
+    if isinstance(record, EndedSession):  # its terminal event, and the stream ends
+        yield _encoded_event(record.state, record.document)
+        return
     record.watchers += 1
     try:
         async for event in _events(service, record):

@@ -21,6 +21,17 @@ from sessiongate.config import ConfigError, Settings
 RUNNING = re.compile(rb"Running on (http://127\.0\.0\.1:\d+)")
 
 
+@pytest.fixture
+def never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting that slips through validation fails the test instead of serving."""
+
+    async def serve(settings: Settings, **_: object) -> None:
+        raise AssertionError(f"started serving with {settings!r}")
+
+    monkeypatch.setattr("sessiongate.cli.serve", serve)
+
+
+@pytest.mark.usefixtures("never_serve")
 @pytest.mark.parametrize(
     ("args", "setting"),
     [
@@ -41,6 +52,20 @@ RUNNING = re.compile(rb"Running on (http://127\.0\.0\.1:\d+)")
         (["--workers", "2"], "--workers"),
         (["--gate-name", "a b"], "--gate-name"),
         (["--backend", "postgres://x"], "--backend"),
+        # Malformed Redis URLs: refused here, not by coredis with a traceback at start-up.
+        (["--backend", "redis://"], "--backend"),
+        (["--backend", "redis://:secret@/0"], "--backend"),
+        (["--backend", "redis://127.0.0.1:notaport/0"], "--backend"),
+        (["--backend", "redis://127.0.0.1:70000/0"], "--backend"),
+        (["--backend", "redis://127.0.0.1:0/0"], "--backend"),
+        (["--backend", "redis://127.0.0.1:/0"], "--backend"),
+        (["--backend", "redis://h:6379/abc"], "--backend"),
+        (["--backend", "redis://h:6379/-1"], "--backend"),
+        (["--backend", "redis://h:6379/0/1"], "--backend"),
+        (["--backend", "redis://h:6379?db=x"], "--backend"),
+        (["--backend", "redis://h:6379/0?max_connections=many"], "--backend"),
+        (["--backend", "redis://[::1/0"], "--backend"),
+        (["--backend", "unix://relative/redis.sock"], "--backend"),
         (["--handler", "not a path"], "--handler"),
         (["--handler", "no_such_module_here:fn"], "--handler"),
         (["--bind", "nowhere"], "--bind"),
@@ -63,6 +88,46 @@ def test_environment_variables_are_validated_too(
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "SESSIONGATE_MAX_WAIT" in err
+
+
+@pytest.mark.usefixtures("never_serve")
+@pytest.mark.parametrize(
+    "url", ["redis://", "redis://127.0.0.1:notaport/0", "redis://127.0.0.1:70000/0"]
+)
+def test_a_malformed_backend_variable_stops_with_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("SESSIONGATE_BACKEND", url)
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SESSIONGATE_BACKEND" in err
+
+
+def test_a_refused_backend_url_does_not_show_its_password() -> None:
+    with pytest.raises(ConfigError, match="port") as refused:
+        Settings.from_args(["--backend", "redis://user:s3cret@h:70000/0"], {})
+    assert "s3cret" not in str(refused.value)
+    assert "redis://user:***@h:70000/0" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost",
+        "redis://localhost:6379",
+        "redis://localhost:6379/",
+        "redis://localhost:6379/15",
+        "redis://:secret@10.0.0.5:6380/2",
+        "redis://[::1]:6379/0",
+        "redis://h?db=3",
+        "rediss://redis.example.com:6380/0",
+        "unix:///run/redis/redis.sock?db=1",
+        "unix://:secret@/run/redis/redis.sock",
+    ],
+)
+def test_well_formed_backend_urls_are_accepted(url: str) -> None:
+    assert Settings.from_args(["--backend", url], {}).backend == url
+    assert Settings.from_environ({"SESSIONGATE_BACKEND": url}).backend == url
 
 
 def test_flags_win_over_variables_and_defaults_hold() -> None:

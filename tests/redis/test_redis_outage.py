@@ -241,3 +241,44 @@ async def test_stalled_redis_leaves_no_ghost_in_the_queue(
             with trio.fail_after(1):
                 async with gate.session() as ticket:
                     assert ticket.waited < 0.5
+
+
+def stored(server: RedisServer, key: str, field: str) -> str | None:
+    """One field of a hash, as Redis holds it now (None if missing)."""
+    reply = server.command("HGET", key, field)
+    if reply.startswith(b"$-1"):
+        return None
+    return reply.split(b"\r\n")[1].decode()
+
+
+@pytest.mark.parametrize("recreator", ["first", "second"])
+async def test_a_lost_gate_comes_back_with_its_last_capacity(
+    own_redis: RedisServer, gate_name: str, recreator: str
+) -> None:
+    """FLUSHALL after a resize: the gate is re-created with the resized capacity, not
+    with the --capacity of whichever server touches it first."""
+    meta = f"sg:{{{gate_name}}}:meta"
+    with trio.fail_after(15):
+        async with (
+            open_redis_backend(
+                own_redis.url, gate_name=gate_name, capacity=3, lease_ttl=1.0
+            ) as first,
+            open_redis_backend(
+                own_redis.url, gate_name=gate_name, capacity=7, lease_ttl=1.0
+            ) as second,
+        ):
+            assert (first.capacity, second.capacity) == (3, 3)  # the stored one wins
+            await first.resize(5)
+            await wait_until(lambda: second.capacity == 5)
+            epoch = stored(own_redis, meta, "epoch")
+            assert own_redis.command("FLUSHALL").startswith(b"+OK")
+            assert stored(own_redis, meta, "cap") is None
+            # One tick of the chosen backend re-creates the gate (the other's background
+            # ticks may beat it to it: either way the capacity must be the resized one).
+            backend = first if recreator == "first" else second
+            await backend._call("release", [], limit=1.0)
+            assert stored(own_redis, meta, "epoch") not in (None, epoch)
+            assert stored(own_redis, meta, "cap") == "5"
+            # Both learn the re-created gate from their next answers, and agree.
+            await wait_until(lambda: first.capacity == second.capacity == 5)
+            assert stored(own_redis, meta, "cap") == "5"

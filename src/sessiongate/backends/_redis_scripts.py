@@ -48,7 +48,8 @@ from __future__ import annotations
 
 from typing import Final
 
-#: ARGV: 1 channel, 2 capacity to create the gate with, 3 lease TTL (ms), 4 the epoch
+#: ARGV: 1 channel, 2 capacity to create the gate with (the caller's last known global
+#: capacity, so a gate Redis lost comes back as it was), 3 lease TTL (ms), 4 the epoch
 #: the caller knew ('' if none), 5 a fresh epoch to use if the gate must be created,
 #: 6 the operation, 7... its arguments.
 GATE_LUA: Final = r"""

@@ -228,7 +228,13 @@ class RedisBackend:
     ) -> tuple[Figures, list[Any]]:
         argv = [
             self.channel,
-            str(self._configured_capacity),
+            # What the gate is created with if it is missing: the last global capacity
+            # this process knew, not its own --capacity. Until it has seen the gate that
+            # is --capacity; afterwards it is the stored one (an operator's resize, or
+            # the first server's flag), so a gate that Redis lost (FLUSHALL, a restart
+            # without persistence) comes back with the capacity it had, whichever
+            # server happens to touch it first.
+            str(self._capacity),
             str(self._ttl_ms),
             self._epoch,
             secrets.token_hex(8),
@@ -262,7 +268,11 @@ class RedisBackend:
             # Only script answers carry the epoch. A new one: Redis lost the gate, and
             # its version numbers started again.
             if self._epoch:
-                logger.warning("gate %r was re-created in Redis (state lost)", self.gate_name)
+                logger.warning(
+                    "gate %r was re-created in Redis (state lost), with capacity %d",
+                    self.gate_name,
+                    figures.capacity,
+                )
                 self._mirror.ok = False
                 self._resync_wanted.set()
                 self._renew_queue_now.set()
@@ -702,7 +712,9 @@ async def open_redis_backend(
     """Connect to Redis at ``url`` and run a gate backend for ``gate_name``.
 
     The first process to create the gate sets its capacity; a later one with another
-    ``capacity`` logs a warning and uses the stored one. Redis being unreachable at
+    ``capacity`` logs a warning and uses the stored one. If Redis loses the gate, the
+    process that touches it first re-creates it with the last global capacity it knew
+    (a resize included), not with its own ``capacity``. Redis being unreachable at
     start is not an error: the backend reports ``healthy == False`` and refuses
     arrivals with :class:`BackendUnavailable` until Redis answers.
 
@@ -710,7 +722,7 @@ async def open_redis_backend(
         url: ``redis://host:port/db`` (``rediss://`` and ``unix://`` work too); ignored
             when ``client`` is given.
         gate_name: the gate's name in Redis; processes sharing it share the cap.
-        capacity: the capacity to create the gate with.
+        capacity: the capacity to create the gate with, if it does not exist yet.
         lease_ttl: seconds a slot or queue lease lives without renewal.
         client: a coredis client made by the caller, not yet entered, with
             ``decode_responses=True`` (e.g. ``Sentinel(...).primary_for(name)``); it is

@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -72,12 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"invalid --handler: {error}")
     if settings.redis and importlib.util.find_spec("sessiongate.backends.redis") is None:
         return _fail("invalid --backend: the redis backend is not available in this build")
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    _tune_logging()
+    configure_logging()
     try:
         if settings.workers > 1:
             return trio.run(_supervise, settings)
@@ -107,6 +102,34 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+#: Library loggers kept at WARNING unless something set their level already. coredis
+#: logs every connection retry at INFO ("Retry attempt 1 due to error: Unable to establish
+#: a connection ..."): about 8 lines a second per process for as long as Redis is down.
+#: The Redis backend logs an outage itself, once as it starts and once as it ends.
+QUIET_LOGGERS: Final = ("coredis",)
+
+
+def configure_logging() -> None:
+    """The service's logging: INFO and up to stderr, one line per record, with the
+    libraries in :data:`QUIET_LOGGERS` held at WARNING."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    quiet_library_loggers()
+    _tune_logging()
+
+
+def quiet_library_loggers() -> None:
+    """Set the loggers in :data:`QUIET_LOGGERS` to WARNING, unless a level was set for
+    one already (a deployment's own logging configuration wins)."""
+    for name in QUIET_LOGGERS:
+        library = logging.getLogger(name)
+        if library.level == logging.NOTSET:
+            library.setLevel(logging.WARNING)
 
 
 def _tune_logging() -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import trio
 
 import sessiongate
 from sessiongate.backends.redis import open_redis_backend
+from sessiongate.cli import QUIET_LOGGERS, quiet_library_loggers
 
 from .conftest import RedisServer, _free_port
 from .test_redis_backend import CapWatch, wait_until, zcard
@@ -282,3 +284,45 @@ async def test_a_lost_gate_comes_back_with_its_last_capacity(
             # Both learn the re-created gate from their next answers, and agree.
             await wait_until(lambda: first.capacity == second.capacity == 5)
             assert stored(own_redis, meta, "cap") == "5"
+
+
+@pytest.fixture
+def service_logging() -> Iterator[None]:
+    """The library log levels ``sessiongate serve`` sets, undone after the test."""
+    saved = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    quiet_library_loggers()
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.usefixtures("service_logging")
+async def test_an_outage_logs_its_two_transitions_not_every_retry(
+    own_redis: RedisServer, gate_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    down_for = 2.0
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=1.0
+        ) as backend:
+            await backend.wait_healthy()
+            caplog.clear()
+            own_redis.kill()
+            # The measurement is "what is logged over this much time": no event to wait on.
+            await trio.sleep(down_for)
+            assert not backend.healthy
+            during = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+            # The backend's own line, and the listener's; coredis's retries (about 8 a
+            # second at INFO) are not among them.
+            assert len(during) <= 4, during
+            unreachable = [m for _, _, m in during if m.startswith("Redis unreachable")]
+            assert len(unreachable) == 1, during
+            assert not [r for r in during if r[0].startswith("coredis")], during
+            caplog.clear()
+            own_redis.start()
+            await backend.wait_healthy()
+            messages = [r.getMessage() for r in caplog.records]
+            recovered = [m for m in messages if m.startswith("Redis reachable again")]
+            assert len(recovered) == 1, messages
+            assert not [m for m in messages if m.startswith("Redis unreachable")], messages

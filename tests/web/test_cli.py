@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -156,6 +157,33 @@ def test_flags_win_over_variables_and_defaults_hold() -> None:
     assert "admin" not in repr(Settings(admin_token="hidden")) or "hidden" not in repr(
         Settings(admin_token="hidden")
     )
+
+
+@pytest.mark.parametrize("preset", [logging.NOTSET, logging.DEBUG])
+def test_serve_keeps_coredis_retries_out_of_the_log(
+    monkeypatch: pytest.MonkeyPatch, preset: int
+) -> None:
+    """coredis logs each connection retry at INFO (~8 a second while Redis is down):
+    ``serve`` holds it at WARNING, unless a level was set for it already."""
+    coredis_logger = logging.getLogger("coredis")
+    saved = coredis_logger.level
+    coredis_logger.setLevel(preset)
+    seen: list[int] = []
+
+    async def serve(settings: Settings, **_: object) -> None:
+        seen.append(coredis_logger.level)
+
+    # What main() does to the whole process besides the library levels (a root handler,
+    # gc.freeze, logging's global switches) must not outlive this test.
+    monkeypatch.setattr(logging, "basicConfig", lambda **_: None)
+    monkeypatch.setattr("sessiongate.cli._tune_gc", lambda: None)
+    monkeypatch.setattr("sessiongate.cli._tune_logging", lambda: None)
+    monkeypatch.setattr("sessiongate.cli.serve", serve)
+    try:
+        assert main(["serve", "--backend", "redis://127.0.0.1:1/0"]) == 0
+    finally:
+        coredis_logger.setLevel(saved)
+    assert seen == [logging.WARNING if preset == logging.NOTSET else preset]
 
 
 def test_a_subprocess_refuses_bad_settings_with_one_line() -> None:

@@ -138,6 +138,9 @@ class RedisBackend:
         self._forget_wakeup = trio.Event()
         self._healthy = False
         self._last_ok = -math.inf
+        # When Redis stopped answering (None: it answers, or has not been tried yet).
+        # An outage is logged once as it starts and once as it ends, never per retry.
+        self._down_since: float | None = None
         self._subscribed = False
         # Set while ``healthy`` holds; replaced by a fresh one when it stops holding.
         self._healthy_now = trio.Event()
@@ -247,12 +250,22 @@ class RedisBackend:
             with trio.fail_after(limit):
                 raw: object = await self._script(keys=self._keys, args=argv)
         except _REDIS_ERRORS as exc:
-            if self._healthy:
-                logger.warning("Redis unreachable (%s): %r", op, exc)
+            if self._down_since is None:
+                self._down_since = trio.current_time()
+                logger.warning(
+                    "Redis unreachable for gate %r (%s: %r); retrying", self.gate_name, op, exc
+                )
             self._healthy = False
             self._health_moved()
             raise _Unreachable(op) from exc
         answered = trio.current_time()
+        if self._down_since is not None:
+            logger.info(
+                "Redis reachable again for gate %r (unreachable for %.1f s)",
+                self.gate_name,
+                answered - self._down_since,
+            )
+            self._down_since = None
         self._healthy = True
         self._health_moved()
         self._last_ok = answered
@@ -472,7 +485,7 @@ class RedisBackend:
         try:
             answer = await self._call("snapshot", [], limit=1.0)
         except _Unreachable:
-            logger.warning("Redis unreachable at start-up; gate %r will retry", self.gate_name)
+            pass  # logged by the call; the health task retries
         else:
             del answer
             if self._capacity != self._configured_capacity:

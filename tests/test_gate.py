@@ -12,6 +12,7 @@ import trio.testing
 
 import sessiongate
 from sessiongate import Gate, GateClosed, QueueFull, QueueTimeout
+from sessiongate._stats import HandoffRate
 
 
 async def settle() -> None:
@@ -517,11 +518,63 @@ async def test_eta_from_the_handoff_rate(autojump_clock: trio.testing.MockClock)
             nursery.start_soon(rec.session, f"s{i}", 2.0)
             await settle()
         await trio.sleep(11.0)
-        # Five hand-offs (t = 2, 4, 6, 8, 10), the first nine seconds ago.
-        assert gate.handoff_rate() == pytest.approx(5 / 9.0)
-        ticket = rec.tickets["s5"]
-        assert ticket.position is None
+        # Five hand-offs (t = 2, 4, 6, 8, 10), each 2 s of busy time: one every 2 s.
+        assert gate.handoff_rate() == pytest.approx(0.5)
+        assert rec.tickets["s5"].position is None
+        assert gate.estimate_wait(1) == pytest.approx(1 / 0.5)
     assert gate.estimate_wait(2) is not None
+
+
+def test_a_quiet_spell_does_not_slow_the_handoff_rate() -> None:
+    # Bursts of short sessions handed on at 100/s, with nobody waiting in between:
+    # the rate is the bursts' 100/s, not hand-offs over wall time (~8/s here).
+    rate = HandoffRate()
+    t = 0.0
+    for _burst in range(3):
+        arrived = t
+        for _ in range(40):
+            t += 0.01
+            rate.add(t, arrived)
+        t += 5.0  # quiet: the queue is empty
+    assert rate.per_second(t) == pytest.approx(100.0)
+    assert rate.eta(4, t, waiting=False) == pytest.approx(0.04)
+
+
+def test_a_stalled_queue_slows_the_handoff_rate() -> None:
+    # Someone waits and nobody has been handed a slot for a long time: the estimate
+    # falls with the stall instead of keeping the old pace.
+    rate = HandoffRate()
+    for i in range(1, 11):
+        rate.add(float(i), 0.0)  # one a second
+    assert rate.per_second(10.5, waiting=True) == pytest.approx(1.0)
+    assert rate.per_second(30.0, waiting=True) == pytest.approx(10 / 29.0)
+    assert rate.per_second(30.0, waiting=False) == pytest.approx(1.0)
+
+
+async def test_an_eta_read_at_the_first_handoff_is_known(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The hand-off is counted by the releaser, as it happens: a reader woken by the
+    # same release (an event stream) sees it before the admitted task has resumed.
+    gate = Gate(capacity=1, max_wait=600.0)
+    tickets = [gate.arrive(reserve=True) for _ in range(3)]
+    resumed: list[int] = []
+    seen: list[tuple[list[int], int | None, float | None]] = []
+
+    async def session(i: int) -> None:
+        async with gate.session(arrival=tickets[i]):
+            resumed.append(i)
+            await trio.sleep(2.0)
+        if i == 0:  # the release handed the slot over; no checkpoint since
+            seen.append((list(resumed), tickets[2].position, tickets[2].eta))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(session, i)
+        await settle()
+        assert tickets[2].position == 2 and tickets[2].eta is None  # no hand-off yet
+    # Handed over, its task not resumed yet, and the ETA already knows of it.
+    assert seen == [([0], 1, pytest.approx(2.0))]
 
 
 async def test_stats_quantiles(autojump_clock: trio.testing.MockClock) -> None:

@@ -77,6 +77,14 @@ class Ticket:
     #: admission after that is a hand-off (what the ETA and Retry-After estimate from).
     queued: bool = False
 
+    def handed_over(self) -> None:
+        """For backends: a releaser handed this parked ticket a slot, now. Stamps
+        ``admitted_at`` and counts the hand-off at once: the ticket's task resumes a
+        scheduler pass later, and whatever reads the ETA meanwhile (an event stream
+        woken by the same release) must already see this hand-off."""
+        now = self.admitted_at = trio.current_time()
+        self._gate._handoffs.add(now, self.arrived_at)
+
     def mark_queued(self) -> None:
         """For backends: the ticket now waits in the queue, so its admission will be a
         hand-off; the gate's :attr:`Gate.on_queued` hook hears of it at once."""
@@ -280,14 +288,14 @@ class Gate:
         return _Session(self, arrival, id)
 
     def _on_admitted(self, ticket: Ticket) -> None:
-        now = ticket.admitted_at  # set by the backend at a hand-off
+        now = ticket.admitted_at  # set by the backend at a hand-off (``handed_over``)
         if now is None:
             now = ticket.admitted_at = trio.current_time()
+            if ticket.queued:
+                self._handoffs.add(now, ticket.arrived_at)
         waited = now - ticket.arrived_at
         self._admitted += 1
         self._waits.add(waited)
-        if ticket.queued:
-            self._handoffs.add(now)
         self._local_active += 1
 
     def _count_end(self, error: BaseException) -> None:
@@ -327,11 +335,11 @@ class Gate:
 
     def estimate_wait(self, position: int) -> float | None:
         """Seconds a waiter at ``position`` is likely to wait, from the hand-off rate."""
-        return self._handoffs.eta(position, trio.current_time())
+        return self._handoffs.eta(position, trio.current_time(), waiting=self.queued > 0)
 
     def handoff_rate(self) -> float | None:
         """Slots handed to waiters per second over about the last minute, if any."""
-        return self._handoffs.per_second(trio.current_time())
+        return self._handoffs.per_second(trio.current_time(), waiting=self.queued > 0)
 
     def stats(self) -> GateStats:
         p50, p90, p99 = self._waits.quantiles(0.5, 0.9, 0.99)

@@ -57,29 +57,58 @@ class WaitQuantiles:
 
 
 class HandoffRate:
-    """Slots handed from the queue to a waiter per second, over about the last minute."""
+    """Slots handed from the queue to a waiter per second, over about the last minute.
+
+    The rate counts *busy* time only. Each hand-off brings its service gap: the time
+    since the previous hand-off, or since the waiter it served arrived if that was later
+    (before then, nobody was owed a slot). So a quiet spell with nobody waiting does not
+    make a busy queue look slow: short sessions handed on at 100/s between quiet spells
+    estimate 100/s, where hand-offs over wall time would say far less and overstate
+    every wait. The time since the last hand-off counts too while someone waits, beyond
+    a typical gap, so a queue whose holders stopped leaving is estimated slower and
+    slower, not at its old pace.
+    """
 
     def __init__(self, window: float = HANDOFF_WINDOW, size: int = HANDOFF_SAMPLES) -> None:
         self._window = window
-        self._times: deque[float] = deque(maxlen=size)
+        # (when, service gap) of recent hand-offs, oldest first; _busy is their gaps' sum.
+        self._handoffs: deque[tuple[float, float]] = deque()
+        self._size = size
+        self._busy = 0.0
+        self._last: float | None = None
 
-    def add(self, now: float) -> None:
-        self._times.append(now)
+    def add(self, now: float, arrived_at: float) -> None:
+        """A hand-off at ``now`` to a waiter that arrived at ``arrived_at``."""
+        start = arrived_at if self._last is None else max(self._last, arrived_at)
+        gap = max(0.0, now - start)
+        self._last = now
+        self._handoffs.append((now, gap))
+        self._busy += gap
+        if len(self._handoffs) > self._size:
+            self._busy -= self._handoffs.popleft()[1]
 
-    def per_second(self, now: float) -> float | None:
-        """The recent rate, or None when no hand-off has been seen in the window."""
-        times = self._times
-        while times and times[0] < now - self._window:
-            times.popleft()
-        if not times:
+    def per_second(self, now: float, *, waiting: bool = False) -> float | None:
+        """The recent rate, or None when no hand-off has been seen in the window.
+
+        ``waiting``: someone waits now, so the time since the last hand-off is busy too.
+        """
+        handoffs = self._handoffs
+        while handoffs and handoffs[0][0] < now - self._window:
+            self._busy -= handoffs.popleft()[1]
+        if not handoffs:
+            self._busy = 0.0  # no float drift left over
             return None
-        # A burst at one instant still spans at least a second: an honest lower bound.
-        span = max(now - times[0], 1.0)
-        return len(times) / span
+        count = len(handoffs)
+        busy = max(self._busy, 0.0)
+        if waiting and self._last is not None:
+            # The open gap, beyond the typical one: a stall shows, a steady pace does not.
+            busy += max(0.0, (now - self._last) - busy / count)
+        # A burst at one instant: no honest rate from it alone; assume one per millisecond.
+        return count / max(busy, count * 1e-3)
 
-    def eta(self, position: int, now: float) -> float | None:
+    def eta(self, position: int, now: float, *, waiting: bool = True) -> float | None:
         """Seconds until a waiter at ``position`` is likely admitted, or None if unknown."""
-        rate = self.per_second(now)
+        rate = self.per_second(now, waiting=waiting)
         if rate is None:
             return None
         return position / rate

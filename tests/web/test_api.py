@@ -130,15 +130,21 @@ async def test_expired_async_session_is_readable(autojump_clock: Any) -> None:
         assert body["ended_at"] - body["created_at"] == pytest.approx(2.0)
 
 
-async def test_max_wait_zero_answers_queue_timeout_at_once(autojump_clock: Any) -> None:
+@pytest.mark.parametrize("headers", [None, ASYNC])
+async def test_max_wait_zero_answers_queue_timeout_at_once(
+    autojump_clock: Any, headers: dict[str, str] | None
+) -> None:
+    # Asynchronous too: a session that expired before it could be answered gets the
+    # refusal, not a 202 for a session that will never run.
     async with running(capacity=1, max_wait=0) as app:
         client = app.test_client()
         await post(client, {"duration": 100}, ASYNC)
         start = trio.current_time()
-        response, body = await post(client)
+        response, body = await post(client, {}, headers)
         assert response.status_code == 503 and body["error"] == "queue_timeout"
-        assert body["waited_s"] == 0.0
+        assert body["waited_s"] == 0.0 and int(response.headers["Retry-After"]) >= 1
         assert trio.current_time() == start
+        assert (await stats(client))["expired_total"] == 1
 
 
 @pytest.mark.parametrize("headers", [None, ASYNC])
@@ -270,6 +276,9 @@ BAD_INPUT = [
     (b'{"duration": "5"}', "application/json", 422, "invalid_request"),
     (b'{"duration": true}', "application/json", 422, "invalid_request"),
     (b'{"duration": 1e400}', "application/json", 422, "invalid_request"),
+    # Valid JSON that Python will not take: out of range, not malformed.
+    (b'{"n": ' + b"9" * 5000 + b"}", "application/json", 422, "invalid_request"),
+    (b"[" * 5000 + b"]" * 5000, "application/json", 422, "invalid_request"),
     (b"{}", "text/plain", 415, "unsupported_media_type"),
     (b"{}", "", 415, "unsupported_media_type"),
     (b"{}", "application/jsonx", 415, "unsupported_media_type"),
@@ -311,6 +320,38 @@ async def test_json_media_types_are_accepted(autojump_clock: Any, content_type: 
             "/sessions", data=b'{"duration": 0}', headers={"Content-Type": content_type}
         )
         assert response.status_code == 200
+
+
+async def test_any_json_string_is_echoed_even_one_utf8_cannot_carry(autojump_clock: Any) -> None:
+    # A lone surrogate is valid JSON (RFC 8259 §8.2) but not UTF-8: answers are ASCII
+    # JSON, so it comes back as the escape it came in as, never as a 500.
+    async with running() as app:
+        client = app.test_client()
+        data = '{"lone": "\\ud800", "accent": "é", "duration": 0}'.encode()
+        headers = {"Content-Type": "application/json"}
+        response = await client.post("/sessions", data=data, headers=headers)
+        assert response.status_code == 200
+        raw = await response.get_data()
+        assert b"\\ud800" in raw and b"\\u00e9" in raw
+        result = (await response.get_json())["result"]["data"]
+        assert result == {"lone": "\ud800", "accent": "é", "duration": 0}
+        response = await client.post("/sessions", data=data, headers={**headers, **ASYNC})
+        session_id = (await response.get_json())["id"]
+        await session_ended(app, session_id)
+        response = await client.get(f"/sessions/{session_id}")
+        assert response.status_code == 200
+        assert (await response.get_json())["result"]["data"]["lone"] == "\ud800"
+
+
+async def test_a_service_that_stopped_serving_is_not_ready(autojump_clock: Any) -> None:
+    async with running() as app:
+        client = app.test_client()
+        assert (await client.get("/readyz")).status_code == 200
+        app.service._closed = True  # as when its sessions nursery is gone
+        response = await client.get("/readyz")
+        assert response.status_code == 503
+        assert (await response.get_json())["error"] == "shutting_down"
+        app.service._closed = False
 
 
 async def test_empty_body_is_an_empty_object_whatever_its_type(autojump_clock: Any) -> None:
@@ -448,7 +489,9 @@ async def test_retry_after_and_eta_come_from_the_hand_off_rate(autojump_clock: A
 async def test_handler_errors_fail_the_session_cleanly(
     autojump_clock: Any, sample_handlers: str
 ) -> None:
-    for name in ("boom", "sync_boom", "not_json", "nan"):
+    # SystemExit and KeyboardInterrupt from a handler are its own failures too: they
+    # must not take the sessions nursery (and with it the service) down.
+    for name in ("boom", "sync_boom", "not_json", "nan", "exits", "sync_interrupt"):
         async with running(handler=f"{sample_handlers}:{name}", capacity=1) as app:
             client = app.test_client()
             response, body = await post(client, {})
@@ -755,3 +798,23 @@ async def test_a_refused_request_costs_its_stamp_nothing(autojump_clock: Any) ->
         _, session = await post(client, {"duration": 1}, ASYNC)
         assert session["state"] == "active"
         assert app.service.gate.stats().rejected == 0
+
+
+async def test_a_resize_the_backend_cannot_make_is_a_refusal(autojump_clock: Any) -> None:
+    # Redis mode with Redis down: the resize is refused as backend_unavailable (the
+    # refusal status, with Retry-After), never a 500; nothing changed.
+    from sessiongate import BackendUnavailable
+
+    async with running(capacity=2, admin_token="t", refusal_status=429) as app:
+
+        async def unreachable(capacity: int) -> None:
+            raise BackendUnavailable("Redis unreachable: the capacity was not changed")
+
+        app.service.gate.resize = unreachable  # type: ignore[method-assign]
+        response = await app.test_client().put(
+            "/admin/capacity", json={"capacity": 5}, headers={"Authorization": "Bearer t"}
+        )
+        body = await response.get_json()
+        assert response.status_code == 429 and body["error"] == "backend_unavailable"
+        assert int(response.headers["Retry-After"]) >= 1
+        assert app.service.gate.capacity == 2

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from sessiongate import BackendUnavailable
 from sessiongate.web import create_app
 from sessiongate.web._openapi import openapi_document
 
@@ -85,6 +86,14 @@ def put(body: bytes, headers: dict[str, str] | None = None) -> Scenario:
     return scenario
 
 
+async def put_backend_down(client: Any, app: Any) -> Any:
+    async def unreachable(capacity: int) -> None:
+        raise BackendUnavailable("Redis unreachable: the capacity was not changed")
+
+    app.service.gate.resize = unreachable  # as the Redis backend does when Redis is down
+    return await put(b'{"capacity": 3}')(client, app)
+
+
 def post(body: bytes, headers: dict[str, str] | None = None) -> Scenario:
     async def scenario(client: Any, app: Any) -> Any:
         return await client.post("/sessions", data=body, headers=headers or JSON)
@@ -131,6 +140,7 @@ SCENARIOS: dict[tuple[str, str, str], tuple[dict[str, Any], Scenario]] = {
     ("/admin/capacity", "put", "413"): (BASE, put(b" " * 70_000)),
     ("/admin/capacity", "put", "415"): (BASE, put(b"{}", {**AUTH, "Content-Type": "text/csv"})),
     ("/admin/capacity", "put", "422"): (BASE, put(b'{"capacity": 0}')),
+    ("/admin/capacity", "put", "503"): (BASE, put_backend_down),
     ("/stats", "get", "200"): (BASE, get("/stats")),
     ("/metrics", "get", "200"): (BASE, get("/metrics")),
     ("/healthz", "get", "200"): (BASE, get("/healthz")),

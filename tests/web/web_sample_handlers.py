@@ -33,6 +33,14 @@ def sync_boom(body: dict[str, Any], ticket: Ticket) -> Any:
     raise ValueError("sync secret")
 
 
+async def exits(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise SystemExit("secret exit")
+
+
+def sync_interrupt(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise KeyboardInterrupt("secret interrupt")
+
+
 def blocking(body: dict[str, Any], ticket: Ticket) -> Any:
     STARTED.set()
     RELEASE.wait(10)

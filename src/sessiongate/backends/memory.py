@@ -110,7 +110,7 @@ class MemoryBackend:
             del queue[seq]
             limiter.acquire_on_behalf_of_nowait(waiter.ticket)
             if waiter.task is not None:  # None: served as it enters, not parked yet
-                waiter.ticket.admitted_at = trio.current_time()  # the hand-off's instant
+                waiter.ticket.handed_over()  # stamped and counted at the hand-off's instant
                 trio.lowlevel.reschedule(waiter.task)
 
     # -- holding a slot ---------------------------------------------------------------

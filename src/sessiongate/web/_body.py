@@ -85,8 +85,12 @@ async def read_json_object(max_body: int) -> dict[str, Any]:
         value = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except _OutOfRange as error:
         raise ApiError("invalid_request", str(error)) from None
-    except (ValueError, RecursionError):
+    except (json.JSONDecodeError, _NotJson, UnicodeDecodeError):
         raise ApiError("invalid_json", "the body is not valid JSON (RFC 8259)") from None
+    except ValueError:  # valid JSON: an integer longer than Python converts (4300 digits)
+        raise ApiError("invalid_request", "a number in the body is out of range") from None
+    except RecursionError:  # valid JSON, nested deeper than the parser goes
+        raise ApiError("invalid_request", "the body is nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError("invalid_request", "the body must be a JSON object")
     return value

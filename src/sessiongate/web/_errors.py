@@ -41,12 +41,15 @@ MAX_RETRY_AFTER = 86_400
 
 
 # One encoder for every answer: json.dumps with options builds a new one per call.
-_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+# ASCII output: non-ASCII text is escaped (\u00e9), so that a string no UTF-8 can carry
+# (a lone surrogate, which a JSON body may well contain as "\ud800") is echoed as the
+# escape it came in as, instead of failing the answer.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 
 def dumps(value: Any) -> bytes:
-    """Strict JSON (no NaN or Infinity), compact, UTF-8."""
-    return _ENCODER.encode(value).encode()
+    """Strict JSON (no NaN or Infinity), compact, ASCII."""
+    return _ENCODER.encode(value).encode("ascii")
 
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -162,7 +162,15 @@ def openapi_document(refusal_status: int = 503) -> dict[str, Any]:
                         }
                     },
                 },
-                "responses": {"200": _json(_STATS, "the new figures"), **_ADMIN, **_BODY_ERRORS},
+                "responses": {
+                    "200": _json(_STATS, "the new figures"),
+                    **_ADMIN,
+                    **_BODY_ERRORS,
+                    refusal: _error(
+                        "backend_unavailable: Redis mode, Redis unreachable (nothing changed)",
+                        retry_after=True,
+                    ),
+                },
             }
         },
         "/stats": {"get": {"responses": {"200": _json(_STATS, "the gate's figures")}}},

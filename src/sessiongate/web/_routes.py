@@ -7,12 +7,13 @@ from typing import Any
 
 from quart import Quart, Response, request
 
+from .._errors import AdmissionError
 from ..metrics import CONTENT_TYPE_LATEST
 from ._body import read_json_object
 from ._errors import ApiError, json_response
 from ._openapi import openapi_document
 from ._service import Service
-from ._sessions import ACTIVE, COMPLETED, QUEUED, EndedSession, Session
+from ._sessions import ACTIVE, COMPLETED, EXPIRED, QUEUED, EndedSession, Session
 from ._sse import session_events
 
 MAX_LIST = 1000
@@ -94,7 +95,9 @@ def register(app: Quart, service: Service) -> None:
         if respond_async:
             # The session lives on in the sessions nursery, whatever this request does.
             await service.start_session(record, answer_now=True)
-            if record.refused_at_once:
+            # Refused at once, or expired at once (--max-wait 0 and a full gate): the
+            # answer is the refusal, as for a synchronous caller.
+            if record.refused_at_once or record.state == EXPIRED:
                 raise service.refusal(record)
             return json_response(
                 record.encode(service.gate),
@@ -160,7 +163,12 @@ def register(app: Quart, service: Service) -> None:
         capacity = body.get("capacity")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ApiError("invalid_request", "'capacity' must be a whole number >= 1")
-        await service.gate.resize(capacity)
+        try:
+            await service.gate.resize(capacity)
+        except AdmissionError as error:  # Redis unreachable: nothing was changed
+            raise ApiError(
+                error.code, str(error), headers={"Retry-After": service.retry_after()}
+            ) from None
         return json_response(stats_json(service))
 
     @app.get("/stats")
@@ -178,7 +186,7 @@ def register(app: Quart, service: Service) -> None:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        if service.draining:
+        if service.draining or not service.serving:
             raise ApiError("shutting_down", "the server is draining", status=503)
         if not service.backend_healthy:
             raise ApiError("backend_unavailable", "the gate's backend is unreachable", status=503)

@@ -59,6 +59,11 @@ ANSWER_BOUND = 1.0
 STARTUP_HEALTH_WAIT = 2.0
 #: How long an asynchronous request waits for a shared backend to queue or refuse it.
 SETTLE_BOUND = 1.0
+#: What a handler may raise that fails its session only. SystemExit and
+#: KeyboardInterrupt included: raised by a handler (the service's own signals arrive
+#: through Trio's signal receiver, never as KeyboardInterrupt), they are its failure, and
+#: must not take the sessions nursery, and with it every later session, down.
+HANDLER_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
 #: The ASGI scope key under which a ``POST`` request carries its arrival stamp.
 ARRIVAL_KEY = "sessiongate.arrival"
 
@@ -137,6 +142,11 @@ class Service:
     @property
     def started(self) -> bool:
         return self._sessions is not None
+
+    @property
+    def serving(self) -> bool:
+        """Started and not stopped: sessions can still be admitted (readiness)."""
+        return self._sessions is not None and not self._closed
 
     @property
     def backend_healthy(self) -> bool:
@@ -360,7 +370,7 @@ class Service:
         # Every exception is handled here: a session never takes the nursery down.
         try:
             await self._run_session(record, task_status)
-        except Exception:
+        except HANDLER_FAILURES:
             log.exception("session %s: internal error", record.id)
             if not record.ended:
                 self._end(record, FAILED, error=_error("session_failed"))
@@ -396,7 +406,7 @@ class Service:
                 state, error = REJECTED, _error(exc.code, str(exc))
             except errors.LeaseLost as exc:
                 state, error = FAILED, _error("lease_lost", str(exc) or None)
-            except Exception as exc:
+            except HANDLER_FAILURES as exc:
                 record.exception = exc  # for the log line, never for the client
                 state, error = FAILED, _error("session_failed")
         if scope.cancelled_caught or state is None:

@@ -180,8 +180,16 @@ async def wait_ready(port: int, procs: list[subprocess.Popen[bytes]], name: str)
 
 
 def sessiongate_cmd() -> list[str]:
+    if SPLIT_LATENESS:  # the diagnostic launcher (``_sg_probe.py``), not the product's
+        return [PY, str(HERE / "_sg_probe.py")]
     exe = BIN / "sessiongate"
     return [str(exe)] if exe.exists() else [PY, "-m", "sessiongate.cli"]
+
+
+#: Set from --split-lateness: serve sessiongate through ``_sg_probe.py``.
+SPLIT_LATENESS = False
+#: Where the probe writes its scheduler passes at exit.
+PROBE_OUT = LOGS / "sessiongate-passes.json"
 
 
 async def start_sessiongate(capacity: int, deadline: float) -> Server:
@@ -190,6 +198,9 @@ async def start_sessiongate(capacity: int, deadline: float) -> Server:
     cmd += ["--capacity", str(capacity), "--max-wait", f"{deadline:g}"]
     cmd += ["--max-queue", "100000", "--shutdown-grace", "1"]
     name = "sessiongate"
+    if SPLIT_LATENESS:
+        PROBE_OUT.unlink(missing_ok=True)
+        os.environ["SG_PROBE_OUT"] = str(PROBE_OUT)
     proc = _spawn(name, cmd)
     await wait_ready(port, [proc], name)
     return Server(name, port, "/sessions", [proc])
@@ -276,6 +287,10 @@ class Parsed:
     late_server: list[float]  # expired: the server's own wait - deadline
     statuses: dict[int, int]
     unparsed: int
+    # expired, --split-lateness only: the request reached the app (its arrival stamp) -
+    # send; answer time - (arrival stamp + deadline)
+    before_app: list[float] = field(default_factory=list)
+    late_from_stamp: list[float] = field(default_factory=list)
 
 
 def parse(system: str, exchanges: list[Exchange], deadline: float) -> Parsed:
@@ -310,6 +325,9 @@ def parse(system: str, exchanges: list[Exchange], deadline: float) -> Parsed:
                 rec.t_expired = ex.t_send + j["waited_s"]
                 out.late_server.append(j["waited_s"] - deadline)
                 out.late_client.append(latency - deadline)
+                if "created_at" in j:  # the probe's (--split-lateness)
+                    out.before_app.append(j["created_at"] - ex.t_send)
+                    out.late_from_stamp.append(ex.t_recv - j["created_at"] - deadline)
             elif system == "article" and ex.status == 408:
                 arrived = float(ex.headers[b"x-bench-arrived"])
                 expired = float(ex.headers[b"x-bench-expired"])
@@ -437,7 +455,12 @@ def summarise(system: str, sc: Scenario, run: dict[str, Any]) -> dict[str, Any]:
     s["waits_past_deadline_client"] = sum(1 for x in parsed.late_client if x > tol) + sum(
         1 for r in parsed.records if r.admitted and r.t_admit - r.t_arrive > sc.deadline + tol
     )
-    for key, values in (("late_server", parsed.late_server), ("late_client", parsed.late_client)):
+    for key, values in (
+        ("late_server", parsed.late_server),
+        ("late_client", parsed.late_client),
+        ("before_app", parsed.before_app),
+        ("late_from_stamp", parsed.late_from_stamp),
+    ):
         s[f"{key}_p50"] = quantile(values, 0.5)
         s[f"{key}_p99"] = quantile(values, 0.99)
         s[f"{key}_max"] = max(values) if values else math.nan
@@ -530,8 +553,30 @@ async def queued_scenario(sc: Scenario, systems: list[str]) -> dict[str, dict[st
                 dump_raw(f"{sc.name}-{system}", run["exchanges"])
             if system == "article":
                 results[system]["retained_items"] = await article_qsize(server.port)
+        if system == "sessiongate" and SPLIT_LATENESS:
+            results[system].update(pass_figures(run["t0"], sc.window))
     progress_done()
     return results
+
+
+def pass_figures(t0: float, window: float) -> dict[str, float]:
+    """The probe's scheduler passes during the load: how long one pass took, and how many
+    task steps it ran (under a wave every request's next step waits for the whole pass)."""
+    try:
+        passes = json.loads(PROBE_OUT.read_text())
+    except (OSError, ValueError):
+        return {}
+    during = [(length, steps) for start, length, steps in passes if t0 <= start <= t0 + window]
+    if not during:
+        return {}
+    lengths = [length for length, _ in during]
+    steps = [float(n) for _, n in during]
+    return {
+        "pass_p99": quantile(lengths, 0.99),
+        "pass_max": max(lengths),
+        "pass_steps_p99": quantile(steps, 0.99),
+        "pass_steps_max": max(steps),
+    }
 
 
 async def article_qsize(port: int) -> int:
@@ -688,6 +733,10 @@ def _cell(res: dict[str, Any], key: str, kind: str) -> str:
         return fmt_ms(value, 1)
     if kind == "ms3":
         return fmt_ms(value, 3)
+    if kind == "pass":
+        return f"{fmt_ms(value, 1)} / {fmt_ms(res['pass_max'], 1)}"
+    if kind == "steps":
+        return f"{value:.0f} / {res['pass_steps_max']:.0f}"
     if kind == "pct":
         return fmt_pct(value)
     if kind == "int":
@@ -719,6 +768,13 @@ QUEUED_ROWS = [
     ("expiry lateness, client p50", "late_client_p50", "ms"),
     ("expiry lateness, client p99", "late_client_p99", "ms"),
     ("expiry lateness, client max", "late_client_max", "ms"),
+    ("(split) request reached the app after, p50", "before_app_p50", "ms"),
+    ("(split) request reached the app after, p99", "before_app_p99", "ms"),
+    ("(split) deadline from the stamp to the answer, p50", "late_from_stamp_p50", "ms"),
+    ("(split) deadline from the stamp to the answer, p99", "late_from_stamp_p99", "ms"),
+    ("(split) deadline from the stamp to the answer, max", "late_from_stamp_max", "ms"),
+    ("(split) scheduler pass length, p99 / max", "pass_p99", "pass"),
+    ("(split) task steps in one pass, p99 / max", "pass_steps_p99", "steps"),
     ("sessions completed per second", "completed_per_s", "rate"),
     ("latency of completed, p50", "lat_ok_p50", "ms"),
     ("latency of completed, p99", "lat_ok_p99", "ms"),
@@ -824,7 +880,8 @@ async def amain(a: argparse.Namespace) -> dict[str, Any]:
             f"{sc.clients} closed-loop clients, {sc.deadline:g} s deadline, "
             f"{sc.window:g} s of load\n"
         )
-        print(render(res, QUEUED_ROWS), flush=True)
+        rows = [r for r in QUEUED_ROWS if SPLIT_LATENESS or not r[0].startswith("(split)")]
+        print(render(res, rows), flush=True)
     if "throughput" in scenarios:
         sc = Scenario("throughput", a.tput_clients, a.capacity, 0.0, 5.0, a.tput_window)
         res = await throughput_scenario(sc, systems, a.tput_rounds)
@@ -874,11 +931,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--no-wrk", action="store_true", help="skip the wrk cross-check of the throughput runs"
     )
+    p.add_argument(
+        "--split-lateness",
+        action="store_true",
+        help="serve sessiongate through _sg_probe.py and split its clients' expiry lateness "
+        "into before the app saw the request and after the deadline",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.window, a.tput_window, a.tput_rounds = 5.0, 3.0, 1
-    global WRK, RAW
+    global WRK, RAW, SPLIT_LATENESS
     WRK = not a.no_wrk and shutil.which("wrk") is not None
+    SPLIT_LATENESS = a.split_lateness
     RAW = Path(a.raw) if a.raw else None
     started = time.time()
     print(

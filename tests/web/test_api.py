@@ -489,9 +489,12 @@ async def test_retry_after_and_eta_come_from_the_hand_off_rate(autojump_clock: A
 async def test_handler_errors_fail_the_session_cleanly(
     autojump_clock: Any, sample_handlers: str
 ) -> None:
-    # SystemExit and KeyboardInterrupt from a handler are its own failures too: they
-    # must not take the sessions nursery (and with it the service) down.
-    for name in ("boom", "sync_boom", "not_json", "nan", "exits", "sync_interrupt"):
+    # Any BaseException from a handler (SystemExit, KeyboardInterrupt, GeneratorExit, a
+    # subclass of its own, a group of them) is its own failure too: it must not take the
+    # sessions nursery (and with it the service) down.
+    names = ("boom", "sync_boom", "not_json", "nan", "exits", "sync_interrupt")
+    names += ("generator_exit", "sync_odd_base", "odd_base_group")
+    for name in names:
         async with running(handler=f"{sample_handlers}:{name}", capacity=1) as app:
             client = app.test_client()
             response, body = await post(client, {})

@@ -41,6 +41,22 @@ def sync_interrupt(body: dict[str, Any], ticket: Ticket) -> Any:
     raise KeyboardInterrupt("secret interrupt")
 
 
+class OddBaseError(BaseException):
+    """Neither an Exception nor one of Python's own BaseExceptions."""
+
+
+async def generator_exit(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise GeneratorExit("secret generator exit")
+
+
+def sync_odd_base(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise OddBaseError("secret odd base")
+
+
+async def odd_base_group(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise BaseExceptionGroup("secret group", [OddBaseError("secret odd base")])
+
+
 def blocking(body: dict[str, Any], ticket: Ticket) -> Any:
     STARTED.set()
     RELEASE.wait(10)

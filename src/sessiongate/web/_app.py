@@ -14,6 +14,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..config import Settings
+from . import _hypercorn_fix
 from ._errors import ApiError, error_response, json_response
 from ._routes import check_admin, register
 from ._service import ARRIVAL_KEY, Service
@@ -111,6 +112,7 @@ def create_app(
     """
     if settings is None:
         settings = Settings.from_environ(os.environ if environ is None else environ)
+    _hypercorn_fix.apply()
     service = Service(settings)
     app = SessionGateApp("sessiongate.web", static_folder=None)
     app.service = service

@@ -59,11 +59,21 @@ ANSWER_BOUND = 1.0
 STARTUP_HEALTH_WAIT = 2.0
 #: How long an asynchronous request waits for a shared backend to queue or refuse it.
 SETTLE_BOUND = 1.0
-#: What a handler may raise that fails its session only. SystemExit and
-#: KeyboardInterrupt included: raised by a handler (the service's own signals arrive
-#: through Trio's signal receiver, never as KeyboardInterrupt), they are its failure, and
-#: must not take the sessions nursery, and with it every later session, down.
-HANDLER_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
+
+
+def is_cancellation(error: BaseException) -> bool:
+    """Whether ``error`` is, or carries, Trio's cancellation (which must propagate).
+
+    Anything else a handler raises fails its session only: SystemExit, KeyboardInterrupt
+    (the service's own signals arrive through Trio's signal receiver, never as
+    KeyboardInterrupt), GeneratorExit, any BaseException subclass. None of them may take
+    the sessions nursery, and with it every later session, down.
+    """
+    if isinstance(error, trio.Cancelled):
+        return True
+    return isinstance(error, BaseExceptionGroup) and error.subgroup(trio.Cancelled) is not None
+
+
 #: The ASGI scope key under which a ``POST`` request carries its arrival stamp.
 ARRIVAL_KEY = "sessiongate.arrival"
 
@@ -370,7 +380,9 @@ class Service:
         # Every exception is handled here: a session never takes the nursery down.
         try:
             await self._run_session(record, task_status)
-        except HANDLER_FAILURES:
+        except BaseException as error:
+            if is_cancellation(error):
+                raise
             log.exception("session %s: internal error", record.id)
             if not record.ended:
                 self._end(record, FAILED, error=_error("session_failed"))
@@ -406,7 +418,9 @@ class Service:
                 state, error = REJECTED, _error(exc.code, str(exc))
             except errors.LeaseLost as exc:
                 state, error = FAILED, _error("lease_lost", str(exc) or None)
-            except HANDLER_FAILURES as exc:
+            except BaseException as exc:
+                if is_cancellation(exc):
+                    raise
                 record.exception = exc  # for the log line, never for the client
                 state, error = FAILED, _error("session_failed")
         if scope.cancelled_caught or state is None:

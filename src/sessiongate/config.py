@@ -36,14 +36,30 @@ class ConfigError(ValueError):
 # -- converters: a string (or an already typed default) to a checked value -------------
 
 
-def _int(minimum: int) -> Callable[[str], int]:
+#: The largest capacity accepted (flag, variable or ``PUT /admin/capacity``). Far beyond
+#: any real gate, and exact where a capacity travels as a float (Prometheus gauges, Redis's
+#: Lua numbers): a 400-digit capacity once broke ``/metrics`` and, in Redis mode, every
+#: process sharing the gate.
+MAX_CAPACITY = 1_000_000_000
+
+_WHOLE_NUMBER = re.compile(r"\s*[0-9]+\s*")
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def convert(text: str) -> int:
-        try:
-            value = int(text.strip(), 10)
-        except ValueError:
-            raise ValueError(f"must be a whole number >= {minimum}, got {text!r}") from None
+        # Digits only: int() would also take "1_000" and other Python spellings.
+        if not _WHOLE_NUMBER.fullmatch(text):
+            if text.strip().startswith("-") and _WHOLE_NUMBER.fullmatch(text.strip()[1:]):
+                raise ValueError(f"must be >= {minimum}, got {text.strip()}")
+            raise ValueError(f"must be a whole number >= {minimum}, got {text!r}")
+        digits = text.strip().lstrip("0") or "0"
+        if len(digits) > 18:  # past any setting's range (and int()'s 4300-digit limit)
+            raise ValueError(f"must be <= {maximum or 10**18}, got {digits[:20]}...")
+        value = int(digits, 10)
         if value < minimum:
             raise ValueError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be <= {maximum}, got {value}")
         return value
 
     return convert
@@ -183,7 +199,7 @@ class _Option:
 
 _OPTIONS = (
     _Option("bind", _bind, "address to listen on, HOST:PORT"),
-    _Option("capacity", _int(1), "most sessions active at once"),
+    _Option("capacity", _int(1, MAX_CAPACITY), "most sessions active at once"),
     _Option("max_wait", _seconds(0), "most seconds a session waits for a slot (0: never)"),
     _Option("max_queue", _int(0), "most sessions waiting at once (0: no queue)"),
     _Option("handler", _handler, "'sleep' or package.module:function"),

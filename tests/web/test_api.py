@@ -257,9 +257,14 @@ async def test_resize_grows_and_shrinks_live(autojump_clock: Any) -> None:
         response = await client.put("/admin/capacity", json={"capacity": 1}, headers=auth)
         figures = await response.get_json()
         assert (figures["capacity"], figures["active"]) == (1, 3)  # nobody is killed
-        for bad in ({"capacity": 0}, {"capacity": "2"}, {"capacity": True}, {}):
+        # Out of range too: past 10**9 (a 400-digit capacity once broke /metrics).
+        bad_values: list[Any] = [0, "2", True, 10**9 + 1, 10**400, 2.0]
+        for bad in [*({"capacity": v} for v in bad_values), {}]:
             response = await client.put("/admin/capacity", json=bad, headers=auth)
             assert response.status_code == 422
+            assert (await response.get_json())["error"] == "invalid_request"
+        assert (await stats(client))["capacity"] == 1
+        assert (await client.get("/metrics")).status_code == 200
 
 
 BAD_INPUT = [

@@ -38,6 +38,11 @@ def never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["--capacity", "0"], "--capacity"),
         (["--capacity", "many"], "--capacity"),
+        (["--capacity", "1000000001"], "--capacity"),
+        (["--capacity", "9" * 5000], "--capacity"),
+        (["--capacity", "1_000"], "--capacity"),
+        (["--capacity", "-3"], "--capacity"),
+        (["--max-queue", "1e3"], "--max-queue"),
         (["--max-wait", "-1"], "--max-wait"),
         (["--max-wait", "nan"], "--max-wait"),
         (["--max-queue", "-1"], "--max-queue"),
@@ -102,6 +107,13 @@ def test_a_malformed_backend_variable_stops_with_one_line(
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "SESSIONGATE_BACKEND" in err
+
+
+def test_whole_numbers_are_digits_within_range() -> None:
+    settings = Settings.from_args(["--capacity", " 1000000000 ", "--max-queue", "007"], {})
+    assert (settings.capacity, settings.max_queue) == (1_000_000_000, 7)
+    with pytest.raises(ConfigError, match="<= 1000000000"):
+        Settings.from_args(["--capacity", "1000000001"], {})
 
 
 def test_a_refused_backend_url_does_not_show_its_password() -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import MAX_CAPACITY
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _SESSION = {"$ref": "#/components/schemas/Session"}
 _STATS = {"$ref": "#/components/schemas/Stats"}
@@ -157,7 +159,13 @@ def openapi_document(refusal_status: int = 503) -> dict[str, Any]:
                             "schema": {
                                 "type": "object",
                                 "required": ["capacity"],
-                                "properties": {"capacity": {"type": "integer", "minimum": 1}},
+                                "properties": {
+                                    "capacity": {
+                                        "type": "integer",
+                                        "minimum": 1,
+                                        "maximum": MAX_CAPACITY,
+                                    }
+                                },
                             }
                         }
                     },

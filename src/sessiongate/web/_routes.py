@@ -8,6 +8,7 @@ from typing import Any
 from quart import Quart, Response, request
 
 from .._errors import AdmissionError
+from ..config import MAX_CAPACITY
 from ..metrics import CONTENT_TYPE_LATEST
 from ._body import read_json_object
 from ._errors import ApiError, json_response
@@ -161,8 +162,14 @@ def register(app: Quart, service: Service) -> None:
     async def put_capacity() -> Response:
         body = await read_json_object(settings.max_body)
         capacity = body.get("capacity")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ApiError("invalid_request", "'capacity' must be a whole number >= 1")
+        if (
+            isinstance(capacity, bool)
+            or not isinstance(capacity, int)
+            or not 1 <= capacity <= MAX_CAPACITY
+        ):
+            raise ApiError(
+                "invalid_request", f"'capacity' must be a whole number from 1 to {MAX_CAPACITY}"
+            )
         try:
             await service.gate.resize(capacity)
         except AdmissionError as error:  # Redis unreachable: nothing was changed

@@ -537,7 +537,7 @@ def test_a_quiet_spell_does_not_slow_the_handoff_rate() -> None:
             rate.add(t, arrived)
         t += 5.0  # quiet: the queue is empty
     assert rate.per_second(t) == pytest.approx(100.0)
-    assert rate.eta(4, t, waiting=False) == pytest.approx(0.04)
+    assert rate.eta(4, t, waiting_since=None) == pytest.approx(0.04)
 
 
 def test_a_stalled_queue_slows_the_handoff_rate() -> None:
@@ -546,9 +546,24 @@ def test_a_stalled_queue_slows_the_handoff_rate() -> None:
     rate = HandoffRate()
     for i in range(1, 11):
         rate.add(float(i), 0.0)  # one a second
-    assert rate.per_second(10.5, waiting=True) == pytest.approx(1.0)
-    assert rate.per_second(30.0, waiting=True) == pytest.approx(10 / 29.0)
-    assert rate.per_second(30.0, waiting=False) == pytest.approx(1.0)
+    assert rate.per_second(10.5, waiting_since=-math.inf) == pytest.approx(1.0)
+    assert rate.per_second(30.0, waiting_since=-math.inf) == pytest.approx(10 / 29.0)
+    assert rate.per_second(30.0, waiting_since=5.0) == pytest.approx(10 / 29.0)
+    assert rate.per_second(30.0) == pytest.approx(1.0)
+
+
+def test_a_burst_after_a_quiet_spell_is_estimated_at_the_old_pace() -> None:
+    # One hand-off a second, then 40 s with nobody waiting, then a burst that arrived
+    # half a second ago: nobody has been stalled, so the pace is still one a second
+    # (an outside review saw Retry-After grow with the quiet spell: 7 s steady, 36 s
+    # after 40 s of quiet).
+    rate = HandoffRate()
+    for i in range(1, 11):
+        rate.add(float(i), float(i) - 1.0)
+    assert rate.per_second(50.5, waiting_since=50.0) == pytest.approx(1.0)
+    assert rate.eta(6, 50.5, waiting_since=50.0) == pytest.approx(6.0)
+    # The same burst, still unserved 15 s later, is a stall and shows as one.
+    assert rate.per_second(65.0, waiting_since=50.0) == pytest.approx(6 / 20)
 
 
 async def test_an_eta_read_at_the_first_handoff_is_known(
@@ -730,3 +745,28 @@ async def test_reservations_keep_only_the_slots_they_need(
         assert gate.queued == 1
         nursery.start_soon(enter, "first", first)
     assert admitted == {"first": 0.0, "second": 1.0}
+
+
+async def test_the_gate_estimates_a_fresh_burst_at_its_last_pace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One-second sessions handed on one after another, then 40 s with nobody waiting,
+    # then a burst: the gate's estimate for it is the old pace, not the quiet spell.
+    gate = Gate(capacity=1, max_wait=600.0)
+
+    async def one_second() -> None:
+        async with gate.session():
+            await trio.sleep(1.0)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(6):
+            nursery.start_soon(one_second)
+            await trio.testing.wait_all_tasks_blocked()
+    await trio.sleep(40.0)
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(one_second)
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.5)
+        assert gate.queued == 3
+        assert gate.estimate_wait(4) == pytest.approx(4.0, rel=0.05)

@@ -335,11 +335,20 @@ class Gate:
 
     def estimate_wait(self, position: int) -> float | None:
         """Seconds a waiter at ``position`` is likely to wait, from the hand-off rate."""
-        return self._handoffs.eta(position, trio.current_time(), waiting=self.queued > 0)
+        return self._handoffs.eta(
+            position, trio.current_time(), waiting_since=self._waiting_since()
+        )
 
     def handoff_rate(self) -> float | None:
         """Slots handed to waiters per second over about the last minute, if any."""
-        return self._handoffs.per_second(trio.current_time(), waiting=self.queued > 0)
+        return self._handoffs.per_second(trio.current_time(), waiting_since=self._waiting_since())
+
+    def _waiting_since(self) -> float | None:
+        """When the oldest of this process's waiters arrived; ``-inf`` when only other
+        processes' waiters queue (their arrivals are not known here); None: nobody."""
+        for ticket in self._waiting:  # insertion order: the oldest first
+            return ticket.arrived_at
+        return -math.inf if self.queued > 0 else None
 
     def stats(self) -> GateStats:
         p50, p90, p99 = self._waits.quantiles(0.5, 0.9, 0.99)

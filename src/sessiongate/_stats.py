@@ -64,9 +64,11 @@ class HandoffRate:
     (before then, nobody was owed a slot). So a quiet spell with nobody waiting does not
     make a busy queue look slow: short sessions handed on at 100/s between quiet spells
     estimate 100/s, where hand-offs over wall time would say far less and overstate
-    every wait. The time since the last hand-off counts too while someone waits, beyond
-    a typical gap, so a queue whose holders stopped leaving is estimated slower and
-    slower, not at its old pace.
+    every wait. While someone waits, the time since the last hand-off, or since the
+    oldest waiter arrived if that was later, counts too beyond a typical gap: a queue
+    whose holders stopped leaving is estimated slower and slower, not at its old pace,
+    while a burst that has just arrived after a quiet spell is estimated at the pace
+    the queue kept when it was last busy.
     """
 
     def __init__(self, window: float = HANDOFF_WINDOW, size: int = HANDOFF_SAMPLES) -> None:
@@ -87,10 +89,12 @@ class HandoffRate:
         if len(self._handoffs) > self._size:
             self._busy -= self._handoffs.popleft()[1]
 
-    def per_second(self, now: float, *, waiting: bool = False) -> float | None:
+    def per_second(self, now: float, *, waiting_since: float | None = None) -> float | None:
         """The recent rate, or None when no hand-off has been seen in the window.
 
-        ``waiting``: someone waits now, so the time since the last hand-off is busy too.
+        ``waiting_since``: someone has been waiting since then (``-inf``: since before
+        the last hand-off), so the time since the later of it and the last hand-off is
+        busy too; None: nobody waits.
         """
         handoffs = self._handoffs
         while handoffs and handoffs[0][0] < now - self._window:
@@ -100,15 +104,17 @@ class HandoffRate:
             return None
         count = len(handoffs)
         busy = max(self._busy, 0.0)
-        if waiting and self._last is not None:
+        if waiting_since is not None and self._last is not None:
             # The open gap, beyond the typical one: a stall shows, a steady pace does not.
-            busy += max(0.0, (now - self._last) - busy / count)
+            busy += max(0.0, (now - max(self._last, waiting_since)) - busy / count)
         # A burst at one instant: no honest rate from it alone; assume one per millisecond.
         return count / max(busy, count * 1e-3)
 
-    def eta(self, position: int, now: float, *, waiting: bool = True) -> float | None:
+    def eta(
+        self, position: int, now: float, *, waiting_since: float | None = -math.inf
+    ) -> float | None:
         """Seconds until a waiter at ``position`` is likely admitted, or None if unknown."""
-        rate = self.per_second(now, waiting=waiting)
+        rate = self.per_second(now, waiting_since=waiting_since)
         if rate is None:
             return None
         return position / rate

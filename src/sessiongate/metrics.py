@@ -64,10 +64,12 @@ class Metrics:
         self._by_outcome = {outcome: self.sessions.labels(outcome) for outcome in OUTCOMES}
         self._by_reason = {reason: self.refusals.labels(reason) for reason in REFUSAL_REASONS}
 
-    def session_ended(self, outcome: str, waited: float | None, ran: float | None) -> None:
+    def session_admitted(self, waited: float) -> None:
+        """Observed at admission, as /stats counts it (not a whole run time later)."""
+        self.queue_wait.observe(waited)
+
+    def session_ended(self, outcome: str, ran: float | None) -> None:
         self._by_outcome[outcome].inc()
-        if waited is not None:
-            self.queue_wait.observe(waited)
         if ran is not None:
             self.run_time.observe(ran)
 

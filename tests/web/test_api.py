@@ -269,6 +269,9 @@ async def test_resize_grows_and_shrinks_live(autojump_clock: Any) -> None:
 
 BAD_INPUT = [
     (b"{", "application/json", 400, "invalid_json"),
+    # JSON must be UTF-8 (RFC 8259 8.1): json.loads would guess UTF-16 and UTF-32.
+    ('{"duration": 0}'.encode("utf-16"), "application/json", 400, "invalid_json"),
+    ('{"duration": 0}'.encode("utf-32-le"), "application/json", 400, "invalid_json"),
     (b"NaN", "application/json", 400, "invalid_json"),
     (b'{"a": Infinity}', "application/json", 400, "invalid_json"),
     (b'{"a": -Infinity}', "application/json", 400, "invalid_json"),
@@ -587,6 +590,13 @@ async def test_stats_and_metrics(autojump_clock: Any) -> None:
         assert 'sessiongate_refusals_total{reason="queue_full"} 0.0' in text
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/readyz")).status_code == 200
+        # The queue wait is observed at admission, as /stats counts it: a session still
+        # running is in it already.
+        _, running_session = await post(client, {"duration": 30}, ASYNC)
+        text = (await (await client.get("/metrics")).get_data()).decode()
+        assert "sessiongate_queue_wait_seconds_count 2.0" in text
+        assert (await stats(client))["admitted_total"] == 2
+        assert running_session["state"] == "active"
 
 
 async def test_drain_rejects_queued_and_cuts_active_at_the_grace(autojump_clock: Any) -> None:

@@ -112,7 +112,7 @@ async def test_unreachable_redis_is_refused_fast_and_the_service_stays_up() -> N
                 assert trio.current_time() - start < 1.0
                 assert response.status_code == 503
                 assert response.json()["error"] == "backend_unavailable"
-                assert int(response.headers["Retry-After"]) >= 1
+                assert response.headers["Retry-After"] == "1"  # stale figures: soon
             ready = await client.get("/readyz")
             assert ready.status_code == 503 and ready.json()["error"] == "backend_unavailable"
             assert (await client.get("/healthz")).status_code == 200

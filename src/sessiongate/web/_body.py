@@ -82,7 +82,10 @@ async def read_json_object(max_body: int) -> dict[str, Any]:
             "the body must be JSON: Content-Type application/json or a +json type",
         )
     try:
-        value = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        # UTF-8 only (RFC 8259 8.1; a leading BOM may be ignored, and is): json.loads
+        # would also guess UTF-16 and UTF-32 from bytes.
+        text = raw.decode("utf-8-sig")
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except _OutOfRange as error:
         raise ApiError("invalid_request", str(error)) from None
     except (json.JSONDecodeError, _NotJson, UnicodeDecodeError):

@@ -167,7 +167,15 @@ class Service:
         return not isinstance(self.backend, MemoryBackend)
 
     def retry_after(self) -> str:
-        """An honest Retry-After: a newcomer's likely wait at the recent hand-off rate."""
+        """An honest Retry-After: a newcomer's likely wait at the recent hand-off rate.
+
+        While a shared backend is unreachable the queue's figures are stale (and its
+        stall would grow the estimate by the second): 1, since the service takes
+        arrivals again within a second of the backend's return, and when that will be
+        is not known here.
+        """
+        if not self.backend_healthy:
+            return "1"
         gate = self.gate
         return retry_after(gate.estimate_wait(gate.queued + 1))
 
@@ -430,6 +438,9 @@ class Service:
 
     def _admitted(self, record: SessionRecord) -> None:
         record.state = ACTIVE
+        admitted = record.admitted_at
+        if admitted is not None:
+            self.metrics.session_admitted(admitted - record.arrival.arrived_at)
         self.registry.changed(record)
 
     def _end(
@@ -463,7 +474,7 @@ class Service:
         end = record.ended_at
         waited = (admitted if admitted is not None else end) - record.arrival.arrived_at
         ran = end - admitted if admitted is not None else None
-        self.metrics.session_ended(state, waited if admitted is not None else None, ran)
+        self.metrics.session_ended(state, ran)
         log.log(
             logging.ERROR if record.exception is not None else logging.INFO,
             "session %s %s%s waited=%.3fs ran=%.3fs",

@@ -38,7 +38,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from ._errors import AdmissionError, GateClosed, QueueTimeout
+from ._errors import AdmissionError, GateClosed, LeaseLost, QueueTimeout
 from ._stats import GateStats, HandoffRate, WaitQuantiles
 from .backends._base import Backend
 from .backends.memory import MemoryBackend
@@ -432,6 +432,9 @@ class _Session:
             raise
         except AdmissionError:
             gate._rejected += 1  # refused by the backend (queue full, unreachable)
+            raise
+        except LeaseLost:
+            gate._failed += 1  # granted, but the lease lapsed before the body could run
             raise
         finally:
             gate._waiting.pop(ticket, None)  # admitted or not, it waits no more

@@ -461,3 +461,53 @@ async def test_place_is_fixed_by_arrival_not_by_enqueue(open_backend) -> None:  
                 assert positions == {1, 2}
                 release.set()
             assert order == ["holder", "earlier", "later"]
+
+
+async def test_a_grant_whose_lease_lapsed_in_a_pause_never_runs_the_body(  # type: ignore[no-untyped-def]
+    open_backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The process pauses (SIGSTOP, a long GC) between receiving its waiter's grant and
+    # starting the session, for longer than the lease: on resuming it must not run the
+    # body on a slot that has moved on, but fail the session with LeaseLost.
+    import time
+
+    ttl = 1.0
+    with trio.fail_after(15):
+        async with open_backend(capacity=1, lease_ttl=ttl) as backend:
+            gate = sessiongate.Gate(1, max_wait=10, backend=backend)
+            release = trio.Event()
+            ran: list[str] = []
+            lost: list[sessiongate.LeaseLost] = []
+            lease_from = backend._lease_from
+
+            def paused_lease_from(waiter):  # type: ignore[no-untyped-def]
+                monkeypatch.setattr(backend, "_lease_from", lease_from)  # once
+                time.sleep(ttl + 0.3)  # the whole process stops, as under SIGSTOP
+                return lease_from(waiter)
+
+            async def holder() -> None:
+                async with gate.session():
+                    ran.append("holder")
+                    await release.wait()
+
+            async def waiter() -> None:
+                try:
+                    async with gate.session():
+                        ran.append("waiter")
+                except sessiongate.LeaseLost as error:
+                    lost.append(error)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(holder)
+                await wait_until(lambda: gate.active == 1)
+                nursery.start_soon(waiter)
+                await wait_until(lambda: gate.queued == 1)
+                monkeypatch.setattr(backend, "_lease_from", paused_lease_from)
+                release.set()
+            assert ran == ["holder"]
+            assert len(lost) == 1 and "lapsed" in str(lost[0])
+            stats = gate.stats()
+            assert (stats.admitted, stats.failed, stats.active) == (1, 1, 0)
+            # The slot came back: a newcomer is admitted.
+            async with gate.session() as ticket:
+                assert ticket.fencing_token is not None

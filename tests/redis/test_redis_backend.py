@@ -434,6 +434,29 @@ async def test_the_script_is_idempotent_and_guards_the_cap(open_backend) -> None
             assert backend.active == 0 and backend.queued == 0
 
 
+async def test_a_dead_waiters_grant_lives_no_longer_than_its_queue_lease(  # type: ignore[no-untyped-def]
+    open_backend, redis_server: RedisServer, gate_name: str
+) -> None:
+    # A killed process held the slot and headed the queue. When its slot's lease lapses
+    # before its waiter's queue lease, the slot goes to that dead waiter: the grant must
+    # end where the queue lease would have (at least a third of a TTL from now), not a
+    # whole TTL later (an outside review saw the slot come back after ~2 TTLs).
+    holders, qexp = f"sg:{{{gate_name}}}:holders", f"sg:{{{gate_name}}}:qexp"
+    with trio.fail_after(10):
+        async with open_backend(capacity=1, lease_ttl=10.0) as backend:
+            held = await backend._call("enqueue", ["1", "dead:1", "1", "10", "0"], limit=1)
+            queued = await backend._call("enqueue", ["1", "dead:2", "1", "10", "0"], limit=1)
+            assert (held[0], queued[0]) == ("G", "Q")
+            now = int(held[2]) - 10_000  # the holder's lease: granted now, for a TTL
+            redis_server.command("ZADD", holders, str(now - 1), "dead:1")  # lapsed
+            redis_server.command("ZADD", qexp, str(now + 500), "dead:2")  # lapses soon
+            await backend._call("release", [], limit=1)  # a tick: reap, then hand on
+            reply = redis_server.command("ZSCORE", holders, "dead:2")
+            granted_until = float(reply.split(b"\r\n")[1])
+            assert 10_000 / 3 - 100 < granted_until - now < 10_000 / 3 + 1_000
+            await backend._call("release", ["dead:2"], limit=1)
+
+
 async def test_place_is_fixed_by_arrival_not_by_enqueue(open_backend) -> None:  # type: ignore[no-untyped-def]
     """An arrival stamped earlier but entering later (a slow request body) goes ahead."""
     with trio.fail_after(10):

@@ -114,9 +114,9 @@ local function reap()
   end
 end
 
-local function take_slot(m)
+local function take_slot(m, lease_end)
   local fence = next_id('fence')
-  local exp = now + ttl
+  local exp = lease_end or (now + ttl)
   redis.call('ZADD', K_HOLDERS, exp, m)
   redis.call('HSET', K_FENCES, m, fmt(fence))
   changed = true
@@ -131,9 +131,17 @@ local function admit()
     local head = redis.call('ZRANGE', K_QUEUE, 0, 0)
     if #head == 0 then break end
     local m = head[1]
+    -- A waiter's first slot lease ends where its queue lease did (at least a third of
+    -- a TTL from now, at most a TTL): a live waiter renews its queue lease every third
+    -- of a TTL and its slot lease within one, while the entry of a process that died
+    -- gets no more life than it had left, so its slot comes back within about a TTL
+    -- of the death, not two.
+    local qexp = tonumber(redis.call('ZSCORE', K_QEXP, m))
+    local lease_end = nil
+    if qexp then lease_end = math.min(now + ttl, math.max(qexp, now + math.floor(ttl / 3))) end
     redis.call('ZREM', K_QUEUE, m)
     redis.call('ZREM', K_QEXP, m)
-    local fence, exp = take_slot(m)
+    local fence, exp = take_slot(m, lease_end)
     events[#events + 1] = 'G ' .. m .. ' ' .. fmt(fence) .. ' ' .. fmt(exp)
     active = active + 1
   end

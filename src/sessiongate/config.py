@@ -42,20 +42,17 @@ class ConfigError(ValueError):
 #: process sharing the gate.
 MAX_CAPACITY = 1_000_000_000
 
-_WHOLE_NUMBER = re.compile(r"\s*[0-9]+\s*")
+#: Plain decimal digits, optionally negative (refused below as out of range): int()
+#: would also take "1_000" and other Python spellings.
+_WHOLE_NUMBER = re.compile(r"\s*-?[0-9]{1,18}\s*")
 
 
 def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def convert(text: str) -> int:
-        # Digits only: int() would also take "1_000" and other Python spellings.
+        # At most 18 digits: past any setting's range, and int()'s 4300-digit limit.
         if not _WHOLE_NUMBER.fullmatch(text):
-            if text.strip().startswith("-") and _WHOLE_NUMBER.fullmatch(text.strip()[1:]):
-                raise ValueError(f"must be >= {minimum}, got {text.strip()}")
-            raise ValueError(f"must be a whole number >= {minimum}, got {text!r}")
-        digits = text.strip().lstrip("0") or "0"
-        if len(digits) > 18:  # past any setting's range (and int()'s 4300-digit limit)
-            raise ValueError(f"must be <= {maximum or 10**18}, got {digits[:20]}...")
-        value = int(digits, 10)
+            raise ValueError(f"must be a whole number >= {minimum}, got {text[:30]!r}")
+        value = int(text, 10)
         if value < minimum:
             raise ValueError(f"must be >= {minimum}, got {value}")
         if maximum is not None and value > maximum:

@@ -20,19 +20,16 @@ and plain ``hypercorn`` alike; the test suite reproduces the crash.
 
 from __future__ import annotations
 
+import functools
+
 import trio
 from hypercorn.events import Closed, Event
 from hypercorn.trio.tcp_server import TCPServer
 
-_APPLIED = False
 
-
+@functools.cache  # once per process, however many apps are made
 def apply() -> None:
-    """Patch ``TCPServer.protocol_send`` (idempotent)."""
-    global _APPLIED
-    if _APPLIED:
-        return
-    _APPLIED = True
+    """Patch ``TCPServer.protocol_send``."""
     original = TCPServer.protocol_send
 
     async def protocol_send(self: TCPServer, event: Event) -> None:

@@ -438,9 +438,7 @@ class Service:
 
     def _admitted(self, record: SessionRecord) -> None:
         record.state = ACTIVE
-        admitted = record.admitted_at
-        if admitted is not None:
-            self.metrics.session_admitted(admitted - record.arrival.arrived_at)
+        self.metrics.session_admitted(record.arrival.waited)
         self.registry.changed(record)
 
     def _end(

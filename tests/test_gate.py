@@ -4,7 +4,9 @@ resize, queue bound, drain, statistics."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import warnings
 
 import pytest
 import trio
@@ -367,11 +369,35 @@ async def test_resize_rejects_bad_values() -> None:
         ({"max_wait": math.nan}, ValueError),
         ({"max_queue": -1}, ValueError),
         ({"capacity": True}, TypeError),
+        ({"capacity": 10**9 + 1}, ValueError),
     ],
 )
 def test_constructor_validates(kwargs: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
         Gate(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("capacity", [0, -1, 10**9 + 1, 1.5, True])
+def test_the_memory_backend_checks_its_capacity(capacity: object) -> None:
+    """A backend made by hand is checked too: a capacity-0 backend never admits anyone
+    (outside review: ``MemoryBackend(0)`` was taken, so was ``capacity=0`` in Redis)."""
+    with pytest.raises((ValueError, TypeError), match="capacity"):
+        sessiongate.MemoryBackend(capacity)  # type: ignore[arg-type]
+    backend = sessiongate.MemoryBackend(2)
+    with pytest.raises((ValueError, TypeError), match="capacity"):
+        backend.set_capacity(capacity)  # type: ignore[arg-type]
+    assert backend.capacity == 2
+
+
+def test_a_capacity_beside_a_backend_is_not_silently_dropped() -> None:
+    """The backend's capacity is in force; a different one given to the Gate warns."""
+    with pytest.warns(UserWarning, match="capacity=7"):
+        gate = Gate(7, backend=sessiongate.MemoryBackend(3))
+    assert gate.capacity == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Gate(3, backend=sessiongate.MemoryBackend(3)).capacity == 3
+        assert Gate(backend=sessiongate.MemoryBackend(4)).capacity == 4
 
 
 async def test_queue_bound_refuses_at_once(autojump_clock: trio.testing.MockClock) -> None:
@@ -770,3 +796,70 @@ async def test_the_gate_estimates_a_fresh_burst_at_its_last_pace(
         await trio.sleep(0.5)
         assert gate.queued == 3
         assert gate.estimate_wait(4) == pytest.approx(4.0, rel=0.05)
+
+
+async def test_concurrent_drains_all_return(autojump_clock: trio.testing.MockClock) -> None:
+    """Two tasks draining at once both return when the last session ends (outside
+    review: the second aclose() replaced the event the first one waited on, forever)."""
+    gate = Gate(capacity=1)
+    returned: list[str] = []
+
+    async def drain(name: str) -> None:
+        await gate.aclose()
+        returned.append(name)
+
+    with trio.fail_after(100):  # the mock clock jumps here if a drain hangs
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gate.run, trio.sleep, 10)
+            await settle()
+            nursery.start_soon(drain, "first")
+            await settle()
+            nursery.start_soon(drain, "second")
+            await settle()
+            assert returned == []
+    assert sorted(returned) == ["first", "second"]
+    assert trio.current_time() == pytest.approx(10, abs=1)
+
+
+async def test_a_cancelled_body_with_a_nursery_counts_as_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A body that opened a nursery raises a group of Cancelled when its caller is
+    cancelled: still a cancellation, not a failure (outside review)."""
+    gate = Gate(capacity=1)
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            await trio.sleep_forever()
+
+    async def failing() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            raise ValueError("the body's own error")
+
+    with trio.move_on_after(1):
+        await gate.run(body)
+    with pytest.RaisesGroup(ValueError):
+        await gate.run(failing)
+    stats = gate.stats()
+    assert (stats.cancelled, stats.failed, stats.completed) == (1, 1, 0)
+    assert gate.active == 0
+
+
+async def test_run_keeps_start_order_with_arrivals(autojump_clock: trio.testing.MockClock) -> None:
+    """Tasks started together reach the gate in Trio's order (often reversed); places
+    taken with arrive() before starting them keep the order they were started in."""
+    gate = Gate(capacity=1)
+    order: list[int] = []
+
+    async def work(i: int) -> None:
+        order.append(i)
+        await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run, trio.sleep, 1)
+        await settle()
+        for i in range(10):
+            nursery.start_soon(functools.partial(gate.run, work, i, arrival=gate.arrive()))
+    assert order == list(range(10))

@@ -29,21 +29,37 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from itertools import count
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, TypeVarTuple
 
 import attrs
 import trio
 
 from ._errors import AdmissionError, GateClosed, LeaseLost, QueueTimeout
+from ._limits import check_capacity, check_int, check_seconds
 from ._stats import GateStats, HandoffRate, WaitQuantiles
 from .backends._base import Backend
 from .backends.memory import MemoryBackend
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+#: The capacity of a gate made without one.
+DEFAULT_CAPACITY = 50
+
+
+def is_cancellation_only(error: BaseException) -> bool:
+    """Whether ``error`` is Trio's cancellation, or a group of nothing else (what a
+    cancelled body that opened a nursery raises)."""
+    if isinstance(error, trio.Cancelled):
+        return True
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)[1] is None
+    return False
 
 
 def _new_id() -> str:
@@ -122,27 +138,13 @@ class Ticket:
         return self._gate.estimate_wait(position)
 
 
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_seconds(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return float(value)
-
-
 class Gate:
     """A session admission gate: a cap, a FIFO queue, a deadline on waiting.
 
     Args:
-        capacity: most sessions active at once (>= 1).
+        capacity: most sessions active at once (1 to 10**9; 50 by default). A gate given
+            a ``backend`` takes the backend's capacity (a Redis gate's lives in Redis):
+            a different ``capacity`` here is ignored, with a warning.
         max_wait: most seconds a session may wait for a slot (>= 0; 0 never waits).
         max_queue: most sessions waiting at once (>= 0; 0 has no queue).
         backend: where slots and the queue live; the in-memory backend by default.
@@ -150,16 +152,25 @@ class Gate:
 
     def __init__(
         self,
-        capacity: int = 50,
+        capacity: int | None = None,
         max_wait: float = 60.0,
         max_queue: int = 10_000,
         *,
         backend: Backend | None = None,
     ) -> None:
-        _check_int("capacity", capacity, 1)
-        self.max_wait = _check_seconds("max_wait", max_wait)
-        self.max_queue = _check_int("max_queue", max_queue, 0)
-        self._backend: Backend = backend if backend is not None else MemoryBackend(capacity)
+        if capacity is not None:
+            check_capacity(capacity)
+        self.max_wait = check_seconds("max_wait", max_wait)
+        self.max_queue = check_int("max_queue", max_queue, 0)
+        if backend is None:
+            backend = MemoryBackend(DEFAULT_CAPACITY if capacity is None else capacity)
+        elif capacity is not None and capacity != backend.capacity:
+            warnings.warn(
+                f"Gate(capacity={capacity}) is ignored: its backend's capacity "
+                f"({backend.capacity}) is in force; give the capacity to the backend",
+                stacklevel=2,
+            )
+        self._backend: Backend = backend
         self._seq = count()
         self._closed = False
         # Wait scopes of this process's queued tickets, so a drain can end them.
@@ -189,11 +200,11 @@ class Gate:
 
     @capacity.setter
     def capacity(self, value: int) -> None:
-        self._backend.set_capacity(_check_int("capacity", value, 1))
+        self._backend.set_capacity(check_capacity(value))
 
     async def resize(self, capacity: int) -> None:
         """Set ``capacity`` and wait until it is in force (everywhere, for Redis)."""
-        await self._backend.resize(_check_int("capacity", capacity, 1))
+        await self._backend.resize(check_capacity(capacity))
 
     @property
     def backend(self) -> Backend:
@@ -300,15 +311,13 @@ class Gate:
 
     def _count_end(self, error: BaseException) -> None:
         """Count an admitted session that ended by ``error``."""
-        if isinstance(error, trio.Cancelled):
+        if is_cancellation_only(error):
             self._cancelled += 1  # the caller went away
         else:
             self._failed += 1  # the session's own error (a lost lease included)
 
-    def _on_ended(self, ticket: Ticket) -> None:
-        # Stamped before the backend hands the slot on, so a successor's admission
-        # never precedes this release.
-        ticket.released_at = trio.current_time()
+    def _on_released(self) -> None:
+        """An admitted session has given its slot back (the backend's release done)."""
         self._local_active -= 1
         if self._idle is not None and self._local_active == 0:
             self._idle.set()
@@ -322,13 +331,25 @@ class Gate:
         self._expired += 1
         return QueueTimeout(waited, self.max_wait)
 
-    async def run(self, async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
+    async def run(
+        self,
+        async_fn: Callable[[*Ts], Awaitable[T]],
+        *args: *Ts,
+        arrival: Ticket | None = None,
+    ) -> T:
         """Run ``await async_fn(*args)`` inside a session and return its result.
 
         Raises the same admission errors as :meth:`session`; whatever ``async_fn``
         raises propagates unchanged.
+
+        Args:
+            arrival: a place taken earlier with :meth:`arrive`, as for :meth:`session`.
+                Tasks started together (``nursery.start_soon(gate.run, ...)``) reach the
+                gate in whatever order Trio runs them, often the reverse of the order
+                they were started in; to admit them in start order, take each one's
+                place with ``arrive()`` before starting its task and pass it here.
         """
-        async with self.session():
+        async with self.session(arrival=arrival):
             return await async_fn(*args)
 
     # -- figures ------------------------------------------------------------------------
@@ -380,7 +401,9 @@ class Gate:
         for scope in list(self._waiting.values()):
             scope.cancel()
         if self._local_active:
-            self._idle = trio.Event()
+            # One event for every concurrent aclose(): each waits for the same drain.
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
             await self._idle.wait()
         else:
             await trio.lowlevel.checkpoint()
@@ -450,15 +473,21 @@ class _Session:
     ) -> bool:
         gate, ticket, hold = self._gate, self._ticket, self._hold
         assert ticket is not None and hold is not None
-        gate._on_ended(ticket)
+        # Stamped before the backend hands the slot on, so a successor's admission
+        # never precedes this release.
+        ticket.released_at = trio.current_time()
         # The outcome is classified once ``hold`` has exited, so that what the backend
         # made of the body's exit counts (a Redis lease lost mid-session turns the
-        # body's cancellation into LeaseLost: a failure, not a cancellation).
+        # body's cancellation into LeaseLost: a failure, not a cancellation). The
+        # session counts as active until then: a drain (``aclose``) returns only once
+        # every slot is back with the backend (a Redis release is a round trip).
         try:
             suppressed = bool(await hold.__aexit__(exc_type, exc, tb))
         except BaseException as raised:
             gate._count_end(raised)
             raise
+        finally:
+            gate._on_released()
         if exc is None or suppressed:
             gate._completed += 1
         else:

@@ -125,11 +125,20 @@ def configure_logging() -> None:
 
 def quiet_library_loggers() -> None:
     """Set the loggers in :data:`QUIET_LOGGERS` to WARNING, unless a level was set for
-    one already (a deployment's own logging configuration wins)."""
+    one already (a deployment's own logging configuration wins), and keep coredis's
+    failed connection attempts out (:func:`_not_a_connect_failure`)."""
     for name in QUIET_LOGGERS:
         library = logging.getLogger(name)
         if library.level == logging.NOTSET:
             library.setLevel(logging.WARNING)
+    logging.getLogger("coredis").addFilter(_not_a_connect_failure)  # added once only
+
+
+def _not_a_connect_failure(record: logging.LogRecord) -> bool:
+    """coredis logs every connection attempt to a Redis that does not answer in time (a
+    stalled one) at ERROR, with a ~60-line traceback, before it raises the
+    ``ConnectionError`` that the Redis backend handles and reports once per outage."""
+    return record.msg != "Connection attempt failed unexpectedly!"
 
 
 def _tune_logging() -> None:

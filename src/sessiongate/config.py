@@ -18,6 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import attrs
 
+from ._limits import MAX_CAPACITY
+
 ENV_PREFIX = "SESSIONGATE_"
 REFUSAL_STATUSES = (503, 429, 408)
 _GATE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -35,12 +37,6 @@ class ConfigError(ValueError):
 
 # -- converters: a string (or an already typed default) to a checked value -------------
 
-
-#: The largest capacity accepted (flag, variable or ``PUT /admin/capacity``). Far beyond
-#: any real gate, and exact where a capacity travels as a float (Prometheus gauges, Redis's
-#: Lua numbers): a 400-digit capacity once broke ``/metrics`` and, in Redis mode, every
-#: process sharing the gate.
-MAX_CAPACITY = 1_000_000_000
 
 #: Plain decimal digits, optionally negative (refused below as out of range): int()
 #: would also take "1_000" and other Python spellings.

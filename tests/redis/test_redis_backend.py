@@ -300,7 +300,9 @@ async def test_capacity_lives_in_redis(  # type: ignore[no-untyped-def]
                 assert second.capacity == 2  # the stored one wins
                 assert any("already has capacity 2" in r.getMessage() for r in caplog.records)
                 gate_one = sessiongate.Gate(2, max_wait=10, backend=first)
-                gate_two = sessiongate.Gate(5, max_wait=10, backend=second)
+                with pytest.warns(UserWarning, match="capacity=5"):  # the backend's wins
+                    gate_two = sessiongate.Gate(5, max_wait=10, backend=second)
+                assert gate_two.capacity == 2
                 await gate_two.resize(3)
                 await wait_until(lambda: first.capacity == 3)
                 release = trio.Event()
@@ -534,3 +536,94 @@ async def test_a_grant_whose_lease_lapsed_in_a_pause_never_runs_the_body(  # typ
             # The slot came back: a newcomer is admitted.
             async with gate.session() as ticket:
                 assert ticket.fencing_token is not None
+
+
+@pytest.mark.parametrize(
+    ("capacity", "lease_ttl", "match"),
+    [
+        (0, 1.0, "capacity"),
+        (1.5, 1.0, "capacity"),
+        (10**9 + 1, 1.0, "capacity"),
+        (2, 0.0, "lease_ttl"),
+        (2, float("nan"), "lease_ttl"),
+        (2, float("inf"), "lease_ttl"),
+    ],
+)
+async def test_bad_arguments_are_refused_before_redis_is_touched(
+    redis_server: RedisServer, gate_name: str, capacity: object, lease_ttl: float, match: str
+) -> None:
+    """A capacity-0 gate stored in Redis would admit nobody, in any process, ever
+    (outside review); nothing reaches Redis when an argument is wrong."""
+    from sessiongate.backends.redis import open_redis_backend
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        async with open_redis_backend(
+            redis_server.url,
+            gate_name=gate_name,
+            capacity=capacity,  # type: ignore[arg-type]
+            lease_ttl=lease_ttl,
+        ):
+            raise AssertionError("opened")
+    assert zcard(redis_server, f"sg:{{{gate_name}}}:holders") == 0
+    assert redis_server.command("EXISTS", f"sg:{{{gate_name}}}:meta").strip() == b":0"
+
+
+async def test_the_callers_own_exceptions_come_out_as_raised(open_backend) -> None:  # type: ignore[no-untyped-def]
+    """The backend's nurseries' wrapping is taken off; a group the caller raised itself
+    stays a group (outside review: it came out as its single leaf)."""
+    mine = ExceptionGroup("mine", [ValueError("inner")])
+    with pytest.raises(ExceptionGroup) as caught:
+        async with open_backend():
+            raise mine
+    assert caught.value.message == "mine" and caught.value.exceptions == mine.exceptions
+    with pytest.raises(KeyError) as plain:
+        async with open_backend():
+            raise KeyError("plain")
+    assert plain.value.args == ("plain",)
+
+
+async def test_a_drain_returns_once_every_slot_is_back_in_redis(
+    open_backend, redis_server, gate_name
+) -> None:  # type: ignore[no-untyped-def]
+    """aclose() waits for the releases' round trips, not just for the bodies to end
+    (outside review: right after it, stats said active=2 and Redis still held 2)."""
+    with trio.fail_after(10):
+        async with open_backend(capacity=2, lease_ttl=5.0) as backend:
+            gate = sessiongate.Gate(max_wait=5, backend=backend)
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(gate.run, trio.sleep, 0.3)
+                await wait_until(lambda: gate.local_active == 2)
+                await gate.aclose()
+                stats = gate.stats()
+                assert (stats.active, stats.completed) == (0, 2)
+                assert zcard(redis_server, f"sg:{{{gate_name}}}:holders") == 0
+
+
+async def test_the_capacity_setter_refuses_while_redis_is_unreachable(
+    own_redis: RedisServer, gate_name: str
+) -> None:
+    """``gate.capacity = n`` cannot wait for Redis: with Redis down it raises at once
+    and changes nothing, instead of showing a capacity that is not in force."""
+    from sessiongate.backends.redis import open_redis_backend
+
+    with trio.fail_after(10):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=2, lease_ttl=1.0
+        ) as backend:
+            await backend.wait_healthy()
+            gate = sessiongate.Gate(max_wait=1, backend=backend)
+            own_redis.kill()
+            await wait_until(lambda: not backend.healthy)
+            with pytest.raises(sessiongate.BackendUnavailable):
+                gate.capacity = 5
+            assert gate.capacity == 2
+            own_redis.start()
+            await backend.wait_healthy()
+            gate.capacity = 5
+            await wait_until(
+                lambda: own_redis.command("HGET", f"sg:{{{gate_name}}}:meta", "cap").endswith(
+                    b"5\r\n"
+                )
+            )
+            assert gate.capacity == 5

@@ -290,10 +290,12 @@ async def test_a_lost_gate_comes_back_with_its_last_capacity(
 def service_logging() -> Iterator[None]:
     """The library log levels ``sessiongate serve`` sets, undone after the test."""
     saved = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    saved_filters = list(logging.getLogger("coredis").filters)
     quiet_library_loggers()
     yield
     for name, level in saved.items():
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("coredis").filters[:] = saved_filters
 
 
 @pytest.mark.usefixtures("service_logging")
@@ -374,3 +376,35 @@ async def test_a_stalled_redis_does_not_delay_an_expiry_or_a_cancellation(
                 # Forgotten once Redis answers again: nothing left in the queue.
                 await wait_until(lambda: zcard(own_redis, queue_key) == 0)
                 release.set()
+
+
+@pytest.mark.usefixtures("service_logging")
+async def test_a_stalled_redis_logs_no_connection_tracebacks(
+    own_redis: RedisServer, gate_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """coredis logs each connection attempt that a stalled Redis (SIGSTOP) times out
+    at ERROR with a ~60-line traceback; the service keeps those out, and logs the
+    outage once itself (outside review)."""
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=1.0
+        ) as backend:
+            gate = sessiongate.Gate(max_wait=1, backend=backend)
+            await backend.wait_healthy()
+            caplog.clear()
+            own_redis.pause()
+            try:
+                # Arrivals during the stall make the backend try fresh connections.
+                await wait_until(lambda: not backend.healthy)
+                for _ in range(3):
+                    with pytest.raises(sessiongate.AdmissionError):
+                        await gate.run(trio.sleep, 0)
+                # The measurement is "what is logged over this much time".
+                await trio.sleep(1.5)
+            finally:
+                own_redis.resume()
+            records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+            assert not [r for r in records if r[0].startswith("coredis")], records
+            unreachable = [m for _, _, m in records if m.startswith("Redis unreachable")]
+            assert len(unreachable) == 1, records

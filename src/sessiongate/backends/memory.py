@@ -39,6 +39,7 @@ import trio
 from sortedcontainers import SortedDict, SortedList
 
 from .._errors import QueueFull
+from .._limits import check_capacity
 
 if TYPE_CHECKING:
     from .._gate import Ticket
@@ -48,7 +49,7 @@ class MemoryBackend:
     """One process's slots (a ``trio.CapacityLimiter``) and its FIFO queue."""
 
     def __init__(self, capacity: int) -> None:
-        self._limiter = trio.CapacityLimiter(capacity)
+        self._limiter = trio.CapacityLimiter(check_capacity(capacity))
         # Arrival stamp -> the parked waiter, oldest first.
         self._queue: SortedDict = SortedDict()
         # Stamps reserved by ``reserve`` whose sessions have not entered yet.
@@ -63,7 +64,7 @@ class MemoryBackend:
     def set_capacity(self, capacity: int) -> None:
         # Growing hands the new slots to the queue's heads at once; shrinking lets the
         # current holders finish (the limiter lends no token above its total).
-        self._limiter.total_tokens = capacity
+        self._limiter.total_tokens = check_capacity(capacity)
         self._hand_on()
 
     async def resize(self, capacity: int) -> None:

@@ -58,6 +58,7 @@ from coredis.retry import ConstantRetryPolicy, NoRetryPolicy
 from sortedcontainers import SortedDict
 
 from .._errors import BackendUnavailable, LeaseLost, QueueFull
+from .._limits import check_capacity, check_seconds
 from ._redis_scripts import GATE_LUA
 from ._redis_state import ClockBound, Figures, Grant, Lease, QueueMirror, Waiter
 
@@ -104,8 +105,7 @@ class RedisBackend:
         capacity: int,
         lease_ttl: float,
     ) -> None:
-        if lease_ttl <= 0:
-            raise ValueError(f"lease_ttl must be > 0, got {lease_ttl}")
+        _check_arguments(capacity, lease_ttl)
         self._client = client
         self._nursery = nursery
         self.gate_name = gate_name
@@ -163,15 +163,25 @@ class RedisBackend:
         return self._capacity
 
     def set_capacity(self, capacity: int) -> None:
-        """Resize globally in the background; the cached figure changes at once."""
-        self._capacity = capacity
-        self._nursery.start_soon(self._resize_in_background, capacity)
+        """Resize globally in the background; the cached figure changes at once.
 
-    async def _resize_in_background(self, capacity: int) -> None:
+        Raises:
+            BackendUnavailable: Redis is unreachable now (nothing changes). A resize
+                that fails later, in the background, is logged and the cached figure
+                goes back to the one before; ``await resize()`` tells for sure.
+        """
+        if not self.healthy:
+            raise BackendUnavailable("Redis unreachable: the capacity was not changed")
+        before, self._capacity = self._capacity, capacity
+        self._nursery.start_soon(self._resize_in_background, capacity, before)
+
+    async def _resize_in_background(self, capacity: int, before: int) -> None:
         try:
             await self.resize(capacity)
         except BackendUnavailable:
             logger.warning("could not resize gate %r: Redis unreachable", self.gate_name)
+            if self._capacity == capacity:  # nothing newer has been heard meanwhile
+                self._capacity = before
 
     async def resize(self, capacity: int) -> None:
         try:
@@ -746,6 +756,7 @@ async def open_redis_backend(
             ``decode_responses=True`` (e.g. ``Sentinel(...).primary_for(name)``); it is
             entered here, once, for the backend's lifetime.
     """
+    _check_arguments(capacity, lease_ttl)
     if client is None:
         if url is None:
             raise ValueError("open_redis_backend needs a url or a client")
@@ -760,27 +771,55 @@ async def open_redis_backend(
                 (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
             ),
         )
+    raised: BaseException | None = None  # what the caller's block raised, if anything
     try:
         async with client, trio.open_nursery() as nursery:
             backend = RedisBackend(
                 client, nursery, gate_name=gate_name, capacity=capacity, lease_ttl=lease_ttl
             )
             await backend._start()
-            yield backend
+            try:
+                yield backend
+            except BaseException as exc:
+                raised = exc
+                raise
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # Our tasks and coredis's never raise out of these groups (they reconnect); what
-        # is left is the caller's own exception, passed on as it was raised.
-        leaf = _only_leaf(group)
-        if leaf is None:
+        # Our tasks and coredis's never raise out of these nurseries (they reconnect):
+        # groups of one around the very exception the caller's block raised are only
+        # the nurseries' wrapping, taken off so the caller gets its exception as it was
+        # raised (a group the caller raised itself stays that group).
+        if raised is None or not _wraps_only(group, raised):
             raise
-        raise leaf from None
+        raise raised from raised.__cause__
 
 
-def _only_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+def _wraps_only(group: BaseExceptionGroup[BaseException], inner: BaseException) -> bool:
+    """Whether ``group`` is nothing but groups of one, nested around ``inner`` (or around
+    the copy of it that Trio's cancel scopes derive from a group: same leaves)."""
     exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
+    while not _same(exc, inner):
+        if not isinstance(exc, BaseExceptionGroup) or len(exc.exceptions) != 1:
+            return False
         exc = exc.exceptions[0]
-    return exc
+    return True
+
+
+def _same(exc: BaseException, inner: BaseException) -> bool:
+    if exc is inner:
+        return True
+    return (
+        isinstance(exc, BaseExceptionGroup)
+        and isinstance(inner, BaseExceptionGroup)
+        and type(exc) is type(inner)
+        and exc.message == inner.message
+        and len(exc.exceptions) == len(inner.exceptions)
+        and all(a is b for a, b in zip(exc.exceptions, inner.exceptions, strict=True))
+    )
+
+
+def _check_arguments(capacity: int, lease_ttl: float) -> None:
+    check_capacity(capacity)
+    check_seconds("lease_ttl", lease_ttl, positive=True)
+    if math.isinf(lease_ttl):
+        raise ValueError("lease_ttl must be finite: a dead holder's slot must come back")

@@ -8,7 +8,7 @@ from typing import Any
 from quart import Quart, Response, request
 
 from .._errors import AdmissionError
-from ..config import MAX_CAPACITY
+from .._limits import MAX_CAPACITY
 from ..metrics import CONTENT_TYPE_LATEST
 from ._body import read_json_object
 from ._errors import ApiError, json_response

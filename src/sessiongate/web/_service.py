@@ -198,11 +198,9 @@ class Service:
                     self.backend.on_change = self._on_backend_change
                 else:
                     self.backend = MemoryBackend(settings.capacity)
+                # The backend has the capacity (a Redis gate's may be another process's).
                 self._gate = Gate(
-                    settings.capacity,
-                    settings.max_wait,
-                    settings.max_queue,
-                    backend=self.backend,
+                    max_wait=settings.max_wait, max_queue=settings.max_queue, backend=self.backend
                 )
                 self._registry = Registry(self._gate, settings.result_ttl, settings.result_max)
                 # A session taking its queue place wakes event streams and async answers.

@@ -1,0 +1,44 @@
+"""Argument checks shared by the gate and its backends (one rule for each figure)."""
+
+from __future__ import annotations
+
+import math
+
+#: The largest capacity a gate takes. Far beyond any real gate, and exact where a
+#: capacity travels as a float (Prometheus gauges, Redis's Lua numbers): a 400-digit
+#: capacity once broke ``/metrics`` and, in Redis mode, every process sharing the gate.
+MAX_CAPACITY = 1_000_000_000
+
+
+def check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) in ``[minimum, maximum]``.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_capacity(value: object) -> int:
+    """A gate's capacity: a whole number from 1 to :data:`MAX_CAPACITY`."""
+    return check_int("capacity", value, 1, MAX_CAPACITY)
+
+
+def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` as float seconds: a finite or infinite number >= 0 (> 0 if ``positive``).
+
+    Raises:
+        TypeError: not a number.
+        ValueError: NaN, negative (or zero, if ``positive``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if math.isnan(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
+    return float(value)

@@ -62,6 +62,14 @@ def is_cancellation_only(error: BaseException) -> bool:
     return False
 
 
+def cancellation_pending() -> bool:
+    """Whether the current task is being cancelled (an enclosing scope was cancelled, or
+    its deadline passed). A ``trio.Cancelled`` raised while none is pending was made by
+    the code itself (a handler raising one): an error like any other, not a
+    cancellation to pass on."""
+    return trio.current_effective_deadline() <= trio.current_time()
+
+
 def _new_id() -> str:
     # 128 random bits: knowing a session's id is what lets a client read or cancel it.
     return secrets.token_urlsafe(16)
@@ -311,7 +319,7 @@ class Gate:
 
     def _count_end(self, error: BaseException) -> None:
         """Count an admitted session that ended by ``error``."""
-        if is_cancellation_only(error):
+        if is_cancellation_only(error) and cancellation_pending():
             self._cancelled += 1  # the caller went away
         else:
             self._failed += 1  # the session's own error (a lost lease included)

@@ -252,6 +252,7 @@ async def serve(
     from hypercorn.trio import serve as hypercorn_serve
 
     from .web import create_app
+    from .web._hypercorn_fix import cut_stalled_sends
 
     app = create_app(settings)
     config = hypercorn_config(settings)
@@ -268,6 +269,10 @@ async def serve(
         if app.service.started:
             await app.service.drain()
         stop.set()
+        # Hypercorn then gives answers still being written its graceful timeout; a
+        # write that a client is not taking (it stopped reading) would outlast it.
+        await trio.sleep(config.graceful_timeout)
+        cut_stalled_sends()
 
     async def watch_supervisor(fd: int) -> None:
         # A supervised worker reads the lifeline pipe its supervisor holds open and never
@@ -291,6 +296,7 @@ async def serve(
                 else:
                     log.info("%s again: ending the grace now", signal.Signals(signum).name)
                     app.service.cut()
+                    cut_stalled_sends()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)

@@ -74,13 +74,10 @@ def _seconds(minimum: float) -> Callable[[str], float]:
 
 
 def _refusal_status(text: str) -> int:
-    try:
-        value = int(text.strip(), 10)
-    except ValueError:
-        value = -1
-    if value not in REFUSAL_STATUSES:
+    value = text.strip()
+    if value not in {str(status) for status in REFUSAL_STATUSES}:  # not "5_03", "+503"
         raise ValueError(f"must be one of 503, 429, 408, got {text!r}")
-    return value
+    return int(value)
 
 
 def _gate_name(text: str) -> str:
@@ -163,12 +160,21 @@ def _handler(text: str) -> str:
 
 def _bind(text: str) -> str:
     value = text.strip()
-    if value.startswith(("unix:", "fd://")):
+    if value.startswith("unix:"):
+        if len(value) == len("unix:"):
+            raise ValueError("unix: needs a socket path (unix:/run/sessiongate.sock)")
+        return value
+    if value.startswith("fd://"):
+        if not value[len("fd://") :].isdigit():
+            raise ValueError(f"fd:// needs a file descriptor number, got {text!r}")
         return value
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"must be HOST:PORT (or unix:PATH), got {text!r}")
+    if not sep or not host or not _PORT.fullmatch(port) or int(port) > 65535:
+        raise ValueError(f"must be HOST:PORT (or unix:PATH, fd://N), got {text!r}")
     return value
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def _token(text: str) -> str | None:

@@ -7,8 +7,10 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from werkzeug.datastructures import Headers
 
 from sessiongate.web._sessions import SessionRecord
+from sessiongate.web._sse import session_events
 
 from .conftest import running
 
@@ -258,7 +260,7 @@ async def test_resize_grows_and_shrinks_live(autojump_clock: Any) -> None:
         figures = await response.get_json()
         assert (figures["capacity"], figures["active"]) == (1, 3)  # nobody is killed
         # Out of range too: past 10**9 (a 400-digit capacity once broke /metrics).
-        bad_values: list[Any] = [0, "2", True, 10**9 + 1, 10**400, 2.0]
+        bad_values: list[Any] = [0, "2", True, 10**9 + 1, 10**400, 2.5]
         for bad in [*({"capacity": v} for v in bad_values), {}]:
             response = await client.put("/admin/capacity", json=bad, headers=auth)
             assert response.status_code == 422
@@ -378,6 +380,13 @@ async def test_max_duration_bounds_the_sleep(autojump_clock: Any) -> None:
         response, _ = await post(app.test_client(), {"duration": 10})
         assert response.status_code == 200
 
+    async with running(max_duration=1) as app:
+        start = trio.current_time()
+        response, body = await post(app.test_client(), {})  # the default 5 s, lowered
+        assert response.status_code == 200
+        assert body["active_s"] == pytest.approx(1.0, abs=0.01)
+        assert trio.current_time() - start == pytest.approx(1.0, abs=0.01)
+
 
 @pytest.mark.parametrize(
     ("method", "path"),
@@ -426,6 +435,11 @@ async def test_admin_token_is_checked_before_routing(
         good = {"Authorization": "Bearer s3cret"}
         response = await client.open(path, method=method, headers=good, json=body)
         assert response.status_code == expected
+        # Two Authorization headers, whichever comes first: which one was meant is unknown.
+        for pair in (["Bearer s3cret", "Bearer wrong"], ["Bearer wrong", "Bearer s3cret"]):
+            twice = Headers([("Authorization", value) for value in pair])
+            response = await client.open(path, method=method, headers=twice, json=body)
+            assert response.status_code == 401, pair
 
 
 async def test_list_sessions_filters_limits_and_orders(autojump_clock: Any) -> None:
@@ -445,7 +459,17 @@ async def test_list_sessions_filters_limits_and_orders(autojump_clock: Any) -> N
         assert [s["id"] for s in body["sessions"]] == ids[:2]
         _, body = await listing("?state=queued&limit=2")
         assert [s["id"] for s in body["sessions"]] == ids[2:4] and body["count"] == 2
-        for query in ("?state=completed", "?state=", "?limit=0", "?limit=1001", "?limit=x"):
+        for query in (
+            "?state=completed",
+            "?state=",
+            "?limit=0",
+            "?limit=1001",
+            "?limit=x",
+            "?limit=%2B5",
+            "?limit=%205",
+            "?limit=5_0",
+            "?limit=%D9%A5",  # an Arabic-Indic five
+        ):
             status, body = await listing(query)
             assert status == 422 and body["error"] == "invalid_request", query
         status, body = await listing("?limit=1000")
@@ -502,6 +526,9 @@ async def test_handler_errors_fail_the_session_cleanly(
     # sessions nursery (and with it the service) down.
     names = ("boom", "sync_boom", "not_json", "nan", "exits", "sync_interrupt")
     names += ("generator_exit", "sync_odd_base", "odd_base_group")
+    # A trio.Cancelled that no cancellation delivered (outside review: it stopped the
+    # service for good, every later session refused as shutting_down).
+    names += ("raises_cancelled", "sync_raises_cancelled", "raises_cancelled_group")
     for name in names:
         async with running(handler=f"{sample_handlers}:{name}", capacity=1) as app:
             client = app.test_client()
@@ -623,6 +650,7 @@ async def test_drain_rejects_queued_and_cuts_active_at_the_grace(autojump_clock:
             ready = await client.get("/readyz")
             assert ready.status_code == 503
             assert (await ready.get_json())["error"] == "shutting_down"
+            assert int(ready.headers["Retry-After"]) >= 1  # as every shutting_down answer
             assert (await client.get("/healthz")).status_code == 200
         assert trio.current_time() - start == 10.0
         response, body = results[0]
@@ -836,3 +864,60 @@ async def test_a_resize_the_backend_cannot_make_is_a_refusal(autojump_clock: Any
         assert response.status_code == 429 and body["error"] == "backend_unavailable"
         assert int(response.headers["Retry-After"]) >= 1
         assert app.service.gate.capacity == 2
+
+
+async def test_a_session_handed_a_slot_shows_as_active_at_once(autojump_clock: Any) -> None:
+    """A releaser hands the head its slot at once; the session's task starts it a pass
+    later. In between, the session object must not say "queued" with no position and
+    an admitted_at (outside review: 79 of 335 admin lists under fast turnover), and its
+    event stream must not send "active" twice."""
+    async with running(capacity=1, admin_token="t") as app:
+        client = app.test_client()
+        service = app.service
+        _, first = await post(client, {"duration": 100}, ASYNC)
+        _, second = await post(client, {"duration": 100}, ASYNC)
+        record = service.registry.get(second["id"])
+        assert isinstance(record, SessionRecord)
+        events = session_events(service, record)
+        assert (await anext(events)).startswith(b"event: queued\n")
+        # A resize hands the new slot over synchronously: look before any task runs.
+        service.gate.capacity = 2
+        shown = record.to_json(service.gate)
+        assert shown["state"] == "active" and shown["position"] is None
+        assert shown["admitted_at"] is not None
+        assert [r.id for r in service.registry.list_live("active", 10)] == [
+            first["id"],
+            second["id"],
+        ]
+        assert service.registry.list_live("queued", 10) == []
+        await trio.testing.wait_all_tasks_blocked()  # the task starts the session
+        assert record.state == "active"
+        assert (await anext(events)).startswith(b"event: active\n")
+        await client.delete(f"/sessions/{second['id']}")
+        # The transition to "active" recorded by the task is not sent a second time.
+        assert (await anext(events)).startswith(b"event: cancelled\n")
+        await events.aclose()
+
+
+async def test_an_integral_float_capacity_is_that_integer(autojump_clock: Any) -> None:
+    """JSON has one number type; the OpenAPI schema says integer, which takes 3.0."""
+    async with running(capacity=1, admin_token="t") as app:
+        client = app.test_client()
+        auth = {"Authorization": "Bearer t"}
+        response = await client.put("/admin/capacity", json={"capacity": 3.0}, headers=auth)
+        assert response.status_code == 200 and (await response.get_json())["capacity"] == 3
+        response = await client.put("/admin/capacity", json={"capacity": 3.5}, headers=auth)
+        assert response.status_code == 422
+
+
+@pytest.mark.parametrize("path", ["/stats//", "/sessions//x", "/healthz//", "/sessions/x//events"])
+async def test_empty_path_segments_are_no_route_not_a_redirect(
+    autojump_clock: Any, path: str
+) -> None:
+    """werkzeug merged them with a 308 and an HTML body whose Location came from the
+    client's Host header (outside review); every error is JSON."""
+    async with running() as app:
+        response = await app.test_client().get(path, headers={"Host": "evil.example"})
+        assert response.status_code == 404
+        assert (await response.get_json())["error"] == "not_found"
+        assert "Location" not in response.headers

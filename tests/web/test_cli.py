@@ -6,10 +6,12 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,6 +52,8 @@ def never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--shutdown-grace", "-0.5"], "--shutdown-grace"),
         (["--lease-ttl", "0.5"], "--lease-ttl"),
         (["--refusal-status", "500"], "--refusal-status"),
+        (["--refusal-status", "5_03"], "--refusal-status"),
+        (["--refusal-status", "+503"], "--refusal-status"),
         (["--max-duration", "-1"], "--max-duration"),
         (["--max-body", "0"], "--max-body"),
         (["--result-ttl", "-1"], "--result-ttl"),
@@ -75,6 +79,9 @@ def never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--handler", "not a path"], "--handler"),
         (["--handler", "no_such_module_here:fn"], "--handler"),
         (["--bind", "nowhere"], "--bind"),
+        (["--bind", "fd://abc"], "--bind"),
+        (["--bind", "unix:"], "--bind"),
+        (["--bind", "127.0.0.1:+80"], "--bind"),
         (["--cap", "5"], "--cap"),
     ],
 )
@@ -85,6 +92,21 @@ def test_invalid_flags_stop_with_one_line_and_status_2(
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1 and setting in err
+
+
+@pytest.mark.parametrize(
+    "module", ["exits_on_import", "interrupts_on_import", "two_line_error_on_import"]
+)
+def test_a_handler_module_failing_on_import_stops_with_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, module: str
+) -> None:
+    """exit() at import made serve exit 0 without serving; KeyboardInterrupt gave a
+    traceback; a two-line message two lines (outside review)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "import_failures"))
+    assert main(["serve", "--handler", f"{module}:fn"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and "--handler" in err and module in err
 
 
 def test_environment_variables_are_validated_too(
@@ -315,3 +337,45 @@ async def test_hypercorn_serves_the_app_factory_directly() -> None:
             assert response.json()["state"] == "completed"
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
+
+
+async def test_sigterm_exits_though_a_client_stopped_reading() -> None:
+    """A client that reads nothing holds a write of its answer; the process still exits
+    0 once the grace is over (outside review: it never exited, whatever the grace)."""
+    with trio.fail_after(40):
+        async with (
+            serve_process("--shutdown-grace", "1", "--max-body", "4000000") as (process, base),
+            httpx.AsyncClient(base_url=base, timeout=20) as client,
+        ):
+            body = {"pad": "x" * 3_000_000, "duration": 0}
+            done = (await client.post("/sessions", json=body)).json()
+            assert done["state"] == "completed"
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            await sock.connect(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+            request = f"GET /sessions/{done['id']} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+            async with trio.SocketStream(sock) as stalled:
+                await stalled.send_all(request)
+                # Measured: give the server time to fill the socket's buffers.
+                await trio.sleep(0.5)
+                start = trio.current_time()
+                process.send_signal(signal.SIGTERM)
+                assert await process.wait() == 0
+                # The grace (1 s) and Hypercorn's graceful timeout (1 s), not the 10 s
+                # stall limit, and not "until the client goes".
+                assert trio.current_time() - start < 6
+
+
+async def test_an_idle_keep_alive_connection_does_not_delay_the_exit() -> None:
+    """After the drain an idle keep-alive connection is closed at once; it held the exit
+    for Hypercorn's whole graceful timeout (= the grace) before (outside review)."""
+    with trio.fail_after(40):
+        async with serve_process("--shutdown-grace", "8") as (process, base):
+            port = int(base.rsplit(":", 1)[1])
+            async with await trio.open_tcp_stream("127.0.0.1", port) as idle:
+                await idle.send_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert (await idle.receive_some()).startswith(b"HTTP/1.1 200")
+                start = trio.current_time()
+                process.send_signal(signal.SIGTERM)
+                assert await process.wait() == 0
+                assert trio.current_time() - start < 4

@@ -6,6 +6,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import jsonschema
 import pytest
 import trio
 import trio.testing
@@ -189,6 +190,11 @@ async def test_documented_status_is_what_the_app_answers(
         assert str(response.status_code) == status
         document = await (await app.test_client().get("/openapi.json")).get_json()
         assert status in document["paths"][path][method]["responses"]
+        # The body is what the document says it is (a fresh gate's /stats included).
+        content = document["paths"][path][method]["responses"][status].get("content", {})
+        if "application/json" in content and method != "head":
+            schema = {**content["application/json"]["schema"], "components": document["components"]}
+            jsonschema.Draft202012Validator(schema).validate(await response.get_json())
 
 
 async def test_the_refusal_status_is_documented_as_configured(autojump_clock: Any) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import socket
 from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from sessiongate.web import SessionGateApp
+from sessiongate.web import SessionGateApp, _hypercorn_fix
 
 from .conftest import jbody, port_of, raw_request, read_response, real_server, request_bytes
 
@@ -284,3 +285,38 @@ async def test_stray_bytes_after_a_refused_body_never_stop_the_server() -> None:
             await stream.aclose()
             assert status == 200
             assert app.service.gate.stats().admitted == 0
+
+
+async def stalled_reader(port: int, path: str) -> trio.SocketStream:
+    """A client that asks for ``path`` and then reads nothing (a tiny receive buffer)."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(request_bytes("GET", path))
+    return stream
+
+
+async def test_a_client_that_stops_reading_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write the client takes nothing of for SEND_STALL_LIMIT closes its connection,
+    instead of holding it (and its task) for as long as the client likes."""
+    monkeypatch.setattr(_hypercorn_fix, "SEND_STALL_LIMIT", 0.5, raising=False)
+    big = {"pad": "x" * 3_000_000}
+    with trio.fail_after(30):
+        async with (
+            real_server(max_body=4_000_000) as (_, base),
+            httpx.AsyncClient(base_url=base, timeout=20) as client,
+        ):
+            done = (await client.post("/sessions", json={**big, "duration": 0})).json()
+            assert done["state"] == "completed"
+            stream = await stalled_reader(port_of(base), f"/sessions/{done['id']}")
+            # Measured: read nothing for several stall limits, then take what is there.
+            await trio.sleep(2.0)
+            received = 0
+            while chunk := await stream.receive_some(1 << 16):
+                received += len(chunk)
+            await stream.aclose()
+            # The server gave up part-way and closed: the client got EOF, not 3 MB.
+            assert 0 < received < 3_000_000
+            # And it serves on.
+            assert (await client.get("/healthz")).status_code == 200

@@ -107,3 +107,23 @@ async def lease_lost(body: dict[str, Any], ticket: Ticket) -> Any:
     import sessiongate
 
     raise sessiongate.LeaseLost("the lease lapsed")
+
+
+def _stray_cancelled() -> trio.Cancelled:
+    """A Cancelled that no cancel scope of the session's delivered (kept from elsewhere)."""
+    try:
+        return trio.Cancelled._create(source="explicit")  # type: ignore[call-arg]
+    except TypeError:  # trio before 0.30 took no arguments
+        return trio.Cancelled._create()
+
+
+async def raises_cancelled(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise _stray_cancelled()
+
+
+def sync_raises_cancelled(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise _stray_cancelled()
+
+
+async def raises_cancelled_group(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise BaseExceptionGroup("secret group", [_stray_cancelled(), ValueError("secret")])

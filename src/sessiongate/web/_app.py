@@ -78,7 +78,12 @@ class _Connection(TrioASGIHTTPConnection):
                 return
             await send(message)
 
-        await super().__call__(receive, send_closing_shielded)
+        # Quart-Trio's own __call__, except that the request is handled in this task
+        # rather than in a second child: one task spawn less per request.
+        request = self._create_request_from_scope(send_closing_shielded)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.handle_messages, nursery, request, receive)
+            await self.handle_request(nursery, request, send_closing_shielded)
 
 
 def _closes_after(http_version: str | None, headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -124,6 +129,9 @@ def create_app(
         BACKGROUND_TASK_SHUTDOWN_TIMEOUT=settings.shutdown_grace + 10.0,
     )
     app.url_map.strict_slashes = False
+    # "/stats//" is no route (404 JSON), not a 308 redirect with an HTML body whose
+    # Location is built from the client's Host header.
+    app.url_map.merge_slashes = False
 
     @app.before_serving
     async def start_owner() -> None:

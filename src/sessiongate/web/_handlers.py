@@ -49,8 +49,10 @@ def load(path: str) -> HandlerFn | None:
     module_name, _, attribute = path.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
-    except Exception as error:  # ImportError, or anything the module raised
-        raise HandlerLoadError(f"cannot import {module_name!r}: {error}") from error
+    except BaseException as error:  # ImportError, or anything the module raised (exit() too)
+        # One line, whatever the module's message: start-up errors are one line each.
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise HandlerLoadError(f"cannot import {module_name!r}: {reason}") from error
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
@@ -109,7 +111,8 @@ class Handler:
     async def __call__(self, body: dict[str, Any], ticket: Ticket) -> Any:
         fn = self.fn
         if fn is None:
-            duration = float(body.get("duration", DEFAULT_SLEEP))
+            # The default never exceeds --max-duration: it bounds every sleep.
+            duration = float(body.get("duration", min(DEFAULT_SLEEP, self.max_duration)))
             if duration > 0:
                 await trio.sleep(duration)
             else:  # a zero-length session: nothing to wait for, but still cancellable

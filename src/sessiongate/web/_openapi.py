@@ -14,6 +14,22 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 _SESSION = {"$ref": "#/components/schemas/Session"}
 _STATS = {"$ref": "#/components/schemas/Stats"}
 _NUM_OR_NULL = {"type": ["number", "null"]}
+#: The whole-number fields of ``/stats`` (the last two in Redis mode only).
+_STATS_COUNTS = (
+    "capacity",
+    "active",
+    "queued",
+    "max_queue",
+    "admitted_total",
+    "completed_total",
+    "failed_total",
+    "expired_total",
+    "rejected_total",
+    "cancelled_total",
+    "local_active",
+    "local_queued",
+)
+_STATS_QUANTILES = ("wait_p50_s", "wait_p90_s", "wait_p99_s")
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -271,26 +287,12 @@ def openapi_document(refusal_status: int = 503) -> dict[str, Any]:
                 },
                 "Stats": {
                     "type": "object",
+                    "required": [*_STATS_COUNTS[:-2], "max_wait_s", *_STATS_QUANTILES],
                     "properties": {
-                        name: {"type": "number"}
-                        for name in (
-                            "capacity",
-                            "active",
-                            "queued",
-                            "max_wait_s",
-                            "max_queue",
-                            "admitted_total",
-                            "completed_total",
-                            "failed_total",
-                            "expired_total",
-                            "rejected_total",
-                            "cancelled_total",
-                            "wait_p50_s",
-                            "wait_p90_s",
-                            "wait_p99_s",
-                            "local_active",
-                            "local_queued",
-                        )
+                        **{name: {"type": "integer"} for name in _STATS_COUNTS},
+                        "max_wait_s": {"type": "number"},
+                        # None until a session has been admitted (no waits to rank).
+                        **{name: _NUM_OR_NULL for name in _STATS_QUANTILES},
                     },
                 },
             },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Any
 
 from quart import Quart, Response, request
@@ -18,6 +19,7 @@ from ._sessions import ACTIVE, COMPLETED, EXPIRED, QUEUED, EndedSession, Session
 from ._sse import session_events
 
 MAX_LIST = 1000
+_DIGITS = re.compile(r"[0-9]{1,4}")
 DEFAULT_LIST = 100
 
 
@@ -39,7 +41,9 @@ def check_admin(token: str | None) -> None:
     """
     if token is None:
         raise ApiError("forbidden", "admin operations are disabled: no admin token is configured")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Two Authorization headers are refused: which one a proxy or client meant is unknown.
+    values = request.headers.getlist("Authorization")
+    scheme, _, given = (values[0] if len(values) == 1 else "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         given.strip().encode(), token.encode()
     ):
@@ -124,10 +128,8 @@ def register(app: Quart, service: Service) -> None:
         text = request.args.get("limit")
         limit = DEFAULT_LIST
         if text is not None:
-            try:
-                limit = int(text, 10)
-            except ValueError:
-                limit = 0
+            # Plain ASCII digits only (int() would also take "+5", " 5", "5_0", "٥").
+            limit = int(text) if _DIGITS.fullmatch(text) else 0
             if not 1 <= limit <= MAX_LIST:
                 raise ApiError("invalid_request", f"'limit' must be a whole number 1-{MAX_LIST}")
         records = service.registry.list_live(state, limit)
@@ -162,6 +164,8 @@ def register(app: Quart, service: Service) -> None:
     async def put_capacity() -> Response:
         body = await read_json_object(settings.max_body)
         capacity = body.get("capacity")
+        if isinstance(capacity, float) and capacity.is_integer():
+            capacity = int(capacity)  # JSON has one number type: 3.0 is the integer 3
         if (
             isinstance(capacity, bool)
             or not isinstance(capacity, int)
@@ -193,10 +197,16 @@ def register(app: Quart, service: Service) -> None:
 
     @app.get("/readyz")
     async def readyz() -> Response:
+        retry = {"Retry-After": service.retry_after() if service.started else "1"}
         if service.draining or not service.serving:
-            raise ApiError("shutting_down", "the server is draining", status=503)
+            raise ApiError("shutting_down", "the server is draining", status=503, headers=retry)
         if not service.backend_healthy:
-            raise ApiError("backend_unavailable", "the gate's backend is unreachable", status=503)
+            raise ApiError(
+                "backend_unavailable",
+                "the gate's backend is unreachable",
+                status=503,
+                headers=retry,
+            )
         return json_response({"status": "ready"})
 
     @app.get("/openapi.json")

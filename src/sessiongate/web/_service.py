@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from .. import _errors as errors
-from .._gate import Gate, Ticket
+from .._gate import Gate, Ticket, cancellation_pending
 from ..backends.memory import MemoryBackend
 from ..config import Settings
 from ..metrics import Metrics
@@ -387,7 +387,7 @@ class Service:
         try:
             await self._run_session(record, task_status)
         except BaseException as error:
-            if is_cancellation(error):
+            if is_cancellation(error) and cancellation_pending():
                 raise
             log.exception("session %s: internal error", record.id)
             if not record.ended:
@@ -425,8 +425,8 @@ class Service:
             except errors.LeaseLost as exc:
                 state, error = FAILED, _error("lease_lost", str(exc) or None)
             except BaseException as exc:
-                if is_cancellation(exc):
-                    raise
+                if is_cancellation(exc) and cancellation_pending():
+                    raise  # a real cancellation: the scope below (or an outer one) takes it
                 record.exception = exc  # for the log line, never for the client
                 state, error = FAILED, _error("session_failed")
         if scope.cancelled_caught or state is None:
@@ -436,6 +436,7 @@ class Service:
 
     def _admitted(self, record: SessionRecord) -> None:
         record.state = ACTIVE
+        record.admitted = True
         self.metrics.session_admitted(record.arrival.waited)
         self.registry.changed(record)
 

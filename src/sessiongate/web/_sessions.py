@@ -77,11 +77,41 @@ class SessionRecord:
     watchers: int = 0
     #: The final session object, encoded once as the session ends (kept sessions only).
     document: bytes | None = None
+    #: True once the session's task entered the gate with a slot (it became active).
+    admitted: bool = False
+    #: Set at this session's next change of state (see :meth:`next_change`).
+    _change: trio.Event | None = None
+
+    def next_change(self) -> trio.Event:
+        """An event set at this session's next change of state."""
+        if self._change is None:
+            self._change = trio.Event()
+        return self._change
+
+    def note_change(self) -> None:
+        """Wake whatever waits for this session's next change."""
+        change, self._change = self._change, None
+        if change is not None:
+            change.set()
+
+    @property
+    def shown_state(self) -> str:
+        """The state as clients see it. A releaser hands a queued session its slot at
+        once (``admitted_at`` is stamped, the gate counts the slot) and the session's
+        task starts it a scheduler pass later: from the hand-off on it shows as
+        ``active``, so state, position and ``admitted_at`` never disagree."""
+        if self.state == QUEUED and self.arrival.admitted_at is not None:
+            return ACTIVE
+        return self.state
 
     @property
     def admitted_at(self) -> float | None:
-        """When the session got its slot (Trio clock): the gate sets it on the ticket."""
-        return self.arrival.admitted_at
+        """When the session got its slot (Trio clock): the gate sets it on the ticket.
+        None for a session that ended without running (a slot handed over at the very
+        instant its deadline fired goes straight on)."""
+        if self.admitted or self.state == QUEUED:
+            return self.arrival.admitted_at
+        return None
 
     @property
     def ended(self) -> bool:
@@ -121,7 +151,7 @@ class SessionRecord:
             active_s = (self.ended_at if self.ended_at is not None else now) - self.admitted_at
         return {
             "id": self.id,
-            "state": self.state,
+            "state": self.shown_state,
             "position": position,
             "eta_s": eta,
             "created_at": self._wall(arrived),
@@ -189,6 +219,7 @@ class Registry:
         """Record a change of state: a snapshot for event streams, and a pulse."""
         if record.watchers:
             record.transitions.append(record.to_json(self.gate))
+        record.note_change()
         self.poke()
 
     @property
@@ -232,7 +263,7 @@ class Registry:
         """Live sessions, oldest arrival first, optionally of one state."""
         records: Iterator[SessionRecord] = iter(self.live.values())
         if state is not None:
-            records = (r for r in records if r.state == state)
+            records = (r for r in records if r.shown_state == state)
         return sorted(records, key=lambda r: r.arrival.seq)[:limit]
 
     def _evict(self) -> None:

@@ -12,7 +12,8 @@ has been taken in.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from ._errors import dumps
@@ -34,30 +35,35 @@ async def session_events(service: Service, record: Session) -> AsyncIterator[byt
         return
     record.watchers += 1
     try:
-        async for event in _events(service, record):
-            yield event
+        async with aclosing(_events(service, record)) as events:
+            async for event in events:
+                yield event
     finally:
         record.watchers -= 1
 
 
-async def _events(service: Service, record: SessionRecord) -> AsyncIterator[bytes]:
+async def _events(service: Service, record: SessionRecord) -> AsyncGenerator[bytes, None]:
     gate, registry = service.gate, service.registry
     seen = len(record.transitions)
     snapshot = record.to_json(gate)
     yield _event(snapshot)
     if snapshot["state"] in TERMINAL_STATES:
         return
-    last_position = snapshot["position"]
+    last_state, last_position = snapshot["state"], snapshot["position"]
     while True:
-        pulse = registry.pulse  # taken before looking, so no change is missed
+        # Taken before looking, so no change is missed: any session's change while this
+        # one queues (positions move), only its own once it is active.
+        wakeup = registry.pulse if record.state == QUEUED else record.next_change()
         fresh = record.transitions[seen:]
         seen = len(record.transitions)
         if fresh:
             for snapshot in fresh:
+                if snapshot["state"] == last_state != QUEUED:
+                    continue  # already shown (a slot handed over shows as active at once)
                 yield _event(snapshot)
                 if snapshot["state"] in TERMINAL_STATES:
                     return
-            last_position = fresh[-1]["position"]
+                last_state, last_position = snapshot["state"], snapshot["position"]
             continue
         if record.state == QUEUED:
             position = record.position()
@@ -65,4 +71,4 @@ async def _events(service: Service, record: SessionRecord) -> AsyncIterator[byte
                 last_position = position
                 yield _event(record.to_json(gate))
                 continue
-        await pulse.wait()
+        await wakeup.wait()

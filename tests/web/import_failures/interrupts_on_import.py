@@ -1,0 +1,3 @@
+"""A handler module that raises KeyboardInterrupt as it is imported."""
+
+raise KeyboardInterrupt

@@ -320,3 +320,39 @@ async def test_a_client_that_stops_reading_is_cut_off(monkeypatch: pytest.Monkey
             assert 0 < received < 3_000_000
             # And it serves on.
             assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_keep_alive_closes_idle_connections_only() -> None:
+    """The keep-alive timer (one task per connection, see _hypercorn_fix) closes a
+    connection idle for keep_alive_timeout, and never one busy with a long request."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    from sessiongate.config import Settings
+    from sessiongate.web import create_app
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.keep_alive_timeout = 0.5
+    config.errorlog = None
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(serve, create_app(Settings()), config)
+            port = port_of(binds[0])
+            stream = await raw_request(
+                port,
+                request_bytes(
+                    "POST",
+                    "/sessions",
+                    jbody({"duration": 1.5}),
+                    {"Content-Type": "application/json"},
+                ),
+            )
+            start = trio.current_time()
+            status, _, _ = await read_response(stream)  # busy for 1.5 s: not closed
+            assert status == 200 and trio.current_time() - start >= 1.5
+            idle_from = trio.current_time()
+            assert await stream.receive_some() == b""  # then closed, once idle 0.5 s
+            assert 0.4 < trio.current_time() - idle_from < 1.5
+            await stream.aclose()
+            nursery.cancel_scope.cancel()

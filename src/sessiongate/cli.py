@@ -266,8 +266,13 @@ async def serve(
         if draining:
             return
         draining = True
-        if app.service.started:
-            await app.service.drain()
+        if not app.service.started:
+            # Still starting (a handler's lifespan opening its resources): nothing to
+            # drain, and Hypercorn looks at its stop trigger only once it serves.
+            log.info("stopped while starting")
+            nursery.cancel_scope.cancel()
+            return
+        await app.service.drain()
         stop.set()
         # Hypercorn then gives answers still being written its graceful timeout; a
         # write that a client is not taking (it stopped reading) would outlast it.

@@ -379,3 +379,37 @@ async def test_an_idle_keep_alive_connection_does_not_delay_the_exit() -> None:
                 process.send_signal(signal.SIGTERM)
                 assert await process.wait() == 0
                 assert trio.current_time() - start < 4
+
+
+async def test_sigterm_while_a_handler_lifespan_starts_exits_0() -> None:
+    """A signal during start-up (a handler's lifespan still opening its resources)
+    stops the process at once; it was ignored until Hypercorn's 60 s start-up timeout,
+    then exit 1 with a traceback (outside review)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *sys.path])
+    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
+    with trio.fail_after(30):
+        process = await trio.lowlevel.open_process(
+            [*argv, "--handler", "web_sample_handlers:slow_start"],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=env,
+        )
+        assert process.stderr is not None
+        seen = b""
+        try:
+            while b"slow lifespan entered" not in seen:
+                chunk = await process.stderr.receive_some()
+                assert chunk, seen.decode()
+                seen += chunk
+            start = trio.current_time()
+            process.send_signal(signal.SIGTERM)
+            while chunk := await process.stderr.receive_some():
+                seen += chunk
+            assert await process.wait() == 0
+            assert trio.current_time() - start < 5
+            assert b"Traceback" not in seen
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await process.wait()

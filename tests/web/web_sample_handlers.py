@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -127,3 +128,17 @@ def sync_raises_cancelled(body: dict[str, Any], ticket: Ticket) -> Any:
 
 async def raises_cancelled_group(body: dict[str, Any], ticket: Ticket) -> Any:
     raise BaseExceptionGroup("secret group", [_stray_cancelled(), ValueError("secret")])
+
+
+@asynccontextmanager
+async def _slow_start() -> AsyncIterator[None]:
+    print("slow lifespan entered", file=sys.stderr, flush=True)
+    await trio.sleep(120)
+    yield
+
+
+async def slow_start(body: dict[str, Any], ticket: Ticket) -> Any:
+    return body
+
+
+slow_start.lifespan = _slow_start  # type: ignore[attr-defined]

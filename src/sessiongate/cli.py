@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.redis and importlib.util.find_spec("sessiongate.backends.redis") is None:
         return _fail("invalid --backend: the redis backend is not available in this build")
     configure_logging()
+    for name in Settings.unknown_variables(os.environ):
+        log.warning("ignoring %s: no setting has this name (see sessiongate serve --help)", name)
     try:
         if settings.workers > 1:
             return trio.run(_supervise, settings)

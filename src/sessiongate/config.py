@@ -21,6 +21,9 @@ import attrs
 from ._limits import MAX_CAPACITY
 
 ENV_PREFIX = "SESSIONGATE_"
+#: Variables with the prefix that are not settings: the test suite's switch for its
+#: Redis tests, and the redis-server binary it may use.
+_OTHER_VARIABLES = frozenset({"SESSIONGATE_TEST_REDIS", "SESSIONGATE_REDIS_SERVER"})
 REFUSAL_STATUSES = (503, 429, 408)
 _GATE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _HANDLER_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
@@ -288,6 +291,12 @@ class Settings:
                 "with the in-memory backend each worker would have its own cap",
             )
         return settings
+
+    @staticmethod
+    def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+        """``SESSIONGATE_*`` variables that name no setting (a typo is otherwise silent)."""
+        known = {option.env for option in _OPTIONS} | _OTHER_VARIABLES
+        return sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known)
 
     def to_environ(self) -> dict[str, str]:
         """These settings as ``SESSIONGATE_*`` variables (to hand to a worker process)."""

@@ -220,6 +220,26 @@ def test_serve_keeps_coredis_retries_out_of_the_log(
     assert seen == [logging.WARNING if preset == logging.NOTSET else preset]
 
 
+def test_a_misspelt_variable_is_named_in_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SESSIONGATE_CAPACTY=5 was ignored in silence; it is named (and still ignored)."""
+
+    async def serve(settings: Settings, **_: object) -> None:
+        assert settings.capacity == 50
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **_: None)
+    monkeypatch.setattr("sessiongate.cli._tune_gc", lambda: None)
+    monkeypatch.setattr("sessiongate.cli._tune_logging", lambda: None)
+    monkeypatch.setattr("sessiongate.cli.quiet_library_loggers", lambda: None)
+    monkeypatch.setattr("sessiongate.cli.serve", serve)
+    monkeypatch.setenv("SESSIONGATE_CAPACTY", "5")
+    caplog.set_level(logging.WARNING, logger="sessiongate.cli")
+    assert main(["serve"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.name == "sessiongate.cli"]
+    assert len(warned) == 1 and "SESSIONGATE_CAPACTY" in warned[0]
+
+
 def test_a_subprocess_refuses_bad_settings_with_one_line() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sessiongate.cli", "serve", "--capacity", "-5"],

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 import sessiongate
-from sessiongate.backends.redis import open_redis_backend
+from sessiongate.backends.redis import RELEASE_WAIT, open_redis_backend
 from sessiongate.cli import QUIET_LOGGERS, quiet_library_loggers
 
 from .conftest import RedisServer, _free_port
@@ -408,3 +408,37 @@ async def test_a_stalled_redis_logs_no_connection_tracebacks(
             assert not [r for r in records if r[0].startswith("coredis")], records
             unreachable = [m for _, _, m in records if m.startswith("Redis unreachable")]
             assert len(unreachable) == 1, records
+
+
+async def test_a_stalled_redis_does_not_delay_the_end_of_an_active_session(
+    own_redis: RedisServer, gate_name: str
+) -> None:
+    """An active session cancelled with Redis stalled ends at once; its slot goes back
+    once Redis answers (outside review: the end waited 1 s for the release)."""
+    holders_key = f"sg:{{{gate_name}}}:holders"
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=5.0
+        ) as backend:
+            gate = sessiongate.Gate(max_wait=1.0, backend=backend)
+            scope = trio.CancelScope()
+            ended: list[float] = []
+
+            async def hold() -> None:
+                with scope:
+                    async with gate.session():
+                        await trio.sleep_forever()
+                ended.append(trio.current_time())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold)
+                await wait_until(lambda: gate.active == 1)
+                own_redis.pause()
+                try:
+                    cancelled_at = trio.current_time()
+                    scope.cancel()
+                    await wait_until(lambda: len(ended) == 1)
+                    assert ended[0] - cancelled_at < RELEASE_WAIT + 0.1
+                finally:
+                    own_redis.resume()
+                await wait_until(lambda: zcard(own_redis, holders_key) == 0)

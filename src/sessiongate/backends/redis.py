@@ -79,6 +79,9 @@ MAX_AGE: Final = 3600.0
 CONNECT_TIMEOUT: Final = 0.2
 #: Seconds a clean-up step (release, leave) may take, shielded from cancellation.
 CLEANUP_GRACE: Final = 1.0
+#: How long a session's end waits for Redis to take its slot back (a round trip is
+#: well under a millisecond here); past it the forgetter gives the slot back.
+RELEASE_WAIT: Final = 0.2
 #: Fraction of the TTL kept between the body's local deadline and the lease's lapse.
 LEASE_MARGIN: Final = 0.2
 #: Errors that mean "Redis did not answer" (or answered with an error we cannot use).
@@ -187,7 +190,10 @@ class RedisBackend:
         try:
             await self._call("resize", [str(capacity)], limit=CLEANUP_GRACE)
         except _Unreachable as exc:
-            raise BackendUnavailable("Redis unreachable: the capacity was not changed") from exc
+            raise BackendUnavailable(
+                "Redis did not confirm the change: unchanged if Redis is down; if it is "
+                "only stalled, the new capacity may still take effect when it answers"
+            ) from exc
 
     @property
     def active(self) -> int:
@@ -399,11 +405,20 @@ class RedisBackend:
         if waiter.status in ("", "W", "F", "X", "error"):
             return  # never queued, or the enqueuer is forgetting it already
         if waiter.granted.is_set():
-            # It held the slot: give it back (the head of the queue gets it).
-            try:
-                await self._call("release", [waiter.member], limit=CLEANUP_GRACE)
-            except _Unreachable:
-                logger.warning("could not release %s: its lease will lapse", waiter.member)
+            # It held the slot: give it back (the head of the queue gets it), waited for
+            # so the session ends once its successor may start. With Redis unreachable
+            # or slow to answer, the forgetter gives it back once Redis answers (or the
+            # lease lapses), and the session's end does not wait: a lost lease's
+            # session read "active" ~1 s after its body was cancelled, and a DELETE took
+            # 1 s with Redis stalled (outside review).
+            if self.healthy:
+                try:
+                    await self._call("release", [waiter.member], limit=RELEASE_WAIT)
+                except _Unreachable:
+                    pass
+                else:
+                    return
+            self._forget_later([waiter.member])
             return
         # Queued, or its enqueue is still on the way, or a slot was handed to it that
         # it never saw: the forgetter removes it (and refuses any enqueue of it that

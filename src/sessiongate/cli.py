@@ -18,9 +18,11 @@ import gc
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -259,6 +261,12 @@ async def serve(
     app = create_app(settings)
     config = hypercorn_config(settings)
     assert isinstance(config, Config)
+    peers = app.service.peers
+    if peers is not None:
+        # A worker of several: also serve its siblings on a private socket (_peers.py).
+        private = peers.socket_path()
+        private.unlink(missing_ok=True)  # left by this worker's previous life
+        config.bind = [*config.bind, f"unix:{private}"]
     stop = trio.Event()
 
     draining = False
@@ -337,6 +345,8 @@ async def _supervise(settings: Settings) -> int:
     """Run ``settings.workers`` worker processes on one socket; drain all on a signal."""
     if settings.bind.startswith(("unix:", "fd://")):
         raise OSError("--workers > 1 needs a HOST:PORT bind")
+    from .web._peers import PEERS_ENV, WORKER_ENV
+
     sock = _listen(settings.bind)
     fd = sock.fileno()
     host, port = sock.getsockname()[:2]
@@ -353,6 +363,10 @@ async def _supervise(settings: Settings) -> int:
     # (not inherited) until it exits, however it exits.
     lifeline_read, lifeline_write = os.pipe()
     env[LIFELINE_ENV] = str(lifeline_read)
+    # Each worker's private socket, for its siblings to pass on requests for its
+    # sessions (web/_peers.py); the directory goes when the supervisor does.
+    peers_dir = tempfile.mkdtemp(prefix="sessiongate-workers-")
+    env[PEERS_ENV] = peers_dir
     command = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", f"fd://{fd}"]
     command += ["--workers", "1"]
     stopping = trio.Event()
@@ -363,7 +377,10 @@ async def _supervise(settings: Settings) -> int:
         nonlocal failures
         while not stopping.is_set():
             process = await trio.lowlevel.open_process(
-                command, env=env, pass_fds=(fd, lifeline_read), start_new_session=True
+                command,
+                env={**env, WORKER_ENV: str(index)},
+                pass_fds=(fd, lifeline_read),
+                start_new_session=True,
             )
             processes[index] = process
             if stopping.is_set():  # the signal came while this worker was starting
@@ -415,6 +432,7 @@ async def _supervise(settings: Settings) -> int:
     sock.close()
     os.close(lifeline_read)
     os.close(lifeline_write)
+    shutil.rmtree(peers_dir, ignore_errors=True)
     return 1 if failures else 0
 
 

@@ -193,3 +193,47 @@ def _zombie_or_gone(pid: int) -> bool:
             return file.read().split(")")[-1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+async def test_an_async_sessions_urls_answer_on_every_worker(redis_url: str) -> None:
+    """With --workers 2 a session lives in the worker that created it; its GET, DELETE
+    and events answered 404 whenever the connection landed on the other worker (outside
+    review: [200, 200, 404, 200, 404, ...]). Each request here is a new connection."""
+    prefer = {"Prefer": "respond-async"}
+
+    def fresh() -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=base, timeout=20, headers={"Connection": "close"})
+
+    async def create(duration: float) -> httpx.Response:
+        async with fresh() as client:
+            return await client.post("/sessions", json={"duration": duration}, headers=prefer)
+
+    with trio.fail_after(60):
+        async with serve_process(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--capacity", "2", "--shutdown-grace", "1",
+        ) as (process, base):  # fmt: skip
+            active, _ = await create(60), await create(60)
+            queued = await create(0)
+            assert queued.json()["state"] == "queued"
+            active_url, queued_url = active.headers["Location"], queued.headers["Location"]
+            states, workers = [], set()
+            for _ in range(12):
+                async with fresh() as client:
+                    states.append((await client.get(active_url)).json()["state"])
+                workers.add((await create(0)).json()["id"].split(".")[0])  # who answered
+            assert states == ["active"] * 12
+            assert workers == {"w0", "w1"}  # both workers took connections
+            async with fresh() as client, client.stream("GET", f"{queued_url}/events") as events:
+                async with fresh() as other:
+                    deleted = await other.delete(active_url)
+                names = [
+                    line[7:] async for line in events.aiter_lines() if line.startswith("event: ")
+                ]
+            assert deleted.status_code == 200 and deleted.json()["state"] == "cancelled"
+            assert names[0] == "queued" and names[-1] == "completed"
+            async with fresh() as client:
+                assert (await client.get(queued_url)).json()["state"] == "completed"
+                assert (await client.get("/sessions/w7.nosuchworker")).status_code == 404
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 from ..config import Settings
 from . import _hypercorn_fix
 from ._errors import ApiError, error_response, json_response
+from ._peers import Peers
 from ._routes import check_admin, register
 from ._service import ARRIVAL_KEY, Service
 
@@ -119,6 +120,7 @@ def create_app(
         settings = Settings.from_environ(os.environ if environ is None else environ)
     _hypercorn_fix.apply()
     service = Service(settings)
+    service.peers = Peers.from_environ(os.environ)
     app = SessionGateApp("sessiongate.web", static_folder=None)
     app.service = service
     app.config.update(
@@ -140,6 +142,8 @@ def create_app(
     @app.after_serving
     async def stop_owner() -> None:
         await service.shutdown()
+        if service.peers is not None:
+            await service.peers.aclose()
 
     @app.before_request
     async def admin_before_routing() -> None:

@@ -81,6 +81,17 @@ def stats_json(service: Service) -> dict[str, Any]:
 def register(app: Quart, service: Service) -> None:
     settings = service.settings
 
+    async def on_its_worker(session_id: str) -> Response | None:
+        """Another sibling worker's session: its answer, as that worker gives it."""
+        owner = service.owner_of(session_id)
+        if owner is None:
+            return None
+        assert service.peers is not None
+        answer = await service.peers.forward(owner)
+        if answer is None:
+            raise ApiError("not_found", "no session with this id (its worker is gone)")
+        return answer
+
     def find(session_id: str) -> Session:
         record = service.registry.get(session_id)
         if record is None:
@@ -138,10 +149,14 @@ def register(app: Quart, service: Service) -> None:
 
     @app.get("/sessions/<session_id>")
     async def get_session(session_id: str) -> Response:
+        if (forwarded := await on_its_worker(session_id)) is not None:
+            return forwarded
         return json_response(find(session_id).encode(service.gate))
 
     @app.delete("/sessions/<session_id>")
     async def delete_session(session_id: str) -> Response:
+        if (forwarded := await on_its_worker(session_id)) is not None:
+            return forwarded
         record = find(session_id)
         if isinstance(record, EndedSession) or not await service.cancel(record):
             raise ApiError("already_ended", f"the session has already ended ({record.state})")
@@ -149,6 +164,8 @@ def register(app: Quart, service: Service) -> None:
 
     @app.get("/sessions/<session_id>/events")
     async def session_event_stream(session_id: str) -> Response:
+        if (forwarded := await on_its_worker(session_id)) is not None:
+            return forwarded
         record = find(session_id)
         if request.method == "HEAD":  # headers only: never follow the session
             return Response(b"", mimetype="text/event-stream")

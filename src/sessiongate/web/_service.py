@@ -37,6 +37,7 @@ from ..config import Settings
 from ..metrics import Metrics
 from ._errors import REFUSAL_CODES, ApiError, dumps, retry_after
 from ._handlers import Handler, load
+from ._peers import Peers
 from ._sessions import (
     ACTIVE,
     CANCELLED,
@@ -127,6 +128,8 @@ class Service:
         self._sessions: trio.Nursery | None = None
         self.wall_offset = 0.0
         self.draining = False
+        #: Sibling workers of ``serve --workers N`` (None when this is the only one).
+        self.peers: Peers | None = None
         self._closed = False
         self._drain_started = False
         self._drained = trio.Event()
@@ -276,7 +279,16 @@ class Service:
         the start of its queue deadline); None before the service has started. It
         reserves nothing: a request that never becomes a session costs nothing."""
         gate = self._gate
-        return gate.arrive() if gate is not None else None
+        return gate.arrive(id=self._session_id()) if gate is not None else None
+
+    def _session_id(self) -> str | None:
+        """A sibling worker's session ids carry its number (``_peers``); else the
+        gate's own 128 random bits, made when first asked for."""
+        return self.peers.new_session_id() if self.peers is not None else None
+
+    def owner_of(self, session_id: str) -> int | None:
+        """The sibling worker that has this session, if another one does."""
+        return self.peers.owner_of(session_id) if self.peers is not None else None
 
     @staticmethod
     def stamp_of(scope: Mapping[str, Any]) -> Ticket | None:
@@ -291,7 +303,7 @@ class Service:
         is the session's own; its id (128 random bits) is the session id."""
         gate = self.gate
         if stamp is None:
-            return gate.arrive(reserve=True)
+            return gate.arrive(reserve=True, id=self._session_id())
         gate.reserve(stamp)
         return stamp
 

@@ -1,0 +1,95 @@
+"""Sibling workers of ``sessiongate serve --workers N``: whose session is this?
+
+The workers share one listening socket, so the kernel hands a connection to any of them,
+while a session's object (its state, its event stream, its cancel scope) lives in the
+worker that created it. So that the URLs of an asynchronous session answer whichever
+worker takes the connection, each worker also serves on a private Unix socket in a
+directory the supervisor made, and puts its worker number in the ids of the sessions it
+creates (``w<n>.`` before the 128 random bits). A request for another worker's session
+is passed to that worker's socket as it came, and its answer (an event stream too)
+passed back. Only ``GET``, ``DELETE`` and ``/events`` of one session travel this way;
+everything else (and every synchronous answer) stays in the worker that has it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import attrs
+import httpx
+from quart import Response, request
+
+#: Where the supervisor tells its workers about each other (not settings: internal).
+PEERS_ENV = "_SESSIONGATE_PEERS"
+WORKER_ENV = "_SESSIONGATE_WORKER"
+
+#: Answer headers worth passing back from the worker that has the session.
+_PASSED_HEADERS = ("content-type", "cache-control", "x-accel-buffering", "retry-after", "allow")
+
+
+@attrs.define
+class Peers:
+    """This worker's number, and where every worker's private socket is."""
+
+    directory: Path
+    index: int
+    _clients: dict[int, httpx.AsyncClient] = attrs.Factory(dict)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Peers | None:
+        directory, index = environ.get(PEERS_ENV), environ.get(WORKER_ENV)
+        if directory is None or index is None or not index.isdigit():
+            return None
+        return cls(Path(directory), int(index))
+
+    def socket_path(self, index: int | None = None) -> Path:
+        return self.directory / f"w{self.index if index is None else index}.sock"
+
+    def new_session_id(self) -> str:
+        return f"w{self.index}.{secrets.token_urlsafe(16)}"
+
+    def owner_of(self, session_id: str) -> int | None:
+        """The worker whose session this is, if another worker's."""
+        tag, dot, _ = session_id.partition(".")
+        if not dot or not tag.startswith("w") or not tag[1:].isdigit():
+            return None
+        owner = int(tag[1:])
+        return owner if owner != self.index else None
+
+    async def forward(self, owner: int) -> Response | None:
+        """The owner's answer to this request; None if the owner cannot be reached
+        (a worker that died took its sessions with it)."""
+        client = self._clients.get(owner)
+        if client is None:
+            transport = httpx.AsyncHTTPTransport(uds=os.fspath(self.socket_path(owner)))
+            client = self._clients[owner] = httpx.AsyncClient(
+                transport=transport, base_url="http://worker", timeout=None
+            )
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() != "host"]
+        outgoing = client.build_request(
+            request.method, request.full_path.rstrip("?"), headers=headers
+        )
+        try:
+            answer = await client.send(outgoing, stream=True)
+        except httpx.TransportError:
+            return None
+        passed = {k: v for k, v in answer.headers.items() if k.lower() in _PASSED_HEADERS}
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in answer.aiter_raw():
+                    yield chunk
+            finally:
+                await answer.aclose()
+
+        response = Response(body(), status=answer.status_code, headers=passed)
+        response.timeout = None  # an event stream lasts as long as its session
+        return response
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()

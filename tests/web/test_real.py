@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import re
 import socket
 from typing import Any
 
@@ -356,3 +358,63 @@ async def test_keep_alive_closes_idle_connections_only() -> None:
             assert 0.4 < trio.current_time() - idle_from < 1.5
             await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_connections_closed_by_their_clients_are_closed_at_once() -> None:
+    """One-shot clients (request, answer, close), and clients gone mid-request: the
+    server closes its side at once (outside review: the keep-alive task kept each one's
+    task group open, thousands of CLOSE-WAIT sockets, then "Too many open files")."""
+    with trio.fail_after(30):
+        async with real_server(capacity=1) as (_, base):
+            port = port_of(base)
+            baseline = open_fds()
+            for _ in range(30):
+                stream = await raw_request(port, request_bytes("GET", "/healthz"))
+                assert (await read_response(stream))[0] == 200
+                await stream.aclose()
+            for _ in range(10):  # gone while its session is queued or active
+                stream = await raw_request(
+                    port,
+                    request_bytes(
+                        "POST", "/sessions", jbody({"duration": 5}),
+                        {"Content-Type": "application/json"},
+                    ),
+                )  # fmt: skip
+                await trio.sleep(0.01)
+                await stream.aclose()
+            # Measured: no event tells when the server has closed its sockets; poll the
+            # process's open files, bounded by fail_after.
+            while open_fds() > baseline + 2:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+
+
+async def test_a_slow_reader_gets_the_whole_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stall limit is about progress: a client that keeps reading, however slowly,
+    gets every byte (outside review: a 1 MiB answer was cut at the limit, 622 KB in)."""
+    monkeypatch.setattr(_hypercorn_fix, "SEND_STALL_LIMIT", 0.5, raising=False)
+    monkeypatch.setattr(_hypercorn_fix, "SEND_SLICE", 4096, raising=False)
+    big = "x" * 200_000
+    with trio.fail_after(60):
+        async with (
+            real_server(max_body=4_000_000) as (_, base),
+            httpx.AsyncClient(base_url=base, timeout=20) as client,
+        ):
+            done = (await client.post("/sessions", json={"pad": big, "duration": 0})).json()
+            stream = await stalled_reader(port_of(base), f"/sessions/{done['id']}")
+            received = b""
+            start = trio.current_time()
+            while chunk := await stream.receive_some(32 * 1024):
+                received += chunk
+                await trio.sleep(0.01)  # slow: ~1 KB (its buffer) a read, seconds in all
+                head, _, body = received.partition(b"\r\n\r\n")
+                length = re.search(rb"content-length: (\d+)", head.lower())
+                if length and len(body) >= int(length.group(1)):
+                    break
+            await stream.aclose()
+            assert trio.current_time() - start > 0.5
+            assert length is not None and len(body) == int(length.group(1))  # not cut off
+            assert json.loads(body)["result"]["data"]["pad"] == big

@@ -1,6 +1,7 @@
 """Prometheus metrics of the HTTP service, in a private registry per app.
 
-Gauges (capacity, active, queued) are read from the gate when scraped; counters and
+Gauges (capacity, active, queued; this process's local_active and local_queued, which
+differ from the global ones in Redis mode) are read from the gate when scraped; counters and
 histograms are updated as sessions end. A private ``CollectorRegistry`` per app keeps
 two apps in one process (tests) from clashing over global metric names.
 """
@@ -35,6 +36,16 @@ class Metrics:
         self.capacity = Gauge("sessiongate_capacity", "Sessions allowed at once.", registry=r)
         self.active = Gauge("sessiongate_active_sessions", "Sessions holding a slot.", registry=r)
         self.queued = Gauge("sessiongate_queued_sessions", "Sessions waiting.", registry=r)
+        # This process's share: the gauges above are global in Redis mode, so summing
+        # them over the workers of one gate counts each session once per worker.
+        self.local_active = Gauge(
+            "sessiongate_local_active_sessions",
+            "Sessions of this process holding a slot.",
+            registry=r,
+        )
+        self.local_queued = Gauge(
+            "sessiongate_local_queued_sessions", "Sessions of this process waiting.", registry=r
+        )
         self.sessions = Counter(
             "sessiongate_sessions",
             "Sessions ended, by outcome.",
@@ -78,8 +89,10 @@ class Metrics:
         if child is not None:
             child.inc()
 
-    def render(self, stats: GateStats) -> bytes:
+    def render(self, stats: GateStats, *, local_active: int, local_queued: int) -> bytes:
         self.capacity.set(stats.capacity)
         self.active.set(stats.active)
         self.queued.set(stats.queued)
+        self.local_active.set(local_active)
+        self.local_queued.set(local_queued)
         return generate_latest(self.registry)

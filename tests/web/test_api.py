@@ -622,6 +622,9 @@ async def test_stats_and_metrics(autojump_clock: Any) -> None:
         _, running_session = await post(client, {"duration": 30}, ASYNC)
         text = (await (await client.get("/metrics")).get_data()).decode()
         assert "sessiongate_queue_wait_seconds_count 2.0" in text
+        # This process's share, beside the gauges that are global in Redis mode.
+        assert "sessiongate_local_active_sessions 1.0" in text
+        assert "sessiongate_local_queued_sessions 0.0" in text
         assert (await stats(client))["admitted_total"] == 2
         assert running_session["state"] == "active"
 

@@ -205,7 +205,10 @@ def register(app: Quart, service: Service) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        data = service.metrics.render(service.gate.stats())
+        gate = service.gate
+        data = service.metrics.render(
+            gate.stats(), local_active=gate.local_active, local_queued=gate.local_queued
+        )
         return Response(data, status=200, content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")

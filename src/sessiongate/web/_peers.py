@@ -26,6 +26,10 @@ from quart import Response, request
 PEERS_ENV = "_SESSIONGATE_PEERS"
 WORKER_ENV = "_SESSIONGATE_WORKER"
 
+#: Request headers that belong to the client's connection, not to the request.
+_HOP_BY_HOP = frozenset(
+    {"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
+)
 #: Answer headers worth passing back from the worker that has the session.
 _PASSED_HEADERS = ("content-type", "cache-control", "x-accel-buffering", "retry-after", "allow")
 
@@ -68,7 +72,7 @@ class Peers:
             client = self._clients[owner] = httpx.AsyncClient(
                 transport=transport, base_url="http://worker", timeout=None
             )
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() != "host"]
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
         outgoing = client.build_request(
             request.method, request.full_path.rstrip("?"), headers=headers
         )

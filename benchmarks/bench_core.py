@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_core.py            # default run, well under 2 minutes
-    .venv/bin/python benchmarks/bench_core.py --quick    # a smoke run of a few seconds
+    .venv/bin/python benchmarks/bench_core.py --quick    # a smoke run of about 20 seconds
     .venv/bin/python benchmarks/bench_core.py --profile  # + where a session's time goes
 
 Sections:
@@ -639,7 +639,7 @@ def report_workload(cfg: dict[str, Any], results: dict[str, list[dict[str, Any]]
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    p.add_argument("--quick", action="store_true", help="a smoke run of about 20 seconds")
     p.add_argument("--profile", action="store_true", help="cProfile the uncontended path")
     p.add_argument("--only", default="uncontended,handoff,memory,workload")
     p.add_argument("--uncontended-n", type=int, default=20_000)

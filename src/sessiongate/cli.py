@@ -14,6 +14,7 @@ drains within the grace, and a worker that dies otherwise is restarted.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -108,11 +109,12 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-#: Library loggers kept at WARNING unless something set their level already. coredis
+#: Library loggers kept at WARNING unless something set their level already. httpx (a
+#: worker passing a request to a sibling) logs every request at INFO. coredis
 #: logs every connection retry at INFO ("Retry attempt 1 due to error: Unable to establish
 #: a connection ..."): about 8 lines a second per process for as long as Redis is down.
 #: The Redis backend logs an outage itself, once as it starts and once as it ends.
-QUIET_LOGGERS: Final = ("coredis",)
+QUIET_LOGGERS: Final = ("coredis", "httpx")
 
 
 def configure_logging() -> None:
@@ -283,6 +285,11 @@ async def serve(
             nursery.cancel_scope.cancel()
             return
         await app.service.drain()
+        if app.service.peers is not None:
+            # Answers passed on from sibling workers (event streams) end when their
+            # owners' drains end them: let their final events through first.
+            with trio.move_on_after(settings.shutdown_grace + PEER_DRAIN_MARGIN):
+                await app.service.peers.wait_idle()
         stop.set()
         # Hypercorn then gives answers still being written its graceful timeout; a
         # write that a client is not taking (it stopped reading) would outlast it.
@@ -321,9 +328,18 @@ async def serve(
         # Returns once the app's lifespan has shut down (after the drain).
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
         nursery.cancel_scope.cancel()
+    if peers is not None:
+        # The last worker out removes the directory (the supervisor does too, unless
+        # it was killed outright).
+        peers.socket_path().unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            peers.directory.rmdir()
 
 
 # -- several workers -----------------------------------------------------------------
+
+#: Seconds beyond the grace a worker waits for answers passed on from its siblings.
+PEER_DRAIN_MARGIN: Final = 2.0
 
 #: Names the read end of the supervisor's lifeline pipe in a worker's environment.
 LIFELINE_ENV = "_SESSIONGATE_LIFELINE_FD"

@@ -237,3 +237,51 @@ async def test_an_async_sessions_urls_answer_on_every_worker(redis_url: str) -> 
                 assert (await client.get("/sessions/w7.nosuchworker")).status_code == 404
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
+
+
+async def test_streams_passed_between_workers_get_their_final_event_at_shutdown(
+    redis_url: str,
+) -> None:
+    """A worker passing on a sibling's event stream waits, when draining, for the
+    owner's final event (outside review: 6 of 6 such streams were cut at the grace
+    without it, while the owner's own ended with "cancelled"). Six streams, each on a
+    new connection, so some go through the other worker. Crafted ids are 404s, never
+    500s, and a body on a GET does not break the passing on."""
+    prefer = {"Prefer": "respond-async"}
+    with trio.fail_after(60):
+        async with serve_process(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--capacity", "1", "--shutdown-grace", "1",
+        ) as (process, base):  # fmt: skip
+
+            def fresh() -> httpx.AsyncClient:
+                return httpx.AsyncClient(base_url=base, timeout=20, headers={"Connection": "close"})
+
+            async with fresh() as client:
+                active = await client.post("/sessions", json={"duration": 60}, headers=prefer)
+            url = active.headers["Location"]
+            for crafted in ("w%C2%B2.x", "w1." + "A" * 22 + "%0D%0Ax", "w" + "9" * 5000 + ".x"):
+                async with fresh() as client:
+                    assert (await client.get(f"/sessions/{crafted}")).status_code == 404
+            for _ in range(4):
+                async with fresh() as client:
+                    answer = await client.request("GET", url, content=b'{"x": 1}')
+                    assert answer.status_code == 200 and answer.json()["state"] == "active"
+            finals: list[str] = []
+
+            async def follow(task_status: trio.TaskStatus[None]) -> None:
+                async with fresh() as client, client.stream("GET", f"{url}/events") as events:
+                    names = []
+                    async for line in events.aiter_lines():
+                        if line.startswith("event: "):
+                            names.append(line[7:])
+                            if len(names) == 1:
+                                task_status.started()
+                    finals.append(names[-1])
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(6):
+                    await nursery.start(follow)
+                process.send_signal(signal.SIGTERM)
+            assert finals == ["cancelled"] * 6
+            assert await process.wait() == 0

@@ -14,12 +14,14 @@ everything else (and every synchronous answer) stays in the worker that has it.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import attrs
 import httpx
+import trio
 from quart import Response, request
 
 #: Where the supervisor tells its workers about each other (not settings: internal).
@@ -28,8 +30,19 @@ WORKER_ENV = "_SESSIONGATE_WORKER"
 
 #: Request headers that belong to the client's connection, not to the request.
 _HOP_BY_HOP = frozenset(
-    {"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "content-length",
+        "expect",
+    }
 )
+#: A session id made by a sibling worker: ``w<number>.<128 random bits, url-safe>``.
+_SIBLING_ID = re.compile(r"w([0-9]{1,4})\.[A-Za-z0-9_-]{22}")
 #: Answer headers worth passing back from the worker that has the session.
 _PASSED_HEADERS = ("content-type", "cache-control", "x-accel-buffering", "retry-after", "allow")
 
@@ -41,6 +54,8 @@ class Peers:
     directory: Path
     index: int
     _clients: dict[int, httpx.AsyncClient] = attrs.Factory(dict)
+    _in_flight: int = 0
+    _idle: trio.Event = attrs.Factory(trio.Event)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Peers | None:
@@ -56,16 +71,19 @@ class Peers:
         return f"w{self.index}.{secrets.token_urlsafe(16)}"
 
     def owner_of(self, session_id: str) -> int | None:
-        """The worker whose session this is, if another worker's."""
-        tag, dot, _ = session_id.partition(".")
-        if not dot or not tag.startswith("w") or not tag[1:].isdigit():
+        """The worker whose session this is, if another worker's. Only an id of the
+        shape this module makes counts (anything else is looked up here, and is 404)."""
+        match = _SIBLING_ID.fullmatch(session_id)
+        if match is None:
             return None
-        owner = int(tag[1:])
+        owner = int(match.group(1))
         return owner if owner != self.index else None
 
-    async def forward(self, owner: int) -> Response | None:
-        """The owner's answer to this request; None if the owner cannot be reached
-        (a worker that died took its sessions with it)."""
+    async def forward(self, owner: int, path: str, *, stream: bool) -> Response | None:
+        """The owner's answer to this request for ``path`` (built from the checked id,
+        never the client's raw path); None if the owner cannot be reached (a worker
+        that died took its sessions with it). ``stream``: pass the answer on as it
+        comes (an event stream); otherwise whole, with its length."""
         client = self._clients.get(owner)
         if client is None:
             transport = httpx.AsyncHTTPTransport(uds=os.fspath(self.socket_path(owner)))
@@ -73,25 +91,49 @@ class Peers:
                 transport=transport, base_url="http://worker", timeout=None
             )
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
-        outgoing = client.build_request(
-            request.method, request.full_path.rstrip("?"), headers=headers
-        )
+        outgoing = client.build_request(request.method, path, headers=headers)
+        self._in_flight += 1
         try:
             answer = await client.send(outgoing, stream=True)
         except httpx.TransportError:
+            self._done()
             return None
         passed = {k: v for k, v in answer.headers.items() if k.lower() in _PASSED_HEADERS}
+        if not stream:
+            try:
+                data = await answer.aread()
+            except httpx.TransportError:
+                return None
+            finally:
+                await answer.aclose()
+                self._done()
+            return Response(data, status=answer.status_code, headers=passed)
 
         async def body() -> AsyncIterator[bytes]:
             try:
                 async for chunk in answer.aiter_raw():
                     yield chunk
+            except httpx.TransportError:
+                return  # the owner went away mid-stream: the stream just ends
             finally:
                 await answer.aclose()
+                self._done()
 
         response = Response(body(), status=answer.status_code, headers=passed)
         response.timeout = None  # an event stream lasts as long as its session
         return response
+
+    def _done(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            idle, self._idle = self._idle, trio.Event()
+            idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no forwarded request is in flight (a drain waits for the owners'
+        final events to pass through before this worker's server stops)."""
+        while self._in_flight:
+            await self._idle.wait()
 
     async def aclose(self) -> None:
         for client in self._clients.values():

@@ -81,13 +81,14 @@ def stats_json(service: Service) -> dict[str, Any]:
 def register(app: Quart, service: Service) -> None:
     settings = service.settings
 
-    async def on_its_worker(session_id: str) -> Response | None:
+    async def on_its_worker(session_id: str, events: bool = False) -> Response | None:
         """Another sibling worker's session: its answer, as that worker gives it."""
         owner = service.owner_of(session_id)
         if owner is None:
             return None
         assert service.peers is not None
-        answer = await service.peers.forward(owner)
+        path = f"/sessions/{session_id}" + ("/events" if events else "")
+        answer = await service.peers.forward(owner, path, stream=events)
         if answer is None:
             raise ApiError("not_found", "no session with this id (its worker is gone)")
         return answer
@@ -164,7 +165,7 @@ def register(app: Quart, service: Service) -> None:
 
     @app.get("/sessions/<session_id>/events")
     async def session_event_stream(session_id: str) -> Response:
-        if (forwarded := await on_its_worker(session_id)) is not None:
+        if (forwarded := await on_its_worker(session_id, events=True)) is not None:
             return forwarded
         record = find(session_id)
         if request.method == "HEAD":  # headers only: never follow the session

@@ -418,3 +418,26 @@ async def test_a_slow_reader_gets_the_whole_answer(monkeypatch: pytest.MonkeyPat
             assert trio.current_time() - start > 0.5
             assert length is not None and len(body) == int(length.group(1))  # not cut off
             assert json.loads(body)["result"]["data"]["pad"] == big
+
+
+@pytest.mark.parametrize("path", ["/stats", "/sessions/abc", "/nothing"])
+async def test_a_websocket_handshake_is_a_json_400(path: str) -> None:
+    """No WebSocket endpoint: a handshake on any path is refused with a JSON error, not
+    a 500 and a traceback from error handlers made for HTTP (outside review)."""
+    handshake = request_bytes(
+        "GET",
+        path,
+        headers={
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+        },
+    )
+    with trio.fail_after(10):
+        async with real_server() as (_, base):
+            stream = await raw_request(port_of(base), handshake)
+            status, headers, body = await read_response(stream)
+            await stream.aclose()
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert json.loads(body)["error"] == "invalid_request"

@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 
 from ..config import Settings
 from . import _hypercorn_fix
-from ._errors import ApiError, error_response, json_response
+from ._errors import ApiError, dumps, error_response, json_response
 from ._peers import Peers
 from ._routes import check_admin, register
 from ._service import ARRIVAL_KEY, Service
@@ -97,10 +97,32 @@ def _closes_after(http_version: str | None, headers: Iterable[tuple[bytes, bytes
     return False
 
 
+class _NoWebsockets:
+    """The service has no WebSocket endpoint: a WebSocket handshake, on any path, is
+    refused with a JSON 400 (Quart would route it, find nothing, and answer 500 from
+    error handlers that expect an HTTP request; an outside review)."""
+
+    def __init__(self, app: object, scope: Mapping[str, Any]) -> None:
+        self.scope = scope
+
+    async def __call__(self, receive, send) -> None:  # type: ignore[no-untyped-def]
+        body = dumps({"error": "invalid_request", "detail": "this server does not speak WebSocket"})
+        if "websocket.http.response" in self.scope.get("extensions", {}):
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ]
+            await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:  # a server without the extension answers 403 to a close before accept
+            await send({"type": "websocket.close", "code": 1003})
+
+
 class SessionGateApp(QuartTrio):
     """The sessiongate service app; ``app.service`` holds the gate and its sessions."""
 
     asgi_http_class = _Connection
+    asgi_websocket_class = _NoWebsockets  # type: ignore[assignment]
     service: Service
 
 

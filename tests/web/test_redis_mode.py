@@ -221,6 +221,8 @@ async def test_an_async_sessions_urls_answer_on_every_worker(redis_url: str) -> 
             for _ in range(12):
                 async with fresh() as client:
                     states.append((await client.get(active_url)).json()["state"])
+                async with fresh() as client:  # a HEAD passed on keeps the GET's length
+                    assert int((await client.head(active_url)).headers["content-length"]) > 0
                 workers.add((await create(0)).json()["id"].split(".")[0])  # who answered
             assert states == ["active"] * 12
             assert workers == {"w0", "w1"}  # both workers took connections

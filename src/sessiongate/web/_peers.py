@@ -107,7 +107,11 @@ class Peers:
             finally:
                 await answer.aclose()
                 self._done()
-            return Response(data, status=answer.status_code, headers=passed)
+            response = Response(data, status=answer.status_code, headers=passed)
+            length = answer.headers.get("content-length")
+            if request.method == "HEAD" and length is not None and length.isdigit():
+                response.content_length = int(length)  # the GET's, as the owner said
+            return response
 
         async def body() -> AsyncIterator[bytes]:
             try:

@@ -56,9 +56,11 @@ connection stayed open, with no timer, until Hypercorn's graceful timeout
 ``Updated`` events are now only noted, whatever the calling task's state.
 
 Applied once, by :func:`sessiongate.web.create_app`, so it covers ``sessiongate serve``
-and plain ``hypercorn`` alike. The test suite reproduces the crash; the benchmark's
-``--split-lateness`` run shows the passes saved. Drop this module when Hypercorn catches
-``BusyResourceError`` there and its Trio worker stops yielding on free locks.
+and plain ``hypercorn`` alike. The test suite reproduces the crash, the stalled and the
+slow reader, the idle connection at shutdown and the closed connections;
+``benchmarks/bench_instructions.py`` measures the work saved. Drop the parts Hypercorn
+fixes upstream (it catching ``BusyResourceError`` in ``protocol_send``, writes bounded,
+its keep-alive timer restarted whatever the calling task's state).
 """
 
 from __future__ import annotations

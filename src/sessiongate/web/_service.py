@@ -63,13 +63,17 @@ SETTLE_BOUND = 1.0
 
 
 def is_cancellation(error: BaseException) -> bool:
-    """Whether ``error`` is, or carries, Trio's cancellation (which must propagate).
+    """Whether ``error`` is a cancellation to pass on: Trio's cancellation (or a group
+    carrying one) while the task really is being cancelled.
 
     Anything else a handler raises fails its session only: SystemExit, KeyboardInterrupt
     (the service's own signals arrive through Trio's signal receiver, never as
-    KeyboardInterrupt), GeneratorExit, any BaseException subclass. None of them may take
-    the sessions nursery, and with it every later session, down.
+    KeyboardInterrupt), GeneratorExit, any BaseException subclass, and a
+    ``trio.Cancelled`` the handler raised itself with no cancellation pending. None of
+    them may take the sessions nursery, and with it every later session, down.
     """
+    if not cancellation_pending():
+        return False
     if isinstance(error, trio.Cancelled):
         return True
     return isinstance(error, BaseExceptionGroup) and error.subgroup(trio.Cancelled) is not None
@@ -399,7 +403,7 @@ class Service:
         try:
             await self._run_session(record, task_status)
         except BaseException as error:
-            if is_cancellation(error) and cancellation_pending():
+            if is_cancellation(error):
                 raise
             log.exception("session %s: internal error", record.id)
             if not record.ended:
@@ -437,7 +441,7 @@ class Service:
             except errors.LeaseLost as exc:
                 state, error = FAILED, _error("lease_lost", str(exc) or None)
             except BaseException as exc:
-                if is_cancellation(exc) and cancellation_pending():
+                if is_cancellation(exc):
                     raise  # a real cancellation: the scope below (or an outer one) takes it
                 record.exception = exc  # for the log line, never for the client
                 state, error = FAILED, _error("session_failed")
@@ -448,7 +452,6 @@ class Service:
 
     def _admitted(self, record: SessionRecord) -> None:
         record.state = ACTIVE
-        record.admitted = True
         self.metrics.session_admitted(record.arrival.waited)
         self.registry.changed(record)
 

@@ -77,8 +77,6 @@ class SessionRecord:
     watchers: int = 0
     #: The final session object, encoded once as the session ends (kept sessions only).
     document: bytes | None = None
-    #: True once the session's task entered the gate with a slot (it became active).
-    admitted: bool = False
     #: Set at this session's next change of state (see :meth:`next_change`).
     _change: trio.Event | None = None
 
@@ -108,9 +106,11 @@ class SessionRecord:
     def admitted_at(self) -> float | None:
         """When the session got its slot (Trio clock): the gate sets it on the ticket.
         None for a session that ended without running (a slot handed over at the very
-        instant its deadline fired goes straight on)."""
-        if self.admitted or self.state == QUEUED:
-            return self.arrival.admitted_at
+        instant its deadline fired goes straight on): an ended session ran if it gave a
+        slot back."""
+        ticket = self.arrival
+        if self.state in LIVE_STATES or ticket.released_at is not None:
+            return ticket.admitted_at
         return None
 
     @property

@@ -698,6 +698,81 @@ async def test_withdrawn_reservation_lets_later_arrivals_go(
         gate.withdraw(early)  # idempotent
 
 
+async def test_an_arrival_stamped_in_the_past_counts_its_deadline_and_place_from_then(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The web layer stamps a request with the kernel's receive time: a request that sat
+    # unread for 3 s behind a burst has spent 3 s of its wait, and sorts ahead of a
+    # ticket stamped (and queued) after it reached the host.
+    gate = Gate(capacity=1, max_wait=10.0)
+    rec = Recorder(gate)
+    outcome: dict[str, str] = {}
+
+    async def enter(name: str, arrival: sessiongate.Ticket, run_for: float) -> None:
+        try:
+            async with gate.session(arrival=arrival):
+                outcome[name] = f"admitted@{trio.current_time():g}"
+                await trio.sleep(run_for)
+        except sessiongate.QueueTimeout as exc:
+            outcome[name] = f"expired@{trio.current_time():g} after {exc.waited:g}"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rec.session, "holder", 100.0)
+        await settle()
+        await trio.sleep(5.0)
+        queued_first = gate.arrive()
+        nursery.start_soon(enter, "queued_first", queued_first, 1.0)
+        await settle()
+        received_earlier = gate.arrive(at=trio.current_time() - 3.0)
+        assert received_earlier.arrived_at == 2.0
+        nursery.start_soon(enter, "received_earlier", received_earlier, 1.0)
+        await settle()
+        assert received_earlier.position == 1 and queued_first.position == 2
+        await trio.sleep(20.0)
+        nursery.cancel_scope.cancel()
+    # Expired 10 s after its stamp (at 12), not after it was read (at 15).
+    assert outcome == {
+        "received_earlier": "expired@12 after 10",
+        "queued_first": "expired@15 after 10",
+    }
+
+
+async def test_an_arrival_stamped_in_the_past_goes_first_when_a_slot_frees(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=10.0)
+    order: list[str] = []
+
+    async def enter(name: str, arrival: sessiongate.Ticket) -> None:
+        async with gate.session(arrival=arrival):
+            order.append(name)
+            await trio.sleep(1.0)
+
+    async with trio.open_nursery() as nursery:
+        holder = gate.arrive()
+        nursery.start_soon(enter, "holder", holder)
+        await settle()
+        await trio.sleep(0.5)
+        nursery.start_soon(enter, "later", gate.arrive())
+        await settle()
+        nursery.start_soon(enter, "earlier", gate.arrive(at=trio.current_time() - 0.25))
+    assert order == ["holder", "earlier", "later"]
+
+
+async def test_an_arrival_stamp_is_clamped_to_the_wait_and_must_be_a_number(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1)
+    await trio.sleep(7.0)
+    assert gate.arrive(at=99.0).arrived_at == 7.0  # a future time counts as now
+    # More than max_wait (60 s) ago: the wait is used up, never more than used up.
+    assert gate.arrive(at=-100.0).arrived_at == 7.0 - 60.0
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="finite"):
+            gate.arrive(at=bad)
+    assert gate.stats().queued == 0
+
+
 async def test_an_arrival_reserved_later_keeps_its_stamps_place_and_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -1,6 +1,7 @@
-"""Hypothesis drives random arrivals, run times, cancellations, resizes and clock steps
-through a gate, checking the core's invariants after every step against a plain model of
-who is waiting."""
+"""Hypothesis drives random arrivals (some stamped up to two seconds in the past, as the
+web layer stamps a request with its kernel receive time), run times, cancellations,
+resizes and clock steps through a gate, checking the core's invariants after every step
+against a plain model of who is waiting."""
 
 from __future__ import annotations
 
@@ -31,11 +32,17 @@ class Visitor:
         return self.arrival.seq
 
     @property
+    def place(self) -> tuple[float, int]:
+        # The model's own FIFO order: the earlier stamp first, then the earlier sequence.
+        return (self.arrival.arrived_at, self.arrival.seq)
+
+    @property
     def arrived_at(self) -> float:
         return self.arrival.arrived_at
 
 
-arrive = st.tuples(st.just("arrive"), st.integers(min_value=0, max_value=6))
+# arg % 7: run time (odd: reserved); arg // 7: seconds the stamp is backdated.
+arrive = st.tuples(st.just("arrive"), st.integers(min_value=0, max_value=20))
 cancel = st.tuples(st.just("cancel"), st.integers(min_value=0, max_value=40))
 resize = st.tuples(st.just("resize"), st.integers(min_value=1, max_value=4))
 step = st.tuples(st.just("step"), st.integers(min_value=1, max_value=3))
@@ -63,10 +70,11 @@ async def _drive(
     def waiting() -> list[Visitor]:
         return [v for v in visitors if v.state == "queued" and v.entered]
 
-    def reserved_before(seq: int) -> int:
-        # Earlier stamps reserved and about to enter: each may claim a free slot first.
+    def reserved_before(place: tuple[float, int]) -> int:
+        # Earlier places reserved and about to enter: each may claim a free slot first.
         return sum(
-            w.state == "queued" and not w.entered and w.reserved and w.seq < seq for w in visitors
+            w.state == "queued" and not w.entered and w.reserved and w.place < place
+            for w in visitors
         )
 
     def held_back() -> bool:
@@ -97,11 +105,11 @@ async def _drive(
                     earlier = [
                         w.seq
                         for w in visitors
-                        if w.state == "queued" and w.seq < v.seq and w.seq in backend._queue  # type: ignore[attr-defined]
+                        if w.state == "queued" and w.place < v.place and w.place in backend._queue  # type: ignore[attr-defined]
                     ]
                     if earlier:
                         violations.append(f"{v.seq} admitted before {earlier}")
-                    if reserved_before(v.seq) > gate.capacity - gate.active:
+                    if reserved_before(v.place) > gate.capacity - gate.active:
                         violations.append(f"{v.seq} took a slot an earlier arrival needs")
                     if now - v.arrived_at > MAX_WAIT:
                         violations.append(f"{v.seq} admitted after waiting too long")
@@ -126,8 +134,11 @@ async def _drive(
             if op == "arrive":
                 # Odd run times reserve their place: they hold back later arrivals
                 # until their task enters (on the next settle).
-                v = Visitor(gate.arrive(reserve=bool(arg % 2)), arg, reserved=bool(arg % 2))
-                if not arg % 2:
+                run_for, backdate = arg % 7, arg // 7
+                reserve = bool(run_for % 2)
+                at = trio.current_time() - backdate
+                v = Visitor(gate.arrive(reserve=reserve, at=at), run_for, reserved=reserve)
+                if not reserve:
                     v.go.set()
                 visitors.append(v)
                 nursery.start_soon(visit, v)

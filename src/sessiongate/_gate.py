@@ -101,6 +101,14 @@ class Ticket:
     #: admission after that is a hand-off (what the ETA and Retry-After estimate from).
     queued: bool = False
 
+    @property
+    def place(self) -> tuple[float, int]:
+        """The ticket's place in the FIFO: its arrival stamp, then its sequence number
+        (a stamp the web layer takes from the kernel's receive time can be earlier than
+        one taken a moment before it; tickets stamped at the same instant keep their
+        sequence)."""
+        return (self.arrived_at, self.seq)
+
     def handed_over(self) -> None:
         """For backends: a releaser handed this parked ticket a slot, now. Stamps
         ``admitted_at`` and counts the hand-off at once: the ticket's task resumes a
@@ -243,7 +251,9 @@ class Gate:
 
     # -- arrival ------------------------------------------------------------------------
 
-    def arrive(self, *, reserve: bool = False, id: str | None = None) -> Ticket:
+    def arrive(
+        self, *, reserve: bool = False, id: str | None = None, at: float | None = None
+    ) -> Ticket:
         """Take a place in the FIFO now, for a session that will enter a little later.
 
         A web request stamps its arrival as its head reaches the app, and its session's
@@ -257,10 +267,27 @@ class Gate:
             reserve: also admit no later arrival ahead of this one until it enters, even
                 into a free slot (the same as :meth:`reserve` at once).
             id: the ticket's id (the HTTP session id); a fresh random one by default.
+            at: when the session really arrived (Trio clock), if earlier than now: the
+                web layer passes the kernel's receive stamp of the request, so time a
+                request spent waiting to be read counts towards its queue deadline, and
+                a burst's places follow the order its requests reached the host. A
+                time in the future counts as now; one more than ``max_wait`` ago as
+                ``max_wait`` ago (the wait is used up: a free slot still admits it,
+                else it expires at once), so no session ever waits past its deadline.
+
+        Raises:
+            ValueError: ``at`` is not a finite number.
         """
-        ticket = Ticket(next(self._seq), trio.current_time(), gate=self, id=id)
+        now = trio.current_time()
+        if at is None:
+            arrived_at = now
+        elif math.isfinite(at):
+            arrived_at = max(min(at, now), now - self.max_wait)
+        else:
+            raise ValueError(f"at must be a finite time on the Trio clock, not {at!r}")
+        ticket = Ticket(next(self._seq), arrived_at, gate=self, id=id)
         if reserve:
-            self._backend.reserve(ticket.seq)
+            self._backend.reserve(ticket)
         return ticket
 
     def reserve(self, arrival: Ticket) -> None:
@@ -270,13 +297,13 @@ class Gate:
         not enter after all must be given back with :meth:`withdraw`, or later arrivals
         wait for it. Reserve only just before entering: a reservation held while, say, a
         slow client uploads would keep free slots from everyone stamped after it."""
-        self._backend.reserve(arrival.seq)
+        self._backend.reserve(arrival)
 
     def withdraw(self, arrival: Ticket) -> None:
         """Give up the reservation of a place taken with :meth:`arrive` that will not
         enter after all (the request was refused before its session started).
         Idempotent; a no-op for a place never reserved."""
-        self._backend.unreserve(arrival.seq)
+        self._backend.unreserve(arrival)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import time
 from typing import Any
 
 import httpx
@@ -441,3 +442,80 @@ async def test_a_websocket_handshake_is_a_json_400(path: str) -> None:
             await stream.aclose()
     assert status == 400 and headers["content-type"] == "application/json"
     assert json.loads(body)["error"] == "invalid_request"
+
+
+async def test_a_request_counts_from_when_it_reached_the_host(sample_handlers: str) -> None:
+    """A request that arrives while the server is too busy to read it is stamped with
+    the kernel's receive time: its wait (and its FIFO place) starts when it reached the
+    host, not when the server got round to it."""
+    handlers = importlib.import_module(sample_handlers)
+    sent: list[float] = []
+    settings = {"handler": f"{sample_handlers}:stall_loop", "capacity": 1, "max_wait": 30}
+    with trio.fail_after(20):
+        async with real_server(**settings) as (_, base):
+            # Connected now (the kernel completes the handshake); written to while the
+            # first session blocks the server's loop for a second.
+            late = socket.create_connection(("127.0.0.1", port_of(base)))
+            second = request_bytes("POST", "/sessions", b"{}", {"Content-Type": "application/json"})
+
+            def send_second() -> None:
+                late.sendall(second)
+                sent.append(time.time())
+
+            handlers.ON_STALL.append(send_second)
+            async with httpx.AsyncClient(base_url=base) as client:
+                first = (await client.post("/sessions", json={"stall": 1.0})).json()
+            late.setblocking(False)
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(late))
+            async with stream:
+                status, _, body = await read_response(stream)
+    answer = json.loads(body)
+    assert status == 200 and first["state"] == answer["state"] == "completed"
+    assert len(sent) == 1
+    # Stamped within a whisker of its send, a second before the loop could read it; so
+    # it waited for the first session's slot for most of that second.
+    assert abs(answer["created_at"] - sent[0]) < 0.25
+    assert answer["created_at"] < first["ended_at"] - 0.5
+    assert answer["queued_s"] > 0.5
+
+
+async def test_a_pipelined_request_counts_from_when_its_connection_was_ready() -> None:
+    """Two requests in one write: the second is read with the first, but the server
+    takes it up only once the first is answered; it counts from then, not from the read
+    (or a request pipelined behind a long session would arrive with its wait used up)."""
+    json_type = {"Content-Type": "application/json"}
+    both = request_bytes("POST", "/sessions", jbody({"duration": 0.5}), json_type)
+    both += request_bytes("POST", "/sessions", jbody({"duration": 0}), json_type)
+    with trio.fail_after(10):
+        async with real_server() as (_, base):
+            stream = await raw_request(port_of(base), both)
+            async with stream:
+                answers = [await read_response(stream) for _ in range(2)]
+    (s1, _, b1), (s2, _, b2) = answers
+    first, second = json.loads(b1), json.loads(b2)
+    assert s1 == s2 == 200
+    assert second["created_at"] >= first["ended_at"] - 0.05
+    assert second["queued_s"] < 0.1
+
+
+def test_a_receive_stamp_is_believed_only_when_plausible() -> None:
+    """The kernel stamps with the wall clock: a stamp from the future or older than
+    MAX_STAMP_AGE (the clock stepped) gives no stamp (the request counts from when it
+    is read), one a moment old is moved onto the Trio clock."""
+    import struct
+
+    def ancillary(at: float) -> list[tuple[int, int, bytes]]:
+        sec = int(at)
+        data = struct.pack("@qq", sec, int((at - sec) * 1e9))
+        return [(socket.SOL_SOCKET, _hypercorn_fix._SO_TIMESTAMPNS, data)]
+
+    async def check() -> None:
+        now = trio.current_time()
+        stamp = _hypercorn_fix._received(ancillary(time.time() - 0.5))
+        assert stamp is not None and abs(stamp - (now - 0.5)) < 0.05
+        assert _hypercorn_fix._received(ancillary(time.time() + 5)) is None
+        old = time.time() - _hypercorn_fix.MAX_STAMP_AGE - 1
+        assert _hypercorn_fix._received(ancillary(old)) is None
+        assert _hypercorn_fix._received([]) is None
+
+    trio.run(check)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +14,8 @@ import trio
 from sessiongate import Ticket
 
 CALLS: list[str] = []
+#: Called once each (and removed) by ``stall_loop`` just before it blocks the loop.
+ON_STALL: list[Callable[[], None]] = []
 STARTED = threading.Event()
 RELEASE = threading.Event()
 
@@ -142,3 +145,12 @@ async def slow_start(body: dict[str, Any], ticket: Ticket) -> Any:
 
 
 slow_start.lifespan = _slow_start  # type: ignore[attr-defined]
+
+
+async def stall_loop(body: dict[str, Any], ticket: Ticket) -> Any:
+    """Blocks the whole event loop for ``body["stall"]`` seconds (a server too busy to
+    read its sockets), after running the ``ON_STALL`` callbacks."""
+    while ON_STALL:
+        ON_STALL.pop()()
+    time.sleep(float(body.get("stall", 0)))  # noqa: ASYNC251 - blocking is the point
+    return "stalled"

@@ -54,15 +54,15 @@ class Backend(Protocol):
         """1 for the head of the queue; ``None`` unless ``ticket`` is queued."""
         ...
 
-    def reserve(self, seq: int) -> None:
-        """An arrival stamped ``seq`` will enter ``hold`` soon: admit no later stamp
-        ahead of it meanwhile. Entering ``hold`` ends the reservation; so does
-        :meth:`unreserve`. A backend that orders arrivals by their stamps by other means
-        may make both no-ops."""
+    def reserve(self, ticket: Ticket) -> None:
+        """``ticket`` will enter ``hold`` soon: admit no later place
+        (:attr:`Ticket.place`) ahead of it meanwhile. Entering ``hold`` ends the
+        reservation; so does :meth:`unreserve`. A backend that orders arrivals by their
+        stamps by other means may make both no-ops."""
         ...
 
-    def unreserve(self, seq: int) -> None:
-        """The arrival stamped ``seq`` will not enter after all."""
+    def unreserve(self, ticket: Ticket) -> None:
+        """``ticket`` will not enter after all."""
         ...
 
     def hold(

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 Slots are the limiter's tokens, borrowed on behalf of tickets. Waiters park in a
-``SortedDict`` keyed by their arrival stamp. Whoever frees a slot (a holder leaving, a
+``SortedDict`` keyed by their place (:attr:`Ticket.place`: arrival stamp, then
+sequence number). Whoever frees a slot (a holder leaving, a
 resize) hands it on in the same step: it borrows tokens *on behalf of the queue's
 heads*, oldest stamp first, as many as are free, and reschedules their tasks. So every
 slot freed in a scheduler pass is handed over in that pass, in arrival order, whatever
@@ -50,9 +51,9 @@ class MemoryBackend:
 
     def __init__(self, capacity: int) -> None:
         self._limiter = trio.CapacityLimiter(check_capacity(capacity))
-        # Arrival stamp -> the parked waiter, oldest first.
+        # Place (arrival stamp, sequence number) -> the parked waiter, oldest first.
         self._queue: SortedDict = SortedDict()
-        # Stamps reserved by ``reserve`` whose sessions have not entered yet.
+        # Places reserved by ``reserve`` whose sessions have not entered yet.
         self._reserved: SortedList = SortedList()
 
     # -- sizes ------------------------------------------------------------------------
@@ -80,35 +81,38 @@ class MemoryBackend:
         return len(self._queue)
 
     def position(self, ticket: Ticket) -> int | None:
-        if ticket.seq not in self._queue:
+        place = ticket.place
+        if place not in self._queue:
             return None
-        return int(self._queue.index(ticket.seq)) + 1
+        return int(self._queue.index(place)) + 1
 
     # -- arrival order ----------------------------------------------------------------
 
-    def reserve(self, seq: int) -> None:
-        self._reserved.add(seq)
+    def reserve(self, ticket: Ticket) -> None:
+        self._reserved.add(ticket.place)
 
-    def unreserve(self, seq: int) -> None:
-        if seq in self._reserved:
-            self._reserved.remove(seq)
+    def unreserve(self, ticket: Ticket) -> None:
+        place = ticket.place
+        if place in self._reserved:
+            self._reserved.remove(place)
             self._hand_on()
 
-    def _free_for(self, seq: int) -> bool:
-        """A slot is free for ``seq`` once each earlier reserved stamp, about to enter,
-        can have one too: those go first, and FIFO holds whatever order they enter in."""
+    def _free_for(self, place: tuple[float, int]) -> bool:
+        """A slot is free for ``place`` once each earlier reserved place, about to
+        enter, can have one too: those go first, and FIFO holds whatever order they
+        enter in."""
         limiter = self._limiter
         free = limiter.total_tokens - limiter.borrowed_tokens
-        return free > 0 and free > self._reserved.bisect_left(seq)
+        return free > 0 and free > self._reserved.bisect_left(place)
 
     def _hand_on(self) -> None:
         """Hand every free slot to the queue's heads, oldest stamp first."""
         limiter, queue = self._limiter, self._queue
         while queue and limiter.borrowed_tokens < limiter.total_tokens:
-            seq, waiter = queue.peekitem(0)
-            if not self._free_for(seq):
+            place, waiter = queue.peekitem(0)
+            if not self._free_for(place):
                 return
-            del queue[seq]
+            del queue[place]
             limiter.acquire_on_behalf_of_nowait(waiter.ticket)
             if waiter.task is not None:  # None: served as it enters, not parked yet
                 waiter.ticket.handed_over()  # stamped and counted at the hand-off's instant
@@ -149,14 +153,14 @@ class _Hold:
 
     async def __aenter__(self) -> None:
         backend, ticket = self._backend, self.ticket
-        seq = ticket.seq
+        place = ticket.place
         # Entering ends this stamp's reservation, in the same step as it takes its place
         # (no checkpoint in between), so no later stamp can slip ahead.
-        was_reserved = seq in backend._reserved
+        was_reserved = place in backend._reserved
         if was_reserved:
-            backend._reserved.remove(seq)
+            backend._reserved.remove(place)
         queue = backend._queue
-        if not queue and backend._free_for(seq):
+        if not queue and backend._free_for(place):
             # Uncontended: nobody waits and a slot is free.
             await trio.lowlevel.checkpoint_if_cancelled()
             backend._limiter.acquire_on_behalf_of_nowait(ticket)
@@ -172,10 +176,10 @@ class _Hold:
                 raise trio.WouldBlock
             raise QueueFull(self._max_queue)
         with scope:
-            queue[seq] = self
+            queue[place] = self
             # This stamp may sort first, or its reservation may have held others back.
             backend._hand_on()
-            if seq in queue:
+            if place in queue:
                 ticket.mark_queued()  # it waits: its admission will be a hand-off
                 self.task = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._abort)
@@ -189,7 +193,7 @@ class _Hold:
 
     def _abort(self, _: object) -> trio.lowlevel.Abort:
         # Cancelled while parked (deadline, drain, caller gone): leave the queue.
-        del self._backend._queue[self.ticket.seq]
+        del self._backend._queue[self.ticket.place]
         return trio.lowlevel.Abort.SUCCEEDED
 
     async def __aexit__(

@@ -219,11 +219,11 @@ class RedisBackend:
         elif self._healthy_now.is_set():
             self._healthy_now = trio.Event()
 
-    def reserve(self, seq: int) -> None:
+    def reserve(self, ticket: Ticket) -> None:
         """No-op: a queued place is the arrival time on Redis's clock, so an arrival
         stamped earlier keeps its place even if its enqueue reaches Redis later."""
 
-    def unreserve(self, seq: int) -> None:
+    def unreserve(self, ticket: Ticket) -> None:
         """No-op (see :meth:`reserve`)."""
 
     def position(self, ticket: Ticket) -> int | None:

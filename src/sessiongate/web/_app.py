@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 from ..config import Settings
 from . import _hypercorn_fix
 from ._errors import ApiError, dumps, error_response, json_response
+from ._hypercorn_fix import request_received_at
 from ._peers import Peers
 from ._routes import check_admin, register
 from ._service import ARRIVAL_KEY, Service
@@ -65,7 +66,7 @@ class _Connection(TrioASGIHTTPConnection):
         scope = self.scope
         if scope.get("method") == "POST":
             service: Service = self.app.service  # type: ignore[attr-defined]
-            cast(dict[str, Any], scope)[ARRIVAL_KEY] = service.stamp()
+            cast(dict[str, Any], scope)[ARRIVAL_KEY] = service.stamp(request_received_at())
         closing = _closes_after(scope.get("http_version"), scope.get("headers", ()))
 
         async def send_closing_shielded(message) -> None:  # type: ignore[no-untyped-def]

@@ -65,13 +65,20 @@ its keep-alive timer restarted whatever the calling task's state).
 
 from __future__ import annotations
 
+import atexit
 import functools
+import math
+import socket
+import struct
+import time
 import weakref
+from contextvars import ContextVar
+from typing import cast
 
 import attrs
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 
 async def _acquire(lock: trio.Lock) -> None:
@@ -131,13 +138,117 @@ def _stop_idle_timer(self: TCPServer) -> None:
         handle.cancel()
 
 
+#: The latest read of the connection the current task serves: when its bytes reached
+#: this host (the kernel's receive stamp, on the Trio clock; None where the kernel gave
+#: none) and the connection's state. Set by the read loop before Hypercorn parses the
+#: bytes, so the app's task for a request they complete inherits it (a task starts with
+#: a copy of its spawner's context).
+_latest_read: ContextVar[tuple[float | None, _ConnectionState] | None] = ContextVar(
+    "sessiongate_latest_read", default=None
+)
+
+
+def request_received_at() -> float | None:
+    """When the request the current task serves reached this host (Trio clock), from
+    the kernel's receive stamp of the read that completed its head; None if unknown
+    (TLS, no stamp, not served by Hypercorn's Trio worker).
+
+    Never earlier than the moment the connection was ready for this request: a
+    pipelined request, read while the one before it was still being answered, counts
+    from when that answer was done."""
+    latest = _latest_read.get()
+    if latest is None:
+        return None
+    stamp, state = latest
+    return None if stamp is None else max(stamp, state.recycled_at)
+
+
+#: ``SO_TIMESTAMPNS`` (Linux): each read also returns when its last segment arrived.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+
+#: A kernel stamp older than this is not believed (the wall clock stepped, or the
+#: server is hopelessly behind): the request counts from when it is read instead.
+MAX_STAMP_AGE = 5.0
+
+
+def _keep_the_kernel_stamping() -> None:
+    """Hold one socket that asks for receive stamps for as long as the process lives.
+
+    The kernel stamps arriving packets only while some socket asks for stamps, and
+    turns stamping on a moment after the first one asks (deferred work): without this,
+    the first requests to a quiet server, and a request that arrives before its
+    connection is accepted (a burst of new connections), would carry no stamp."""
+    try:
+        keeper = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError:
+        return
+    try:
+        keeper.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        keeper.close()
+        return
+    atexit.register(keeper.close)
+
+
+def _stamped_socket(self: TCPServer) -> trio.socket.SocketType | None:
+    """The connection's socket with receive stamps switched on; None for TLS, or where
+    the kernel refuses."""
+    stream = self.stream
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    sock = stream.socket
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        return None
+    return sock
+
+
+def _received(ancillary: list[tuple[int, int, bytes]]) -> float | None:
+    """A read's receive stamp on the Trio clock, from its ancillary data. The kernel
+    stamps with the wall clock; what counts is the stamp's age, read off the same
+    clock at once."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+            sec, nsec = cast(tuple[int, int], _TIMESPEC.unpack_from(data))
+            age = time.time() - (sec + nsec * 1e-9)
+            if 0.0 <= age <= MAX_STAMP_AGE:
+                return trio.current_time() - age
+            return None
+    return None
+
+
+async def _read_stamped(self: TCPServer, sock: trio.socket.SocketType) -> None:
+    """Hypercorn's read loop (``stream.receive_some``), reading with ``recvmsg`` to
+    learn each read's receive stamp."""
+    read_timeout = self.config.read_timeout or math.inf
+    state = _connection_state(self)
+    while True:
+        try:
+            with trio.fail_after(read_timeout):
+                data, ancillary, _, _ = await sock.recvmsg(MAX_RECV, _ANCILLARY)
+        except (OSError, trio.ClosedResourceError, trio.TooSlowError):
+            break  # as Hypercorn's: gone (BrokenResourceError there), closed, timed out
+        _latest_read.set((_received(ancillary), state))
+        await self.protocol.handle(RawData(data))
+        if not data:
+            break
+    await self.protocol.handle(Closed())
+
+
 async def _read_data(self: TCPServer) -> None:
     """Hypercorn's read loop; when it ends (the client closed, or the connection is
     being closed) the keep-alive task ends too, so the socket is closed at once instead
     of when the task next wakes, or never while the connection was busy (an outside
     review: thousands of CLOSE-WAIT sockets and "Too many open files")."""
     try:
-        await _original_read_data(self)
+        sock = _stamped_socket(self)
+        if sock is None:
+            await _original_read_data(self)
+        else:
+            await _read_stamped(self, sock)
     finally:
         _stop_idle_timer(self)
 
@@ -166,22 +277,28 @@ async def protocol_send(self: TCPServer, event: Event) -> None:
         # Only noted: the connection's one keep-alive task (below) reads it when it
         # wakes. Bookkeeping that must happen even in a cancelled task (the answer's
         # last send gets here after Quart-Trio cancelled the finished request).
-        _idle_state(self).since = trio.current_time() if event.idle else None
+        state = _connection_state(self)
+        if event.idle:
+            state.since = state.recycled_at = trio.current_time()
+        else:
+            state.since = None
 
 
 @attrs.define
-class _IdleState:
+class _ConnectionState:
     #: Since when the connection has been idle (Trio clock); None while busy.
     since: float | None
+    #: When the connection was last ready for a next request (an answer done).
+    recycled_at: float = -math.inf
 
 
-_idle_states: weakref.WeakKeyDictionary[TCPServer, _IdleState] = weakref.WeakKeyDictionary()
+_states: weakref.WeakKeyDictionary[TCPServer, _ConnectionState] = weakref.WeakKeyDictionary()
 
 
-def _idle_state(server: TCPServer) -> _IdleState:
-    state = _idle_states.get(server)
+def _connection_state(server: TCPServer) -> _ConnectionState:
+    state = _states.get(server)
     if state is None:  # a new connection is idle from its start
-        state = _idle_states[server] = _IdleState(trio.current_time())
+        state = _states[server] = _ConnectionState(trio.current_time())
     return state
 
 
@@ -196,7 +313,7 @@ async def _idle_timeout(self: TCPServer) -> None:
     looks again.
     """
     keep_alive = self.config.keep_alive_timeout
-    state = _idle_state(self)
+    state = _connection_state(self)
     terminated = self.context.terminated
     while True:
         since = state.since
@@ -217,6 +334,7 @@ async def _idle_timeout(self: TCPServer) -> None:
 @functools.cache  # once per process, however many apps are made
 def apply() -> None:
     """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``."""
+    _keep_the_kernel_stamping()
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
     TCPServer._idle_timeout = _idle_timeout  # type: ignore[method-assign]
     TCPServer._read_data = _read_data  # type: ignore[method-assign]

@@ -278,12 +278,12 @@ class Service:
 
     # -- sessions ---------------------------------------------------------------------
 
-    def stamp(self) -> Ticket | None:
+    def stamp(self, at: float | None = None) -> Ticket | None:
         """A request's arrival, stamped as its head reaches the app (its FIFO place and
         the start of its queue deadline); None before the service has started. It
         reserves nothing: a request that never becomes a session costs nothing."""
         gate = self._gate
-        return gate.arrive(id=self._session_id()) if gate is not None else None
+        return gate.arrive(id=self._session_id(), at=at) if gate is not None else None
 
     def _session_id(self) -> str | None:
         """A sibling worker's session ids carry its number (``_peers``); else the

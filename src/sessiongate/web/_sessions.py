@@ -264,7 +264,7 @@ class Registry:
         records: Iterator[SessionRecord] = iter(self.live.values())
         if state is not None:
             records = (r for r in records if r.shown_state == state)
-        return sorted(records, key=lambda r: r.arrival.seq)[:limit]
+        return sorted(records, key=lambda r: r.arrival.place)[:limit]
 
     def _evict(self) -> None:
         ended = self.ended

@@ -519,3 +519,23 @@ def test_a_receive_stamp_is_believed_only_when_plausible() -> None:
         assert _hypercorn_fix._received([]) is None
 
     trio.run(check)
+
+
+async def test_an_answer_is_written_without_waiting_when_the_socket_has_room() -> None:
+    """``_write_at_once`` writes what the socket takes now (no schedule point), leaves
+    the rest to a waiting write, and reports a connection its peer has closed."""
+    left, right = trio.socket.socketpair()
+    stream = trio.SocketStream(left)
+    chunk = memoryview(b"x" * 4096)
+    assert _hypercorn_fix._write_at_once(stream, chunk) == 4096
+    assert await right.recv(8192) == bytes(chunk)
+    written = 0
+    while (n := _hypercorn_fix._write_at_once(stream, chunk)) == len(chunk):
+        written += n
+    assert written > 0 and _hypercorn_fix._write_at_once(stream, chunk) == 0  # full: wait
+    assert _hypercorn_fix._write_at_once(stream, memoryview(b"")) == 0
+    right.close()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(1000):  # the buffered bytes are dropped, then writes fail
+            _hypercorn_fix._write_at_once(stream, chunk)
+    await stream.aclose()

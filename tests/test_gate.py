@@ -547,7 +547,12 @@ async def test_eta_from_the_handoff_rate(autojump_clock: trio.testing.MockClock)
         # Five hand-offs (t = 2, 4, 6, 8, 10), each 2 s of busy time: one every 2 s.
         assert gate.handoff_rate() == pytest.approx(0.5)
         assert rec.tickets["s5"].position is None
-        assert gate.estimate_wait(1) == pytest.approx(1 / 0.5)
+        # The next hand-off is due at 12, a second from now: the wait counts down
+        # between hand-offs instead of standing at 1 / 0.5 until the position moves.
+        assert gate.estimate_wait(1) == pytest.approx(1.0)
+        assert gate.estimate_wait(3) == pytest.approx(5.0)
+        await trio.sleep(0.5)
+        assert gate.estimate_wait(1) == pytest.approx(0.5)
     assert gate.estimate_wait(2) is not None
 
 
@@ -587,7 +592,8 @@ def test_a_burst_after_a_quiet_spell_is_estimated_at_the_old_pace() -> None:
     for i in range(1, 11):
         rate.add(float(i), float(i) - 1.0)
     assert rate.per_second(50.5, waiting_since=50.0) == pytest.approx(1.0)
-    assert rate.eta(6, 50.5, waiting_since=50.0) == pytest.approx(6.0)
+    # The first hand-off is due a typical gap (1 s) after the burst began waiting.
+    assert rate.eta(6, 50.5, waiting_since=50.0) == pytest.approx(5.5)
     # The same burst, still unserved 15 s later, is a stall and shows as one.
     assert rate.per_second(65.0, waiting_since=50.0) == pytest.approx(6 / 20)
 
@@ -870,7 +876,8 @@ async def test_the_gate_estimates_a_fresh_burst_at_its_last_pace(
             await trio.testing.wait_all_tasks_blocked()
         await trio.sleep(0.5)
         assert gate.queued == 3
-        assert gate.estimate_wait(4) == pytest.approx(4.0, rel=0.05)
+        # Four hand-offs at one a second, the first due 1 s after the burst arrived.
+        assert gate.estimate_wait(4) == pytest.approx(3.5, rel=0.05)
 
 
 async def test_concurrent_drains_all_return(autojump_clock: trio.testing.MockClock) -> None:

@@ -113,8 +113,20 @@ class HandoffRate:
     def eta(
         self, position: int, now: float, *, waiting_since: float | None = -math.inf
     ) -> float | None:
-        """Seconds until a waiter at ``position`` is likely admitted, or None if unknown."""
+        """Seconds until a waiter at ``position`` is likely admitted, or None if unknown.
+
+        While someone waits it counts down between hand-offs: the next one is due a
+        typical gap after the last (or after the wait began, if later), so the time
+        since then comes off, up to one typical gap (a waiter polling a slow queue sees
+        its wait shrink, not stand still until its position moves). Past that the
+        hand-off is overdue, and the open gap slows the rate instead.
+        """
         rate = self.per_second(now, waiting_since=waiting_since)
-        if rate is None:
+        if rate is None or self._last is None:
             return None
-        return position / rate
+        wait = position / rate
+        if waiting_since is None:  # nobody waits: no hand-off is under way
+            return wait
+        typical = max(self._busy, 0.0) / len(self._handoffs)
+        open_gap = max(0.0, now - max(self._last, waiting_since))
+        return max(wait - min(open_gap, typical), 0.0)

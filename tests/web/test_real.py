@@ -536,6 +536,5 @@ async def test_an_answer_is_written_without_waiting_when_the_socket_has_room() -
     assert _hypercorn_fix._write_at_once(stream, memoryview(b"")) == 0
     right.close()
     with pytest.raises(trio.BrokenResourceError):
-        for _ in range(1000):  # the buffered bytes are dropped, then writes fail
-            _hypercorn_fix._write_at_once(stream, chunk)
+        _hypercorn_fix._write_at_once(stream, chunk)  # its peer is gone
     await stream.aclose()

@@ -538,3 +538,31 @@ async def test_an_answer_is_written_without_waiting_when_the_socket_has_room() -
     with pytest.raises(trio.BrokenResourceError):
         _hypercorn_fix._write_at_once(stream, chunk)  # its peer is gone
     await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (b"POST /sessions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    ],
+)
+async def test_requests_hypercorn_cannot_parse_get_a_json_error(
+    request_head: bytes, status: int
+) -> None:
+    """The server's own answer to an unparsable request has a JSON body too (SPEC: every
+    error body is JSON); Hypercorn's was empty. The connection is closed after it."""
+    with trio.fail_after(10):
+        async with real_server() as (app, base):
+            stream = await raw_request(port_of(base), request_head)
+            async with stream:
+                got, headers, body = await read_response(stream)
+                with trio.fail_after(2):
+                    while await stream.receive_some():
+                        pass  # the server closes it
+            assert app.service.gate.active == 0 and app.service.gate.queued == 0
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body)["error"] == "invalid_request"

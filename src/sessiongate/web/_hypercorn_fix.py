@@ -1,5 +1,6 @@
-"""Four fixes to Hypercorn 0.18's Trio connection handler (``TCPServer``'s
-``protocol_send``, ``_idle_timeout`` and ``_read_data``).
+"""Fixes to Hypercorn 0.18's Trio connection handler (``TCPServer``'s
+``protocol_send``, ``_idle_timeout`` and ``_read_data``, and ``H11Protocol``'s
+``_send_error_response``), and the kernel's receive time of each request.
 
 **A race that crashed the server.** Hypercorn closes a connection (``TCPServer._close``:
 ``send_eof``, which checkpoints while it holds the stream's send side, then ``aclose``)
@@ -55,6 +56,23 @@ connection stayed open, with no timer, until Hypercorn's graceful timeout
 (``--shutdown-grace``) ran out (outside review: 30 s to exit with one idle client). The
 ``Updated`` events are now only noted, whatever the calling task's state.
 
+**Answers without a schedule point per write.** Trio's ``send_all`` yields a whole
+scheduler pass after every write, even one that never waited; an answer is three writes
+(head, body, an empty end), so under a wave of answers each left one pass after the
+other. A write now goes straight to the socket when its buffer has room
+(:func:`_write_at_once`); only the rest, if any, waits as above.
+
+**The arrival stamp.** The read loop reads with ``recvmsg`` and asks the kernel for
+each read's receive time (``SO_TIMESTAMPNS``); the app stamps a request's arrival with
+the time the read that completed its head reached the host
+(:func:`request_received_at`), so time a request spends unread behind a burst counts
+towards its queue deadline (docs/architecture.md).
+
+**Unparsable requests get a JSON error.** Hypercorn answered a request h11 cannot parse
+(a malformed request line or header, an oversized head, an unknown transfer coding)
+with an empty body; now it is ``{"error": "invalid_request", "detail": ...}`` with h11's
+status (400, 431, 501), like every other error.
+
 Applied once, by :func:`sessiongate.web.create_app`, so it covers ``sessiongate serve``
 and plain ``hypercorn`` alike. The test suite reproduces the crash, the stalled and the
 slow reader, the idle connection at shutdown and the closed connections;
@@ -67,6 +85,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import math
 import os
 import socket
@@ -77,8 +96,10 @@ from contextvars import ContextVar
 from typing import cast
 
 import attrs
+import h11
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 
@@ -362,10 +383,37 @@ async def _idle_timeout(self: TCPServer) -> None:
             return
 
 
+#: Hypercorn's own answers to requests h11 cannot parse, by the status h11 suggests.
+_PROTOCOL_ERRORS = {
+    400: "malformed HTTP request",
+    431: "request head too large",
+    501: "unsupported transfer coding",
+}
+
+
+async def _send_error_response(self: H11Protocol, status_code: int) -> None:
+    """Hypercorn's answer to a request h11 cannot parse (a malformed request line or
+    header, a head over h11's limit), with a JSON body like every other error (SPEC:
+    no error without one); Hypercorn sent an empty body."""
+    detail = _PROTOCOL_ERRORS.get(status_code, "malformed HTTP request")
+    body = json.dumps({"error": "invalid_request", "detail": detail}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *self.config.response_headers("h11"),
+    ]
+    await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
+
+
 @functools.cache  # once per process, however many apps are made
 def apply() -> None:
-    """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``."""
+    """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``, and
+    ``H11Protocol._send_error_response``."""
     _keep_the_kernel_stamping()
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
     TCPServer._idle_timeout = _idle_timeout  # type: ignore[method-assign]
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]

@@ -566,3 +566,42 @@ async def test_requests_hypercorn_cannot_parse_get_a_json_error(
     assert got == status
     assert headers["content-type"] == "application/json"
     assert json.loads(body)["error"] == "invalid_request"
+
+
+async def test_a_burst_read_late_is_admitted_in_the_order_it_reached_the_host(
+    sample_handlers: str,
+) -> None:
+    """Requests that arrive, one after another, while the server's loop is blocked are
+    read together afterwards, in whatever order Trio runs their connections (it may
+    reverse a batch); they are queued by the kernel's receive times, so admitted in
+    the order they were sent."""
+    handlers = importlib.import_module(sample_handlers)
+    settings = {"handler": f"{sample_handlers}:stall_loop", "capacity": 1, "max_wait": 30}
+    count = 6
+    with trio.fail_after(20):
+        async with real_server(**settings) as (_, base):
+            burst = [socket.create_connection(("127.0.0.1", port_of(base))) for _ in range(count)]
+            request = request_bytes(
+                "POST", "/sessions", b"{}", {"Content-Type": "application/json"}
+            )
+
+            def send_in_order() -> None:
+                for sock in burst:
+                    sock.sendall(request)
+                    time.sleep(0.005)  # the loop is blocked anyway: apart in time
+
+            handlers.ON_STALL.append(send_in_order)
+            async with httpx.AsyncClient(base_url=base) as client:
+                first = await client.post("/sessions", json={"stall": 0.5})
+            assert first.status_code == 200
+            answers = []
+            for sock in burst:
+                sock.setblocking(False)
+                async with trio.SocketStream(trio.socket.from_stdlib_socket(sock)) as stream:
+                    status, _, body = await read_response(stream)
+                    assert status == 200
+                    answers.append(json.loads(body))
+    created = [a["created_at"] for a in answers]
+    admitted = [a["admitted_at"] for a in answers]
+    assert created == sorted(created)
+    assert admitted == sorted(admitted)

@@ -3,8 +3,8 @@
 One worker (the default) serves in this process. On SIGTERM or SIGINT it drains first,
 with the listener still open: new sessions are refused with ``shutting_down``, queued
 ones end at once, active ones get ``--shutdown-grace`` seconds and are then cancelled.
-Only then is Hypercorn told to stop (its ``graceful_timeout`` is the same grace, for
-answers still being written); the process exits 0. A second signal ends the grace now.
+Only then is Hypercorn told to stop (answers still being written get what is left of
+the grace, at least 2 s); the process exits 0. A second signal ends the grace now.
 
 ``--workers N`` (Redis backend only) runs N worker processes on one listening socket,
 supervised here rather than by Hypercorn's runner (which stops the other workers as
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sessiongate.cli")
 
 USAGE = "usage: sessiongate serve [options]   (sessiongate serve --help for the options)"
-#: After the grace, how long a worker may take to exit before it is killed.
+#: After the grace, how long a worker may take to exit before it is killed (a worker's
+#: stop takes the grace, then at most PEER_DRAIN_MARGIN + ANSWERS_MIN).
 KILL_MARGIN = 10.0
 RESTART_DELAY = 1.0
 
@@ -272,6 +273,7 @@ async def serve(
     stop = trio.Event()
 
     draining = False
+    grace_cut = False  # a second signal ended the grace
 
     async def drain_then_stop() -> None:
         nonlocal draining
@@ -284,15 +286,21 @@ async def serve(
             log.info("stopped while starting")
             nursery.cancel_scope.cancel()
             return
+        grace_ends = trio.current_time() + settings.shutdown_grace
         await app.service.drain()
         if app.service.peers is not None:
             # Answers passed on from sibling workers (event streams) end when their
             # owners' drains end them: let their final events through first.
-            with trio.move_on_after(settings.shutdown_grace + PEER_DRAIN_MARGIN):
+            with trio.move_on_at(grace_ends + PEER_DRAIN_MARGIN):
                 await app.service.peers.wait_idle()
+        # Answers still being written get what is left of the grace, at least
+        # ANSWERS_MIN: the whole stop takes the grace and a little more, not twice the
+        # grace (outside review: 12 s with a grace of 6 and one slow reader).
+        left = 0.0 if grace_cut else grace_ends - trio.current_time()
+        config.graceful_timeout = max(left, ANSWERS_MIN)
         stop.set()
-        # Hypercorn then gives answers still being written its graceful timeout; a
-        # write that a client is not taking (it stopped reading) would outlast it.
+        # Hypercorn then gives them its graceful timeout; a write that a client is not
+        # taking (it stopped reading) would outlast it.
         await trio.sleep(config.graceful_timeout)
         cut_stalled_sends()
 
@@ -317,6 +325,8 @@ async def serve(
                     nursery.start_soon(drain_then_stop)
                 else:
                     log.info("%s again: ending the grace now", signal.Signals(signum).name)
+                    nonlocal grace_cut
+                    grace_cut = True
                     app.service.cut()
                     cut_stalled_sends()
 
@@ -340,6 +350,10 @@ async def serve(
 
 #: Seconds beyond the grace a worker waits for answers passed on from its siblings.
 PEER_DRAIN_MARGIN: Final = 2.0
+
+#: Seconds answers still being written get after the drain, when the drain used up the
+#: grace (otherwise they get what is left of it).
+ANSWERS_MIN: Final = 2.0
 
 #: Names the read end of the supervisor's lifeline pipe in a worker's environment.
 LIFELINE_ENV = "_SESSIONGATE_LIFELINE_FD"

@@ -498,24 +498,33 @@ async def test_a_pipelined_request_counts_from_when_its_connection_was_ready() -
     assert second["queued_s"] < 0.1
 
 
-def test_a_receive_stamp_is_believed_only_when_plausible() -> None:
-    """The kernel stamps with the wall clock: a stamp from the future or older than
-    MAX_STAMP_AGE (the clock stepped) gives no stamp (the request counts from when it
-    is read), one a moment old is moved onto the Trio clock."""
+def test_a_receive_stamp_is_held_within_bounds_and_keeps_its_order() -> None:
+    """The kernel stamps with the wall clock: a stamp is moved onto the Trio clock with
+    one offset (so stamps microseconds apart keep their order), never later than now,
+    and never older than MAX_STAMP_AGE (an older one keeps its place among the others
+    instead of counting from now: a server stalled for seconds kept FIFO only so)."""
     import struct
 
     def ancillary(at: float) -> list[tuple[int, int, bytes]]:
         sec = int(at)
-        data = struct.pack("@qq", sec, int((at - sec) * 1e9))
+        data = struct.pack("@qq", sec, round((at - sec) * 1e9))
         return [(socket.SOL_SOCKET, _hypercorn_fix._SO_TIMESTAMPNS, data)]
 
+    def received(at: float) -> float:
+        stamp = _hypercorn_fix._received(ancillary(at))
+        assert stamp is not None
+        return stamp
+
     async def check() -> None:
-        now = trio.current_time()
-        stamp = _hypercorn_fix._received(ancillary(time.time() - 0.5))
-        assert stamp is not None and abs(stamp - (now - 0.5)) < 0.05
-        assert _hypercorn_fix._received(ancillary(time.time() + 5)) is None
-        old = time.time() - _hypercorn_fix.MAX_STAMP_AGE - 1
-        assert _hypercorn_fix._received(ancillary(old)) is None
+        now, wall = trio.current_time(), time.time()
+        assert abs(received(wall - 0.5) - (now - 0.5)) < 0.05
+        assert received(wall + 5) <= trio.current_time()  # the future is now
+        oldest = trio.current_time() - _hypercorn_fix.MAX_STAMP_AGE
+        assert received(wall - 3600) == pytest.approx(oldest, abs=0.05)
+        # 5 us apart, in this order, a thousand times over: never swapped.
+        base = time.time() - 0.01
+        stamps = [received(base + i * 5e-6) for i in range(1000)]
+        assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
         assert _hypercorn_fix._received([]) is None
 
     trio.run(check)

@@ -220,9 +220,40 @@ _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _TIMESPEC = struct.Struct("@qq")
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 
-#: A kernel stamp older than this is not believed (the wall clock stepped, or the
-#: server is hopelessly behind): the request counts from when it is read instead.
-MAX_STAMP_AGE = 5.0
+#: A kernel stamp counts as at most this old. A request can really be this old (a
+#: server stalled for seconds): its place among the others is kept and its deadline
+#: counts from then. The bound is for a stamp made before a step of the wall clock and
+#: read after it, which would otherwise look as old (or as new) as the step.
+MAX_STAMP_AGE = 10.0
+
+#: How often the wall clock's offset from the Trio clock is read again (NTP slews
+#: them apart by at most ~0.5 ms a second).
+OFFSET_REFRESH = 1.0
+
+
+@attrs.define
+class _ClockOffset:
+    #: ``time.time() - trio.current_time()``, read at ``read_at`` (Trio clock).
+    wall_minus_trio: float
+    read_at: float
+
+
+# Per run: each Trio run (each test) has its own clock.
+_offset: trio.lowlevel.RunVar[_ClockOffset] = trio.lowlevel.RunVar("sessiongate_clock_offset")
+
+
+def _wall_minus_trio(now: float) -> float:
+    """The wall clock's offset from the Trio clock, read again once a second: every
+    stamp of one second is converted with the same offset, so stamps microseconds apart
+    keep their order (reading both clocks per stamp added their gap as noise)."""
+    try:
+        offset = _offset.get()
+    except LookupError:
+        offset = None
+    if offset is None or now - offset.read_at >= OFFSET_REFRESH:
+        offset = _ClockOffset(time.time() - trio.current_time(), now)
+        _offset.set(offset)
+    return offset.wall_minus_trio
 
 
 def _keep_the_kernel_stamping() -> None:
@@ -259,16 +290,15 @@ def _stamped_socket(self: TCPServer) -> trio.socket.SocketType | None:
 
 
 def _received(ancillary: list[tuple[int, int, bytes]]) -> float | None:
-    """A read's receive stamp on the Trio clock, from its ancillary data. The kernel
-    stamps with the wall clock; what counts is the stamp's age, read off the same
-    clock at once."""
+    """A read's receive stamp on the Trio clock, from its ancillary data (None if it
+    has none): the kernel stamps with the wall clock. Never later than now, never older
+    than :data:`MAX_STAMP_AGE`."""
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
             sec, nsec = cast(tuple[int, int], _TIMESPEC.unpack_from(data))
-            age = time.time() - (sec + nsec * 1e-9)
-            if 0.0 <= age <= MAX_STAMP_AGE:
-                return trio.current_time() - age
-            return None
+            now = trio.current_time()
+            stamp = sec + nsec * 1e-9 - _wall_minus_trio(now)
+            return min(max(stamp, now - MAX_STAMP_AGE), now)
     return None
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from sessiongate.web import SessionGateApp, _hypercorn_fix
+from sessiongate.web import SessionGateApp, _hypercorn_fix, _receive_stamps
 
 from .conftest import jbody, port_of, raw_request, read_response, real_server, request_bytes
 
@@ -508,10 +508,10 @@ def test_a_receive_stamp_is_held_within_bounds_and_keeps_its_order() -> None:
     def ancillary(at: float) -> list[tuple[int, int, bytes]]:
         sec = int(at)
         data = struct.pack("@qq", sec, round((at - sec) * 1e9))
-        return [(socket.SOL_SOCKET, _hypercorn_fix._SO_TIMESTAMPNS, data)]
+        return [(socket.SOL_SOCKET, _receive_stamps.SO_TIMESTAMPNS, data)]
 
     def received(at: float) -> float:
-        stamp = _hypercorn_fix._received(ancillary(at))
+        stamp = _receive_stamps.received(ancillary(at))
         assert stamp is not None
         return stamp
 
@@ -519,13 +519,13 @@ def test_a_receive_stamp_is_held_within_bounds_and_keeps_its_order() -> None:
         now, wall = trio.current_time(), time.time()
         assert abs(received(wall - 0.5) - (now - 0.5)) < 0.05
         assert received(wall + 5) <= trio.current_time()  # the future is now
-        oldest = trio.current_time() - _hypercorn_fix.MAX_STAMP_AGE
+        oldest = trio.current_time() - _receive_stamps.MAX_STAMP_AGE
         assert received(wall - 3600) == pytest.approx(oldest, abs=0.05)
         # 5 us apart, in this order, a thousand times over: never swapped.
         base = time.time() - 0.01
         stamps = [received(base + i * 5e-6) for i in range(1000)]
         assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
-        assert _hypercorn_fix._received([]) is None
+        assert _receive_stamps.received([]) is None
 
     trio.run(check)
 

@@ -16,8 +16,8 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 from ..config import Settings
 from . import _hypercorn_fix
 from ._errors import ApiError, dumps, error_response, json_response
-from ._hypercorn_fix import request_received_at
 from ._peers import Peers
+from ._receive_stamps import request_received_at
 from ._routes import check_admin, register
 from ._service import ARRIVAL_KEY, Service
 

@@ -63,10 +63,8 @@ other. A write now goes straight to the socket when its buffer has room
 (:func:`_write_at_once`); only the rest, if any, waits as above.
 
 **The arrival stamp.** The read loop reads with ``recvmsg`` and asks the kernel for
-each read's receive time (``SO_TIMESTAMPNS``); the app stamps a request's arrival with
-the time the read that completed its head reached the host
-(:func:`request_received_at`), so time a request spends unread behind a burst counts
-towards its queue deadline (docs/architecture.md).
+each read's receive time (``SO_TIMESTAMPNS``), for the app's arrival stamps
+(``_receive_stamps``).
 
 **Unparsable requests get a JSON error.** Hypercorn answered a request h11 cannot parse
 (a malformed request line or header, an oversized head, an unknown transfer coding)
@@ -83,17 +81,12 @@ its keep-alive timer restarted whatever the calling task's state).
 
 from __future__ import annotations
 
-import atexit
 import functools
 import json
 import math
 import os
 import socket
-import struct
-import time
 import weakref
-from contextvars import ContextVar
-from typing import cast
 
 import attrs
 import h11
@@ -101,6 +94,8 @@ import trio
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+
+from . import _receive_stamps
 
 
 async def _acquire(lock: trio.Lock) -> None:
@@ -190,91 +185,6 @@ def _stop_idle_timer(self: TCPServer) -> None:
         handle.cancel()
 
 
-#: The latest read of the connection the current task serves: when its bytes reached
-#: this host (the kernel's receive stamp, on the Trio clock; None where the kernel gave
-#: none) and the connection's state. Set by the read loop before Hypercorn parses the
-#: bytes, so the app's task for a request they complete inherits it (a task starts with
-#: a copy of its spawner's context).
-_latest_read: ContextVar[tuple[float | None, _ConnectionState] | None] = ContextVar(
-    "sessiongate_latest_read", default=None
-)
-
-
-def request_received_at() -> float | None:
-    """When the request the current task serves reached this host (Trio clock), from
-    the kernel's receive stamp of the read that completed its head; None if unknown
-    (TLS, no stamp, not served by Hypercorn's Trio worker).
-
-    Never earlier than the moment the connection was ready for this request: a
-    pipelined request, read while the one before it was still being answered, counts
-    from when that answer was done."""
-    latest = _latest_read.get()
-    if latest is None:
-        return None
-    stamp, state = latest
-    return None if stamp is None else max(stamp, state.recycled_at)
-
-
-#: ``SO_TIMESTAMPNS`` (Linux): each read also returns when its last segment arrived.
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-_TIMESPEC = struct.Struct("@qq")
-_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
-
-#: A kernel stamp counts as at most this old. A request can really be this old (a
-#: server stalled for seconds): its place among the others is kept and its deadline
-#: counts from then. The bound is for a stamp made before a step of the wall clock and
-#: read after it, which would otherwise look as old (or as new) as the step.
-MAX_STAMP_AGE = 10.0
-
-#: How often the wall clock's offset from the Trio clock is read again (NTP slews
-#: them apart by at most ~0.5 ms a second).
-OFFSET_REFRESH = 1.0
-
-
-@attrs.define
-class _ClockOffset:
-    #: ``time.time() - trio.current_time()``, read at ``read_at`` (Trio clock).
-    wall_minus_trio: float
-    read_at: float
-
-
-# Per run: each Trio run (each test) has its own clock.
-_offset: trio.lowlevel.RunVar[_ClockOffset] = trio.lowlevel.RunVar("sessiongate_clock_offset")
-
-
-def _wall_minus_trio(now: float) -> float:
-    """The wall clock's offset from the Trio clock, read again once a second: every
-    stamp of one second is converted with the same offset, so stamps microseconds apart
-    keep their order (reading both clocks per stamp added their gap as noise)."""
-    try:
-        offset = _offset.get()
-    except LookupError:
-        offset = None
-    if offset is None or now - offset.read_at >= OFFSET_REFRESH:
-        offset = _ClockOffset(time.time() - trio.current_time(), now)
-        _offset.set(offset)
-    return offset.wall_minus_trio
-
-
-def _keep_the_kernel_stamping() -> None:
-    """Hold one socket that asks for receive stamps for as long as the process lives.
-
-    The kernel stamps arriving packets only while some socket asks for stamps, and
-    turns stamping on a moment after the first one asks (deferred work): without this,
-    the first requests to a quiet server, and a request that arrives before its
-    connection is accepted (a burst of new connections), would carry no stamp."""
-    try:
-        keeper = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    except OSError:
-        return
-    try:
-        keeper.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-    except OSError:
-        keeper.close()
-        return
-    atexit.register(keeper.close)
-
-
 def _stamped_socket(self: TCPServer) -> trio.socket.SocketType | None:
     """The connection's socket with receive stamps switched on; None for TLS, or where
     the kernel refuses."""
@@ -283,23 +193,10 @@ def _stamped_socket(self: TCPServer) -> trio.socket.SocketType | None:
         return None
     sock = stream.socket
     try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        sock.setsockopt(socket.SOL_SOCKET, _receive_stamps.SO_TIMESTAMPNS, 1)
     except OSError:
         return None
     return sock
-
-
-def _received(ancillary: list[tuple[int, int, bytes]]) -> float | None:
-    """A read's receive stamp on the Trio clock, from its ancillary data (None if it
-    has none): the kernel stamps with the wall clock. Never later than now, never older
-    than :data:`MAX_STAMP_AGE`."""
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
-            sec, nsec = cast(tuple[int, int], _TIMESPEC.unpack_from(data))
-            now = trio.current_time()
-            stamp = sec + nsec * 1e-9 - _wall_minus_trio(now)
-            return min(max(stamp, now - MAX_STAMP_AGE), now)
-    return None
 
 
 async def _read_stamped(self: TCPServer, sock: trio.socket.SocketType) -> None:
@@ -310,10 +207,10 @@ async def _read_stamped(self: TCPServer, sock: trio.socket.SocketType) -> None:
     while True:
         try:
             with trio.fail_after(read_timeout):
-                data, ancillary, _, _ = await sock.recvmsg(MAX_RECV, _ANCILLARY)
+                data, ancillary, _, _ = await sock.recvmsg(MAX_RECV, _receive_stamps.ANCILLARY)
         except (OSError, trio.ClosedResourceError, trio.TooSlowError):
             break  # as Hypercorn's: gone (BrokenResourceError there), closed, timed out
-        _latest_read.set((_received(ancillary), state))
+        _receive_stamps.latest_read.set((_receive_stamps.received(ancillary), state))
         await self.protocol.handle(RawData(data))
         if not data:
             break
@@ -442,7 +339,7 @@ async def _send_error_response(self: H11Protocol, status_code: int) -> None:
 def apply() -> None:
     """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``, and
     ``H11Protocol._send_error_response``."""
-    _keep_the_kernel_stamping()
+    _receive_stamps.keep_the_kernel_stamping()
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
     TCPServer._idle_timeout = _idle_timeout  # type: ignore[method-assign]
     TCPServer._read_data = _read_data  # type: ignore[method-assign]

@@ -1,0 +1,140 @@
+"""One expiry wave (issue 3's "expiry within 50 ms"): many sessions due at one instant.
+
+Under the overload scenario of ``bench_http.py`` the clients' expiry lateness is set by
+waves: clients that arrive together expire together, and every answer costs the server
+CPU. This script isolates one wave: ``sessiongate serve --capacity 1`` with one long
+session holding the slot, N keep-alive connections opened first, then one
+``POST /sessions`` on each at the same instant; all of them expire ``--max-wait`` later.
+It prints, per round, how late each client got its ``queue_timeout`` answer after its
+own send + max-wait (min / p50 / p99 / max), and the generator's CPU. Nothing here
+asserts on time.
+
+    .venv/bin/python benchmarks/bench_expiry_wave.py                  # 250 clients, 3 rounds
+    .venv/bin/python benchmarks/bench_expiry_wave.py --clients 50 --rounds 5
+    PYTHONPATH=/path/to/other/tree/src .venv/bin/python benchmarks/bench_expiry_wave.py
+
+The last form measures another tree's code (an A/B). The minimum is how long the first
+answer waited for the whole wave's first step; the maximum, the wave's whole cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _loadgen import build_request, read_response  # noqa: E402
+from _metrics import git_rev, loadavg  # noqa: E402
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(port: int, max_wait: float, log: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", f"{HOST}:{port}"]
+    cmd += ["--capacity", "1", "--max-wait", f"{max_wait:g}", "--max-queue", "100000"]
+    cmd += ["--shutdown-grace", "1", "--max-duration", "100000"]
+    with open(log, "wb") as out:
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return server
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise SystemExit(f"the server did not start; see {log}")
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def one_wave(port: int, clients: int, max_wait: float) -> list[float]:
+    """Lateness (ms) of every client's expiry answer in one wave."""
+    request = build_request("POST", HOST, port, "/sessions", b'{"duration": 0}')
+    conns = [await asyncio.open_connection(HOST, port) for _ in range(clients)]
+    await asyncio.sleep(0.3)  # every connection accepted and idle
+    sent: list[float] = []
+    for _, writer in conns:
+        writer.write(request)
+        sent.append(time.time())
+
+    async def answer(i: int, reader: asyncio.StreamReader) -> float:
+        status, _, _ = await read_response(reader)
+        if status != 503:
+            raise SystemExit(f"expected 503 queue_timeout, got {status}")
+        return (time.time() - sent[i] - max_wait) * 1000
+
+    late = await asyncio.gather(*(answer(i, r) for i, (r, _) in enumerate(conns)))
+    for _, writer in conns:
+        writer.close()
+    return list(late)
+
+
+async def run(clients: int, rounds: int, max_wait: float, port: int) -> None:
+    hold = build_request("POST", HOST, port, "/sessions", b'{"duration": 100000}')
+    _, holder = await asyncio.open_connection(HOST, port)
+    holder.write(hold)  # takes the only slot for the whole run
+    await asyncio.sleep(0.3)
+    print("| round | clients | min | p50 | p99 | max | generator CPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n in range(1, rounds + 1):
+        me0 = resource.getrusage(resource.RUSAGE_SELF)
+        w0 = time.time()
+        late = await one_wave(port, clients, max_wait)
+        me1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (me1.ru_utime - me0.ru_utime + me1.ru_stime - me0.ru_stime) / (time.time() - w0)
+        print(
+            f"| {n} | {clients} | {min(late):.1f} ms | {quantile(late, 0.5):.1f} ms "
+            f"| {quantile(late, 0.99):.1f} ms | {max(late):.1f} ms | {cpu * 100:.0f} % |"
+        )
+        await asyncio.sleep(0.3)
+    holder.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=250)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-wait", type=float, default=1.0)
+    a = parser.parse_args()
+    import sessiongate
+
+    source = Path(sessiongate.__file__).resolve().parent
+    print(
+        f"# bench_expiry_wave: Python {sys.version.split()[0]}, load average {loadavg()}, "
+        f"tree {git_rev(str(source))}, sessiongate from {source}"
+    )
+    port = free_port()
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "sessiongate-bench-wave.log"
+    server = start_server(port, a.max_wait, log)
+    try:
+        asyncio.run(run(a.clients, a.rounds, a.max_wait, port))
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()

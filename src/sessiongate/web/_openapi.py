@@ -230,7 +230,10 @@ def openapi_document(refusal_status: int = 503) -> dict[str, Any]:
             "version": "0.1.0",
             "description": "A session admission gate: a cap, a FIFO queue, a deadline on "
             "waiting. Every error body is {error, detail}; unknown routes answer 404 "
-            "not_found, wrong methods 405 method_not_allowed with an Allow header.",
+            "not_found, wrong methods 405 method_not_allowed with an Allow header. On any "
+            "route, a request that is not HTTP the server can parse (a malformed request "
+            "line or header, a head over 16 KiB, a transfer coding other than chunked) is "
+            "answered 400, 431 or 501 invalid_request, and its connection closed.",
         },
         "paths": paths,
         "components": {

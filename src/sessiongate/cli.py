@@ -274,6 +274,7 @@ async def serve(
 
     draining = False
     grace_cut = False  # a second signal ended the grace
+    answers: trio.CancelScope | None = None  # the time answers still being written get
 
     async def drain_then_stop() -> None:
         nonlocal draining
@@ -300,8 +301,10 @@ async def serve(
         config.graceful_timeout = max(left, ANSWERS_MIN)
         stop.set()
         # Hypercorn then gives them its graceful timeout; a write that a client is not
-        # taking (it stopped reading) would outlast it.
-        await trio.sleep(config.graceful_timeout)
+        # taking (it stopped reading) would outlast it. A second signal shortens it.
+        nonlocal answers
+        with trio.move_on_after(config.graceful_timeout) as answers:
+            await trio.sleep_forever()
         cut_stalled_sends()
 
     async def watch_supervisor(fd: int) -> None:
@@ -328,7 +331,9 @@ async def serve(
                     nonlocal grace_cut
                     grace_cut = True
                     app.service.cut()
-                    cut_stalled_sends()
+                    # Answers still being written get ANSWERS_MIN from now, no more.
+                    if answers is not None:
+                        answers.deadline = min(answers.deadline, trio.current_time() + ANSWERS_MIN)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)

@@ -571,6 +571,23 @@ def test_a_quiet_spell_does_not_slow_the_handoff_rate() -> None:
     assert rate.eta(4, t, waiting_since=None) == pytest.approx(0.04)
 
 
+def test_the_pace_is_kept_through_a_quiet_spell_of_any_length() -> None:
+    # One hand-off a second, then two minutes with nobody waiting: the window ends at
+    # the last hand-off, so a newcomer is estimated at that pace (outside review: the
+    # estimate was null again, and Retry-After 1, once the last hand-off was a minute
+    # old), and a stall that follows slows it as usual.
+    rate = HandoffRate()
+    for i in range(1, 11):
+        rate.add(float(i), float(i) - 1.0)
+    assert rate.per_second(130.0) == pytest.approx(1.0)
+    assert rate.eta(3, 130.0, waiting_since=130.0) == pytest.approx(3.0)
+    assert rate.per_second(140.0, waiting_since=130.0) == pytest.approx(10 / 19.0)
+    # Old hand-offs leave the window as new ones come: only the new pace counts.
+    for i in range(1, 11):
+        rate.add(200.0 + i * 0.5, 200.0 + (i - 1) * 0.5)
+    assert rate.per_second(205.0) == pytest.approx(2.0)
+
+
 def test_a_stalled_queue_slows_the_handoff_rate() -> None:
     # Someone waits and nobody has been handed a slot for a long time: the estimate
     # falls with the stall instead of keeping the old pace.
@@ -595,7 +612,8 @@ def test_a_burst_after_a_quiet_spell_is_estimated_at_the_old_pace() -> None:
     # The first hand-off is due a typical gap (1 s) after the burst began waiting.
     assert rate.eta(6, 50.5, waiting_since=50.0) == pytest.approx(5.5)
     # The same burst, still unserved 15 s later, is a stall and shows as one.
-    assert rate.per_second(65.0, waiting_since=50.0) == pytest.approx(6 / 20)
+    # (ten hand-offs, 10 s busy, plus the 15 s open gap beyond the typical 1 s)
+    assert rate.per_second(65.0, waiting_since=50.0) == pytest.approx(10 / 24)
 
 
 async def test_an_eta_read_at_the_first_handoff_is_known(

@@ -396,7 +396,8 @@ class Gate:
         )
 
     def handoff_rate(self) -> float | None:
-        """Slots handed to waiters per second over about the last minute, if any."""
+        """Slots handed to waiters per second over the minute of hand-offs up to the
+        latest one (a stall while someone waits slows it), or None before any."""
         return self._handoffs.per_second(trio.current_time(), waiting_since=self._waiting_since())
 
     def _waiting_since(self) -> float | None:

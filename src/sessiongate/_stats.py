@@ -1,7 +1,7 @@
 """The gate's figures: a frozen statistics record, wait quantiles and the hand-off rate.
 
 Both estimators keep bounded memory whatever the load: the last ``WAIT_SAMPLES`` queue
-waits, and the hand-offs of the last ``HANDOFF_WINDOW`` seconds (at most
+waits, and the hand-offs of the ``HANDOFF_WINDOW`` seconds up to the latest one (at most
 ``HANDOFF_SAMPLES`` of them).
 """
 
@@ -57,7 +57,8 @@ class WaitQuantiles:
 
 
 class HandoffRate:
-    """Slots handed from the queue to a waiter per second, over about the last minute.
+    """Slots handed from the queue to a waiter per second, over the minute of hand-offs
+    up to the latest one (however long ago that was).
 
     The rate counts *busy* time only. Each hand-off brings its service gap: the time
     since the previous hand-off, or since the waiter it served arrived if that was later
@@ -84,23 +85,24 @@ class HandoffRate:
         start = arrived_at if self._last is None else max(self._last, arrived_at)
         gap = max(0.0, now - start)
         self._last = now
-        self._handoffs.append((now, gap))
+        handoffs = self._handoffs
+        handoffs.append((now, gap))
         self._busy += gap
-        if len(self._handoffs) > self._size:
-            self._busy -= self._handoffs.popleft()[1]
+        # The window ends at the latest hand-off, not at the present: after a quiet
+        # spell of any length the pace the queue last kept is still known (an outside
+        # review saw eta_s null again once the last hand-off was a minute old).
+        while handoffs[0][0] < now - self._window or len(handoffs) > self._size:
+            self._busy -= handoffs.popleft()[1]
 
     def per_second(self, now: float, *, waiting_since: float | None = None) -> float | None:
-        """The recent rate, or None when no hand-off has been seen in the window.
+        """The recent rate, or None before any hand-off.
 
         ``waiting_since``: someone has been waiting since then (``-inf``: since before
         the last hand-off), so the time since the later of it and the last hand-off is
         busy too; None: nobody waits.
         """
         handoffs = self._handoffs
-        while handoffs and handoffs[0][0] < now - self._window:
-            self._busy -= handoffs.popleft()[1]
         if not handoffs:
-            self._busy = 0.0  # no float drift left over
             return None
         count = len(handoffs)
         busy = max(self._busy, 0.0)

@@ -469,6 +469,8 @@ async def test_list_sessions_filters_limits_and_orders(autojump_clock: Any) -> N
             "?limit=%205",
             "?limit=5_0",
             "?limit=%D9%A5",  # an Arabic-Indic five
+            "?state=queued&state=bogus",  # given twice: the second is not ignored
+            "?limit=1&limit=5000",
         ):
             status, body = await listing(query)
             assert status == 422 and body["error"] == "invalid_request", query

@@ -134,6 +134,8 @@ def register(app: Quart, service: Service) -> None:
     @app.get("/sessions")
     async def list_sessions() -> Response:
         check_admin(settings.admin_token)
+        if len(request.args.getlist("state")) > 1 or len(request.args.getlist("limit")) > 1:
+            raise ApiError("invalid_request", "'state' and 'limit' may each be given once")
         state = request.args.get("state")
         if state is not None and state not in (QUEUED, ACTIVE):
             raise ApiError("invalid_request", "'state' must be 'queued' or 'active'")

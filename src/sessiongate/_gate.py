@@ -256,7 +256,7 @@ class Gate:
     ) -> Ticket:
         """Take a place in the FIFO now, for a session that will enter a little later.
 
-        A web request stamps its arrival as its head reaches the app, and its session's
+        A web request stamps its arrival as its head reaches the host (``at``), and its session's
         task enters ``session(arrival=ticket)`` once the body has been read and checked;
         its place among the queued, and its deadline, are fixed by the stamp, not by
         the order in which Trio happens to run the tasks. The ticket returned is the

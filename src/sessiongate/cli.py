@@ -18,6 +18,7 @@ import contextlib
 import gc
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import signal
@@ -273,11 +274,11 @@ async def serve(
     stop = trio.Event()
 
     draining = False
-    grace_cut = False  # a second signal ended the grace
+    grace_ends = math.inf  # set as the drain starts; a second signal moves it to now
     answers: trio.CancelScope | None = None  # the time answers still being written get
 
     async def drain_then_stop() -> None:
-        nonlocal draining
+        nonlocal draining, grace_ends, answers
         if draining:
             return
         draining = True
@@ -287,7 +288,7 @@ async def serve(
             log.info("stopped while starting")
             nursery.cancel_scope.cancel()
             return
-        grace_ends = trio.current_time() + settings.shutdown_grace
+        grace_ends = min(grace_ends, trio.current_time() + settings.shutdown_grace)
         await app.service.drain()
         if app.service.peers is not None:
             # Answers passed on from sibling workers (event streams) end when their
@@ -297,12 +298,10 @@ async def serve(
         # Answers still being written get what is left of the grace, at least
         # ANSWERS_MIN: the whole stop takes the grace and a little more, not twice the
         # grace (outside review: 12 s with a grace of 6 and one slow reader).
-        left = 0.0 if grace_cut else grace_ends - trio.current_time()
-        config.graceful_timeout = max(left, ANSWERS_MIN)
+        config.graceful_timeout = max(grace_ends - trio.current_time(), ANSWERS_MIN)
         stop.set()
         # Hypercorn then gives them its graceful timeout; a write that a client is not
         # taking (it stopped reading) would outlast it. A second signal shortens it.
-        nonlocal answers
         with trio.move_on_after(config.graceful_timeout) as answers:
             await trio.sleep_forever()
         cut_stalled_sends()
@@ -328,8 +327,8 @@ async def serve(
                     nursery.start_soon(drain_then_stop)
                 else:
                     log.info("%s again: ending the grace now", signal.Signals(signum).name)
-                    nonlocal grace_cut
-                    grace_cut = True
+                    nonlocal grace_ends
+                    grace_ends = trio.current_time()
                     app.service.cut()
                     # Answers still being written get ANSWERS_MIN from now, no more.
                     if answers is not None:

@@ -37,17 +37,19 @@ _HTTP_CODES = {
 
 
 class _Connection(TrioASGIHTTPConnection):
-    """Quart-Trio's HTTP connection, with two additions at the ASGI boundary.
+    """Quart-Trio's HTTP connection, with three additions at the ASGI boundary.
 
-    *The arrival stamp.* A ``POST`` (the only one is ``POST /sessions``) is stamped the
-    moment its head reaches the app, before Quart builds the request or reads the body:
-    that stamp fixes the session's FIFO place and starts its queue deadline. Under a
-    burst every later step of the request waits for the whole burst to get that far
-    (Trio runs the burst's tasks pass by pass), so stamping here rather than in the view
-    keeps a burst's queue deadlines close to when its clients sent (overload bench: the
-    clients' expiry lateness p50 went from ~150 ms to ~75 ms). The stamp reserves
-    nothing until the body has been read and checked: a request that never becomes a
-    session costs nothing.
+    *The arrival stamp.* A ``POST`` (the only one is ``POST /sessions``) is stamped here,
+    before Quart builds the request or reads the body, with the time its head reached
+    the host (``_receive_stamps``; the time it reaches the app where there is no kernel
+    stamp): that stamp fixes the session's FIFO place and starts its queue deadline.
+    Under a burst every later step of the request waits for the whole burst to get that
+    far (Trio runs the burst's tasks pass by pass), so stamping here rather than in the
+    view keeps a burst's queue deadlines close to when its clients sent. The stamp
+    reserves nothing until the body has been read and checked: a request that never
+    becomes a session costs nothing.
+
+    *A head over* :data:`MAX_HEAD` is refused with 431, however its bytes arrived.
 
     *A closing response's last ``send`` is shielded.* Quart-Trio cancels the request's
     nursery as soon as Hypercorn reports ``http.disconnect``. Hypercorn reports it from

@@ -137,7 +137,7 @@ def _write_at_once(stream: object, view: memoryview) -> int:
     if not isinstance(stream, trio.SocketStream) or stream.socket.did_shutdown_SHUT_WR:
         return 0  # TLS, or closing: the caller's send_all reports it as Trio does
     fd = stream.socket.fileno()
-    if fd == -1 or not view:
+    if fd == -1:
         return 0
     try:
         return os.write(fd, view)  # Trio's sockets are non-blocking

@@ -104,7 +104,7 @@ def register(app: Quart, service: Service) -> None:
         body = await read_json_object(settings.max_body)
         service.validate(body)
         respond_async = wants_async(request.headers.getlist("Prefer"))
-        # The arrival stamp, taken as the request's head reached the app, fixes this
+        # The arrival stamp, when the request's head reached the host, fixes this
         # session's FIFO place and starts its queue deadline. It is reserved only now
         # that the body has been read and checked (a slow upload holds nobody back),
         # until the session's task enters the gate, so no later arrival gets ahead.

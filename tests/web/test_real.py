@@ -549,6 +549,80 @@ async def test_an_answer_is_written_without_waiting_when_the_socket_has_room() -
     await stream.aclose()
 
 
+def _protocol_with_a_request(writes: list[bytes]) -> Any:
+    """Hypercorn's HTTP/1.1 protocol for one connection that has received a request,
+    with every write it makes collected in ``writes``."""
+    from hypercorn.config import Config
+    from hypercorn.events import RawData
+    from hypercorn.protocol.h11 import H11Protocol
+    from hypercorn.trio.worker_context import WorkerContext
+
+    async def send(event: object) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # as the real one: no schedule point
+        if isinstance(event, RawData):
+            writes.append(event.data)
+
+    _hypercorn_fix.apply()
+    protocol = H11Protocol(
+        None,
+        Config(),
+        WorkerContext(None),
+        None,
+        {},
+        False,
+        None,
+        None,
+        send,  # type: ignore[arg-type]
+    )
+    protocol.connection.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    protocol.connection.next_event()
+    return protocol
+
+
+async def test_a_sized_answer_is_one_write_and_the_rest_of_the_request_waits_a_pass() -> None:
+    """A write that wakes a waiting client is the dearest part of a small answer: head,
+    body and end of an answer with a Content-Length go out in one write, and the step
+    after it (access line, recycling) yields, so answers due together go out first."""
+    from hypercorn.protocol.events import Body, EndBody, Response
+
+    writes: list[bytes] = []
+    protocol = _protocol_with_a_request(writes)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"11")]
+    await protocol.stream_send(Response(stream_id=1, headers=headers, status_code=503))
+    await protocol.stream_send(Body(stream_id=1, data=b'{"error":1}'))
+    assert writes == []  # held until the end, which the app sends at once
+    with trio.testing.assert_checkpoints():
+        await protocol.stream_send(EndBody(stream_id=1))
+    assert len(writes) == 1
+    head, _, body = writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"content-length: 11" in head
+    assert body == b'{"error":1}'
+
+
+async def test_an_answer_whose_body_comes_in_parts_is_written_as_it_comes() -> None:
+    """Only a whole body is held: a sized body sent in parts goes out part by part (the
+    head with the first), and an unsized (chunked) one as Hypercorn writes it."""
+    from hypercorn.protocol.events import Body, EndBody, Response
+
+    writes: list[bytes] = []
+    protocol = _protocol_with_a_request(writes)
+    headers = [(b"content-length", b"6")]
+    await protocol.stream_send(Response(stream_id=1, headers=headers, status_code=200))
+    await protocol.stream_send(Body(stream_id=1, data=b"abc"))
+    assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200 ")
+    assert writes[0].endswith(b"\r\n\r\nabc")
+    await protocol.stream_send(Body(stream_id=1, data=b"def"))
+    await protocol.stream_send(EndBody(stream_id=1))
+    assert writes[1:] == [b"def", b""]
+
+    writes.clear()
+    protocol = _protocol_with_a_request(writes)
+    await protocol.stream_send(Response(stream_id=1, headers=[], status_code=200))
+    assert len(writes) == 1 and b"Transfer-Encoding: chunked" in writes[0]
+    await protocol.stream_send(Body(stream_id=1, data=b"event"))
+    assert writes[1] == b"5\r\nevent\r\n"
+
+
 @pytest.mark.parametrize(
     ("request_head", "status"),
     [

@@ -1,6 +1,7 @@
 """Fixes to Hypercorn 0.18's Trio connection handler (``TCPServer``'s
 ``protocol_send``, ``_idle_timeout`` and ``_read_data``, and ``H11Protocol``'s
-``_send_error_response``), and the kernel's receive time of each request.
+``stream_send`` and ``_send_error_response``), and the kernel's receive time of each
+request.
 
 **A race that crashed the server.** Hypercorn closes a connection (``TCPServer._close``:
 ``send_eof``, which checkpoints while it holds the stream's send side, then ``aclose``)
@@ -62,6 +63,19 @@ scheduler pass after every write, even one that never waited; an answer is three
 other. A write now goes straight to the socket when its buffer has room
 (:func:`_write_at_once`); only the rest, if any, waits as above.
 
+**An answer in one write.** Hypercorn writes an answer's head as soon as the app starts
+it, then its body, then its end: two writes for every JSON answer. A write that wakes
+the client costs the server far more than the bytes (on the 2-core VM here ~45 us
+against ~12 us for one that finds the client awake; the expiry wave bench's clients
+are asleep between answers), so a wave of expiry answers paid it twice each. The
+head of an answer with a ``Content-Length`` is now held until its body is whole (the
+app sends them back to back) and written with it and its end (``stream_send``); a
+body that comes in parts is written as it comes, the held head with its first part.
+What is left of the request once its answer is out (its access line, the connection's
+recycling, the app's teardown: about a third of an expiry answer's step) waits one
+scheduler pass, so the other answers due in the same pass go out first (the expiry
+wave bench: first deadline to last answer ~15-20 % shorter).
+
 **The arrival stamp.** The read loop reads with ``recvmsg`` and asks the kernel for
 each read's receive time (``SO_TIMESTAMPNS``), for the app's arrival stamps
 (``_receive_stamps``).
@@ -82,6 +96,7 @@ its keep-alive timer restarted whatever the calling task's state).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -92,6 +107,8 @@ import attrs
 import h11
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
@@ -310,6 +327,71 @@ async def _idle_timeout(self: TCPServer) -> None:
             return
 
 
+@attrs.define
+class _HeldAnswer:
+    #: The answer's bytes so far (its head, then its body once whole).
+    data: bytes
+    #: Body bytes still to come, by its ``Content-Length``.
+    body_left: int
+
+
+#: Each HTTP/1 connection's answer held back to be written in one piece (see above).
+_held: weakref.WeakKeyDictionary[H11Protocol, _HeldAnswer] = weakref.WeakKeyDictionary()
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _serialise(self: H11Protocol, event: h11.Response | h11.Data | h11.EndOfMessage) -> bytes:
+    """h11's bytes for ``event``, as Hypercorn's ``_send_h11_event`` gets them (nothing
+    when the client's side has already failed)."""
+    try:
+        return self.connection.send(event) or b""
+    except h11.LocalProtocolError:
+        if self.connection.their_state != h11.ERROR:
+            raise
+        return b""
+
+
+async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
+    """Hypercorn's ``H11Protocol.stream_send``, writing a sized answer in one piece."""
+    held = _held.pop(self, None)
+    if isinstance(event, Response) and event.status_code >= 200:
+        length = _content_length(event.headers)
+        if length is not None:
+            # As Hypercorn builds the head, but held until the body is whole.
+            headers = list(itertools.chain(event.headers, self.config.response_headers("h11")))
+            if self.keep_alive_requests >= self.config.keep_alive_max_requests:
+                headers.append((b"connection", b"close"))
+            head = _serialise(self, h11.Response(headers=headers, status_code=event.status_code))
+            _held[self] = _HeldAnswer(head, length)
+            return
+    if held is not None:
+        if isinstance(event, Body):
+            data = held.data + _serialise(self, h11.Data(data=event.data))
+            if len(event.data) == held.body_left:  # whole: its end follows at once
+                _held[self] = _HeldAnswer(data, 0)
+            else:  # a body in parts: written as it comes
+                await self.send(RawData(data=data))
+            return
+        if isinstance(event, EndBody):
+            await self.send(RawData(data=held.data + _serialise(self, h11.EndOfMessage())))
+            # The answer is out; what is left of the request (its access line, the
+            # connection's recycling, the app's teardown) waits one scheduler pass, so
+            # that the other answers due in this pass go out first.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        await self.send(RawData(data=held.data))
+    await _original_stream_send(self, event)
+
+
+_original_stream_send = H11Protocol.stream_send
+
+
 #: Hypercorn's own answers to requests h11 cannot parse, by the status h11 suggests.
 _PROTOCOL_ERRORS = {
     400: "malformed HTTP request",
@@ -338,9 +420,10 @@ async def _send_error_response(self: H11Protocol, status_code: int) -> None:
 @functools.cache  # once per process, however many apps are made
 def apply() -> None:
     """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``, and
-    ``H11Protocol._send_error_response``."""
+    ``H11Protocol.stream_send`` and ``_send_error_response``."""
     _receive_stamps.keep_the_kernel_stamping()
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
     TCPServer._idle_timeout = _idle_timeout  # type: ignore[method-assign]
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    H11Protocol.stream_send = stream_send  # type: ignore[method-assign]
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]

@@ -12,7 +12,7 @@ from .._errors import AdmissionError
 from .._limits import MAX_CAPACITY
 from ..metrics import CONTENT_TYPE_LATEST
 from ._body import read_json_object
-from ._errors import ApiError, json_response
+from ._errors import ApiError, error_response, json_response
 from ._openapi import openapi_document
 from ._service import Service
 from ._sessions import ACTIVE, COMPLETED, EXPIRED, QUEUED, EndedSession, Session
@@ -129,7 +129,9 @@ def register(app: Quart, service: Service) -> None:
                 record.cancel("client_disconnected")
         if record.state == COMPLETED:
             return json_response(record.encode(service.gate), 200)
-        raise service.refusal(record)
+        # Returned, not raised: the same answer as the ApiError handler's, without
+        # unwinding through Quart's error handling (~4 % of an expiry's instructions).
+        return error_response(service.refusal(record), settings.refusal_status)
 
     @app.get("/sessions")
     async def list_sessions() -> Response:

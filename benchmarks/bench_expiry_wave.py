@@ -11,6 +11,7 @@ asserts on time.
 
     .venv/bin/python benchmarks/bench_expiry_wave.py                  # 250 clients, 3 rounds
     .venv/bin/python benchmarks/bench_expiry_wave.py --clients 50 --rounds 5
+    .venv/bin/python benchmarks/bench_expiry_wave.py --resend     # answered clients send again
     PYTHONPATH=/path/to/other/tree/src .venv/bin/python benchmarks/bench_expiry_wave.py
 
 The last form measures another tree's code (an A/B). The minimum is how long the first
@@ -67,8 +68,10 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def one_wave(port: int, clients: int, max_wait: float) -> list[float]:
-    """Lateness (ms) of every client's expiry answer in one wave."""
+async def one_wave(port: int, clients: int, max_wait: float, resend: bool) -> list[float]:
+    """Lateness (ms) of every client's expiry answer in one wave (with ``resend``, each
+    client sends its next request as soon as it has its answer, as a closed-loop client
+    does; those requests are left to expire after the wave)."""
     request = build_request("POST", HOST, port, "/sessions", b'{"duration": 0}')
     conns = [await asyncio.open_connection(HOST, port) for _ in range(clients)]
     await asyncio.sleep(0.3)  # every connection accepted and idle
@@ -81,7 +84,10 @@ async def one_wave(port: int, clients: int, max_wait: float) -> list[float]:
         status, _, _ = await read_response(reader)
         if status != 503:
             raise SystemExit(f"expected 503 queue_timeout, got {status}")
-        return (time.time() - sent[i] - max_wait) * 1000
+        late = (time.time() - sent[i] - max_wait) * 1000
+        if resend:
+            conns[i][1].write(request)
+        return late
 
     late = await asyncio.gather(*(answer(i, r) for i, (r, _) in enumerate(conns)))
     for _, writer in conns:
@@ -89,7 +95,7 @@ async def one_wave(port: int, clients: int, max_wait: float) -> list[float]:
     return list(late)
 
 
-async def run(clients: int, rounds: int, max_wait: float, port: int) -> None:
+async def run(clients: int, rounds: int, max_wait: float, port: int, resend: bool) -> None:
     hold = build_request("POST", HOST, port, "/sessions", b'{"duration": 100000}')
     _, holder = await asyncio.open_connection(HOST, port)
     holder.write(hold)  # takes the only slot for the whole run
@@ -99,7 +105,7 @@ async def run(clients: int, rounds: int, max_wait: float, port: int) -> None:
     for n in range(1, rounds + 1):
         me0 = resource.getrusage(resource.RUSAGE_SELF)
         w0 = time.time()
-        late = await one_wave(port, clients, max_wait)
+        late = await one_wave(port, clients, max_wait, resend)
         me1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (me1.ru_utime - me0.ru_utime + me1.ru_stime - me0.ru_stime) / (time.time() - w0)
         print(
@@ -115,6 +121,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-wait", type=float, default=1.0)
+    parser.add_argument(
+        "--resend",
+        action="store_true",
+        help="each client sends its next request on its answer (the overload's closed loop)",
+    )
     a = parser.parse_args()
     import sessiongate
 
@@ -127,7 +138,7 @@ def main() -> None:
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "sessiongate-bench-wave.log"
     server = start_server(port, a.max_wait, log)
     try:
-        asyncio.run(run(a.clients, a.rounds, a.max_wait, port))
+        asyncio.run(run(a.clients, a.rounds, a.max_wait, port, a.resend))
     finally:
         server.send_signal(signal.SIGINT)
         try:

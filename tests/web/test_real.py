@@ -325,9 +325,22 @@ async def test_a_client_that_stops_reading_is_cut_off(monkeypatch: pytest.Monkey
             assert (await client.get("/healthz")).status_code == 200
 
 
+class _KeepAliveSteps(trio.abc.Instrument):
+    """Counts the task steps of connections' keep-alive tasks."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("_idle_timeout"):
+            self.steps += 1
+
+
 async def test_keep_alive_closes_idle_connections_only() -> None:
     """The keep-alive timer (one task per connection, see _hypercorn_fix) closes a
-    connection idle for keep_alive_timeout, and never one busy with a long request."""
+    connection idle for keep_alive_timeout, and never one busy with a long request;
+    while the connection is busy its task sleeps (it woke every timeout to look: under
+    an overload, hundreds of connections opened together woke together)."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -338,6 +351,8 @@ async def test_keep_alive_closes_idle_connections_only() -> None:
     config.bind = ["127.0.0.1:0"]
     config.keep_alive_timeout = 0.5
     config.errorlog = None
+    keep_alive = _KeepAliveSteps()
+    trio.lowlevel.add_instrument(keep_alive)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(serve, create_app(Settings()), config)
@@ -352,13 +367,17 @@ async def test_keep_alive_closes_idle_connections_only() -> None:
                 ),
             )
             start = trio.current_time()
+            await trio.sleep(0.1)  # the request read: the connection is busy
+            steps_at_start = keep_alive.steps
             status, _, _ = await read_response(stream)  # busy for 1.5 s: not closed
             assert status == 200 and trio.current_time() - start >= 1.5
+            assert keep_alive.steps - steps_at_start <= 1  # 3 timeouts passed: no polls
             idle_from = trio.current_time()
             assert await stream.receive_some() == b""  # then closed, once idle 0.5 s
             assert 0.4 < trio.current_time() - idle_from < 1.5
             await stream.aclose()
             nursery.cancel_scope.cancel()
+    trio.lowlevel.remove_instrument(keep_alive)
 
 
 def open_fds() -> int:

@@ -276,6 +276,9 @@ async def protocol_send(self: TCPServer, event: Event) -> None:
         state = _connection_state(self)
         if event.idle:
             state.since = state.recycled_at = trio.current_time()
+            idle_again, state.idle_again = state.idle_again, None
+            if idle_again is not None:
+                idle_again.set()
         else:
             state.since = None
 
@@ -286,6 +289,8 @@ class _ConnectionState:
     since: float | None
     #: When the connection was last ready for a next request (an answer done).
     recycled_at: float = -math.inf
+    #: Set when the busy connection is idle again (its keep-alive task waits for it).
+    idle_again: trio.Event | None = None
 
 
 _states: weakref.WeakKeyDictionary[TCPServer, _ConnectionState] = weakref.WeakKeyDictionary()
@@ -306,20 +311,26 @@ async def _idle_timeout(self: TCPServer) -> None:
     after its answer). Hypercorn started a new task for every idle spell and cancelled
     it at the next request (a spawn and two task steps per request); this one sleeps
     until the earliest moment the connection could have been idle long enough, and
-    looks again.
+    looks again. While the connection is busy it sleeps until the connection is idle
+    again (it woke every keep-alive timeout to look: under an overload every client's
+    connection is busy, and connections opened together woke together, a few hundred
+    task steps at once every 5 s); a busy connection is Hypercorn's to close at
+    shutdown, after its answer.
     """
     keep_alive = self.config.keep_alive_timeout
     state = _connection_state(self)
     terminated = self.context.terminated
     while True:
-        since = state.since
-        wake_at = (trio.current_time() if since is None else since) + keep_alive
-        with trio.move_on_at(wake_at):
-            await terminated.wait()
-        since = state.since
-        if since is None:  # busy
+        if state.since is None:  # busy
             if terminated.is_set():
                 return
+            idle_again = state.idle_again = trio.Event()
+            await idle_again.wait()
+            continue
+        with trio.move_on_at(state.since + keep_alive):
+            await terminated.wait()
+        since = state.since
+        if since is None:  # busy again
             continue
         if terminated.is_set() or trio.current_time() >= since + keep_alive:
             with trio.CancelScope(shield=True):

@@ -470,3 +470,15 @@ async def test_sigterm_while_a_handler_lifespan_starts_exits_0() -> None:
             if process.returncode is None:
                 process.kill()
             await process.wait()
+
+
+def test_log_lines_read_as_the_standard_formatter_writes_them() -> None:
+    """The service's formatter formats the time of day once a second; every line
+    still reads exactly as the standard formatter's, across seconds and milliseconds."""
+    from sessiongate.cli import LOG_FORMAT, LineFormatter
+
+    ours, standard = LineFormatter(LOG_FORMAT), logging.Formatter(LOG_FORMAT)
+    for created in (1_764_770_000.001, 1_764_770_000.999, 1_764_770_001.5, 1_764_769_999.25):
+        record = logging.LogRecord("sessiongate.web", logging.INFO, "", 0, "m %s", ("x",), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == standard.format(record)

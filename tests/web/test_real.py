@@ -568,7 +568,7 @@ async def test_an_answer_is_written_without_waiting_when_the_socket_has_room() -
     await stream.aclose()
 
 
-def _protocol_with_a_request(writes: list[bytes]) -> Any:
+def _protocol_with_a_request(writes: list[bytes], cancel_point: bool = True) -> Any:
     """Hypercorn's HTTP/1.1 protocol for one connection that has received a request,
     with every write it makes collected in ``writes``."""
     from hypercorn.config import Config
@@ -577,7 +577,8 @@ def _protocol_with_a_request(writes: list[bytes]) -> Any:
     from hypercorn.trio.worker_context import WorkerContext
 
     async def send(event: object) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()  # as the real one: no schedule point
+        if cancel_point:
+            await trio.lowlevel.checkpoint_if_cancelled()  # as the real one: no schedule point
         if isinstance(event, RawData):
             writes.append(event.data)
 
@@ -600,22 +601,29 @@ def _protocol_with_a_request(writes: list[bytes]) -> Any:
 
 async def test_a_sized_answer_is_one_write_and_the_rest_of_the_request_waits_a_pass() -> None:
     """A write that wakes a waiting client is the dearest part of a small answer: head,
-    body and end of an answer with a Content-Length go out in one write, and the step
-    after it (access line, recycling) yields, so answers due together go out first."""
-    from hypercorn.protocol.events import Body, EndBody, Response
+    body and end of an answer with a Content-Length go out in one write. The request's
+    end (recycling) yields, so answers due together go out first, but only once
+    Hypercorn has marked the answer sent: a yield right after the write let a client's
+    close in first, logged as an unanswered request (outside review)."""
+    from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 
     writes: list[bytes] = []
-    protocol = _protocol_with_a_request(writes)
+    protocol = _protocol_with_a_request(writes, cancel_point=False)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"11")]
-    await protocol.stream_send(Response(stream_id=1, headers=headers, status_code=503))
-    await protocol.stream_send(Body(stream_id=1, data=b'{"error":1}'))
-    assert writes == []  # held until the end, which the app sends at once
-    with trio.testing.assert_checkpoints():
+    with trio.testing.assert_no_checkpoints():
+        await protocol.stream_send(Response(stream_id=1, headers=headers, status_code=503))
+        await protocol.stream_send(Body(stream_id=1, data=b'{"error":1}'))
+        assert writes == []  # held until the end, which the app sends at once
         await protocol.stream_send(EndBody(stream_id=1))
     assert len(writes) == 1
     head, _, body = writes[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"content-length: 11" in head
     assert body == b'{"error":1}'
+    with trio.testing.assert_checkpoints():
+        # assert_checkpoints wants a cancel point too (here the fake send makes none,
+        # the real one does); the schedule point it checks is the yield.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await protocol.stream_send(StreamClosed(stream_id=1))
 
 
 async def test_an_answer_whose_body_comes_in_parts_is_written_as_it_comes() -> None:

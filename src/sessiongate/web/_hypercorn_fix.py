@@ -71,10 +71,9 @@ are asleep between answers), so a wave of expiry answers paid it twice each. The
 head of an answer with a ``Content-Length`` is now held until its body is whole (the
 app sends them back to back) and written with it and its end (``stream_send``); a
 body that comes in parts is written as it comes, the held head with its first part.
-What is left of the request once its answer is out (its access line, the connection's
-recycling, the app's teardown: about a third of an expiry answer's step) waits one
-scheduler pass, so the other answers due in the same pass go out first (the expiry
-wave bench: first deadline to last answer ~15-20 % shorter).
+What is left of the request once its answer is out and logged (the connection's
+recycling, the app's teardown: about a quarter of an expiry answer's step) waits one
+scheduler pass, so the other answers due in the same pass go out first.
 
 **The arrival stamp.** The read loop reads with ``recvmsg`` and asks the kernel for
 each read's receive time (``SO_TIMESTAMPNS``), for the app's arrival stamps
@@ -107,7 +106,7 @@ import attrs
 import h11
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
@@ -391,12 +390,15 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
             return
         if isinstance(event, EndBody):
             await self.send(RawData(data=held.data + _serialise(self, h11.EndOfMessage())))
-            # The answer is out; what is left of the request (its access line, the
-            # connection's recycling, the app's teardown) waits one scheduler pass, so
-            # that the other answers due in this pass go out first.
-            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         await self.send(RawData(data=held.data))
+    if isinstance(event, StreamClosed):
+        # The answer is out and Hypercorn has marked it so (and logged it); what is left
+        # (the connection's recycling, the app's teardown) waits one scheduler pass, so
+        # that the other answers due in this pass go out first. Not sooner: a client
+        # that closes as soon as it has its answer would be seen closing an unanswered
+        # request (a second, status-less access line; an outside review).
+        await trio.lowlevel.cancel_shielded_checkpoint()
     await _original_stream_send(self, event)
 
 

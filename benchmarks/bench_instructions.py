@@ -59,6 +59,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
+
+
 async def drive(port: int, requests: int, connections: int) -> None:
     """Exactly ``requests`` requests, closed loop over ``connections`` keep-alive ones."""
     left = requests
@@ -70,13 +80,7 @@ async def drive(port: int, requests: int, connections: int) -> None:
             left -= 1
             writer.write(REQUEST)
             await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
+            await read_answer(reader)
         writer.close()
 
     await asyncio.gather(*(client() for _ in range(connections)))
@@ -109,16 +113,6 @@ async def requests_workload(port: int, pid: int, requests: int) -> None:
     control(pid, "on")
     await drive(port, requests, 50)
     control(pid, "off")
-
-
-async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
 
 
 async def expiry_workload(port: int, pid: int, sessions: int) -> None:

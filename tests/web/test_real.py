@@ -629,7 +629,7 @@ async def test_a_sized_answer_is_one_write_and_the_rest_of_the_request_waits_a_p
 async def test_an_answer_whose_body_comes_in_parts_is_written_as_it_comes() -> None:
     """Only a whole body is held: a sized body sent in parts goes out part by part (the
     head with the first), and an unsized (chunked) one as Hypercorn writes it."""
-    from hypercorn.protocol.events import Body, EndBody, Response
+    from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 
     writes: list[bytes] = []
     protocol = _protocol_with_a_request(writes)
@@ -641,6 +641,13 @@ async def test_an_answer_whose_body_comes_in_parts_is_written_as_it_comes() -> N
     await protocol.stream_send(Body(stream_id=1, data=b"def"))
     await protocol.stream_send(EndBody(stream_id=1))
     assert writes[1:] == [b"def", b""]
+
+    # An app that ends after starting an answer: the held head still goes out.
+    writes.clear()
+    protocol = _protocol_with_a_request(writes)
+    await protocol.stream_send(Response(stream_id=1, headers=headers, status_code=200))
+    await protocol.stream_send(StreamClosed(stream_id=1))
+    assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200 ")
 
     writes.clear()
     protocol = _protocol_with_a_request(writes)

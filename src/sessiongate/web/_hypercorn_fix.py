@@ -370,16 +370,6 @@ def _serialise(self: H11Protocol, event: h11.Response | h11.Data | h11.EndOfMess
 async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
     """Hypercorn's ``H11Protocol.stream_send``, writing a sized answer in one piece."""
     held = _held.pop(self, None)
-    if isinstance(event, Response) and event.status_code >= 200:
-        length = _content_length(event.headers)
-        if length is not None:
-            # As Hypercorn builds the head, but held until the body is whole.
-            headers = list(itertools.chain(event.headers, self.config.response_headers("h11")))
-            if self.keep_alive_requests >= self.config.keep_alive_max_requests:
-                headers.append((b"connection", b"close"))
-            head = _serialise(self, h11.Response(headers=headers, status_code=event.status_code))
-            _held[self] = _HeldAnswer(head, length)
-            return
     if held is not None:
         if isinstance(event, Body):
             data = held.data + _serialise(self, h11.Data(data=event.data))
@@ -391,7 +381,17 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
         if isinstance(event, EndBody):
             await self.send(RawData(data=held.data + _serialise(self, h11.EndOfMessage())))
             return
-        await self.send(RawData(data=held.data))
+        await self.send(RawData(data=held.data))  # anything else: what is held goes first
+    if isinstance(event, Response) and event.status_code >= 200:
+        length = _content_length(event.headers)
+        if length is not None:
+            # As Hypercorn builds the head, but held until the body is whole.
+            headers = list(itertools.chain(event.headers, self.config.response_headers("h11")))
+            if self.keep_alive_requests >= self.config.keep_alive_max_requests:
+                headers.append((b"connection", b"close"))
+            head = _serialise(self, h11.Response(headers=headers, status_code=event.status_code))
+            _held[self] = _HeldAnswer(head, length)
+            return
     if isinstance(event, StreamClosed):
         # The answer is out and Hypercorn has marked it so (and logged it); what is left
         # (the connection's recycling, the app's teardown) waits one scheduler pass, so

@@ -380,6 +380,31 @@ async def test_keep_alive_closes_idle_connections_only() -> None:
     trio.lowlevel.remove_instrument(keep_alive)
 
 
+async def test_hypercorns_read_timeout_still_closes_a_silent_connection() -> None:
+    """The read loop skips the cancel scope per read when Hypercorn has no read timeout
+    (its default); one that is configured still closes a client that sends nothing."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    from sessiongate.config import Settings
+    from sessiongate.web import create_app
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.read_timeout = 0.3
+    config.keep_alive_timeout = 30
+    config.errorlog = None
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(serve, create_app(Settings()), config)
+            stream = await trio.open_tcp_stream("127.0.0.1", port_of(binds[0]))
+            start = trio.current_time()
+            assert await stream.receive_some() == b""  # closed by the read timeout
+            assert 0.25 < trio.current_time() - start < 5
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

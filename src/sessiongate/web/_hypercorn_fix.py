@@ -218,12 +218,16 @@ def _stamped_socket(self: TCPServer) -> trio.socket.SocketType | None:
 async def _read_stamped(self: TCPServer, sock: trio.socket.SocketType) -> None:
     """Hypercorn's read loop (``stream.receive_some``), reading with ``recvmsg`` to
     learn each read's receive stamp."""
-    read_timeout = self.config.read_timeout or math.inf
+    read_timeout = self.config.read_timeout
+    ancillary_size = _receive_stamps.ANCILLARY
     state = _connection_state(self)
     while True:
         try:
-            with trio.fail_after(read_timeout):
-                data, ancillary, _, _ = await sock.recvmsg(MAX_RECV, _receive_stamps.ANCILLARY)
+            if read_timeout:
+                with trio.fail_after(read_timeout):
+                    data, ancillary, _, _ = await sock.recvmsg(MAX_RECV, ancillary_size)
+            else:  # Hypercorn's default: no read timeout, so no cancel scope per read
+                data, ancillary, _, _ = await sock.recvmsg(MAX_RECV, ancillary_size)
         except (OSError, trio.ClosedResourceError, trio.TooSlowError):
             break  # as Hypercorn's: gone (BrokenResourceError there), closed, timed out
         _receive_stamps.latest_read.set((_receive_stamps.received(ancillary), state))

@@ -600,6 +600,31 @@ async def test_a_drain_returns_once_every_slot_is_back_in_redis(
                 assert zcard(redis_server, f"sg:{{{gate_name}}}:holders") == 0
 
 
+async def test_a_resize_is_not_undone_by_an_answer_from_before_it(
+    open_backend,
+) -> None:  # type: ignore[no-untyped-def]
+    """``gate.capacity = n`` shows n at once; an answer to a call made before the resize
+    reached Redis (the same state version) must not put the old figure back (seen
+    right after a Redis restart: the cache showed 2 while Redis had 5). A newer state
+    does replace it (another process's resize wins)."""
+    from sessiongate.backends._redis_state import Figures
+
+    with trio.fail_after(10):
+        async with open_backend(capacity=2, lease_ttl=5.0) as backend:
+            await backend.wait_healthy()
+            gate = sessiongate.Gate(max_wait=1, backend=backend)
+            ver = backend._ver
+
+            def answer(version: int, capacity: int) -> Figures:
+                return Figures.from_message(f"V {version} 0 0 {capacity} -1 1000\n")
+
+            gate.capacity = 5
+            backend._absorb(answer(ver, 2))  # computed before the resize
+            assert gate.capacity == 5
+            backend._absorb(answer(ver + 5, 7))  # a newer state: someone resized again
+            assert gate.capacity == 7
+
+
 async def test_the_capacity_setter_refuses_while_redis_is_unreachable(
     own_redis: RedisServer, gate_name: str
 ) -> None:

@@ -127,6 +127,10 @@ class RedisBackend:
         # Cached global figures (from the newest script answer or message).
         self._ver = -1
         self._capacity = capacity
+        # The version a local resize was made at: only a newer state may replace the
+        # capacity it set in the cache (an answer of that same version was computed
+        # before the resize reached Redis).
+        self._capacity_set_at = -1
         self._active = 0
         self._queued = 0
         self._epoch = ""
@@ -176,6 +180,7 @@ class RedisBackend:
         if not self.healthy:
             raise BackendUnavailable("Redis unreachable: the capacity was not changed")
         before, self._capacity = self._capacity, capacity
+        self._capacity_set_at = self._ver
         self._nursery.start_soon(self._resize_in_background, capacity, before)
 
     async def _resize_in_background(self, capacity: int, before: int) -> None:
@@ -306,12 +311,13 @@ class RedisBackend:
                 self._resync_wanted.set()
                 self._renew_queue_now.set()
             self._epoch = figures.epoch
-            self._ver = -1
+            self._ver = self._capacity_set_at = -1
         if figures.ver >= self._ver:
             self._ver = figures.ver
             self._active = figures.active
             self._queued = figures.queued
-            self._capacity = figures.capacity
+            if figures.ver > self._capacity_set_at:
+                self._capacity = figures.capacity
         for parts in figures.lines():
             if parts[0] == "G":
                 self._deliver(parts[1], Grant(int(parts[2]), int(parts[3])))

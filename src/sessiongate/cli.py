@@ -123,21 +123,35 @@ QUIET_LOGGERS: Final = ("coredis", "httpx")
 LOG_FORMAT: Final = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
-class LineFormatter(logging.Formatter):
-    """The standard formatter, with the date and time of day formatted once a second
-    (``time.strftime`` was a third of a log line's cost; every session's end is one)."""
+class _PerSecond:
+    """A local time formatted with ``fmt`` once a second, not once a log line
+    (``time.strftime`` was a third of a line's cost; every request and every session
+    end writes one)."""
 
-    _second = -1
-    _text = ""
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, at: float) -> str:
+        second = int(at)
+        if second != self._second:
+            self._text = time.strftime(self.fmt, time.localtime(at))
+            self._second = second
+        return self._text
+
+
+class LineFormatter(logging.Formatter):
+    """The standard formatter, with the date and time of day formatted once a second."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._date_time = _PerSecond(self.default_time_format)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None or self.default_msec_format is None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._text = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = second
-        return self.default_msec_format % (self._text, record.msecs)
+        return self.default_msec_format % (self._date_time(record.created), record.msecs)
 
 
 def configure_logging() -> None:
@@ -197,18 +211,12 @@ def _access_logger_class() -> type[Logger]:
     from hypercorn.logging import Logger
 
     class AccessLogger(Logger):
-        _stamp_second = -1
-        _stamp = ""
+        _stamp = _PerSecond("[%d/%b/%Y:%H:%M:%S %z]")
 
         async def access(self, request: Any, response: Any, request_time: float) -> None:
             logger = self.access_logger
             if logger is None or not logger.isEnabledFor(logging.INFO):
                 return
-            now = time.time()
-            second = int(now)
-            if second != self._stamp_second:
-                self._stamp = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now))
-                self._stamp_second = second
             client = request.get("client")
             if client is None:
                 remote = None
@@ -235,7 +243,7 @@ def _access_logger_class() -> type[Logger]:
             logger.info(
                 '%s - - %s "%s %s %s" %s %s "%s" "%s"',
                 remote,
-                self._stamp,
+                self._stamp(time.time()),
                 method,
                 request["path"],
                 request.get("http_version", "ws"),

@@ -482,3 +482,42 @@ def test_log_lines_read_as_the_standard_formatter_writes_them() -> None:
         record = logging.LogRecord("sessiongate.web", logging.INFO, "", 0, "m %s", ("x",), None)
         record.created, record.msecs = created, (created - int(created)) * 1000
         assert ours.format(record) == standard.format(record)
+
+
+async def test_the_access_line_reads_as_hypercorns_default() -> None:
+    """The service's access logger writes Hypercorn's default access format, its time
+    stamp formatted once a second and still the time of the request."""
+    import time
+
+    from hypercorn.config import Config
+
+    from sessiongate.cli import _access_logger_class
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    access = logging.getLogger("test.sessiongate.access")
+    access.handlers[:] = [Collect()]
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    config = Config()
+    config.accesslog = access
+    logger = _access_logger_class()(config)
+    request = {
+        "type": "http",
+        "method": "GET",
+        "path": "/stats",
+        "http_version": "1.1",
+        "client": ("127.0.0.1", 5000),
+        "headers": [(b"user-agent", b"curl/8")],
+    }
+    response = {"status": 200, "headers": [(b"content-length", b"12")]}
+    await logger.access(request, response, 0.001)
+    stamp = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime())
+    assert len(lines) == 1
+    assert lines[0].startswith("127.0.0.1:5000 - - [")
+    assert lines[0].endswith('"GET /stats 1.1" 200 12 "-" "curl/8"')
+    assert lines[0].split(" ")[3][:12] == stamp[:12]  # today's date

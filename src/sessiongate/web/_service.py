@@ -281,8 +281,8 @@ class Service:
     def stamp(self, at: float | None = None) -> Ticket | None:
         """A request's arrival (its FIFO place and the start of its queue deadline):
         ``at``, when its head reached the host, else now; None before the service has
-        started. It
-        reserves nothing: a request that never becomes a session costs nothing."""
+        started. It reserves nothing: a request that never becomes a session costs
+        nothing."""
         gate = self._gate
         return gate.arrive(id=self._session_id(), at=at) if gate is not None else None
 

@@ -6,8 +6,9 @@ CPU. This script isolates one wave: ``sessiongate serve --capacity 1`` with one 
 session holding the slot, N keep-alive connections opened first, then one
 ``POST /sessions`` on each at the same instant; all of them expire ``--max-wait`` later.
 It prints, per round, how late each client got its ``queue_timeout`` answer after its
-own send + max-wait (min / p50 / p99 / max), and the generator's CPU. Nothing here
-asserts on time.
+own send + max-wait (min / p50 / p99 / max), the server's CPU time per answer (from
+half-way through the wait to the last answer: the wave's whole cost, so the maximum is
+about clients x CPU per answer) and the generator's CPU. Nothing here asserts on time.
 
     .venv/bin/python benchmarks/bench_expiry_wave.py                  # 250 clients, 3 rounds
     .venv/bin/python benchmarks/bench_expiry_wave.py --clients 50 --rounds 5
@@ -68,10 +69,19 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def one_wave(port: int, clients: int, max_wait: float, resend: bool) -> list[float]:
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def one_wave(
+    port: int, clients: int, max_wait: float, resend: bool, server_pid: int
+) -> tuple[list[float], float]:
     """Lateness (ms) of every client's expiry answer in one wave (with ``resend``, each
     client sends its next request as soon as it has its answer, as a closed-loop client
-    does; those requests are left to expire after the wave)."""
+    does; those requests are left to expire after the wave), and the server's CPU
+    seconds from half-way through the wait to the last answer."""
     request = build_request("POST", HOST, port, "/sessions", b'{"duration": 0}')
     conns = [await asyncio.open_connection(HOST, port) for _ in range(clients)]
     await asyncio.sleep(0.3)  # every connection accepted and idle
@@ -89,28 +99,34 @@ async def one_wave(port: int, clients: int, max_wait: float, resend: bool) -> li
             conns[i][1].write(request)
         return late
 
+    await asyncio.sleep(max_wait / 2)
+    server_cpu = cpu_seconds(server_pid)
     late = await asyncio.gather(*(answer(i, r) for i, (r, _) in enumerate(conns)))
+    server_cpu = cpu_seconds(server_pid) - server_cpu
     for _, writer in conns:
         writer.close()
-    return list(late)
+    return list(late), server_cpu
 
 
-async def run(clients: int, rounds: int, max_wait: float, port: int, resend: bool) -> None:
+async def run(
+    clients: int, rounds: int, max_wait: float, port: int, resend: bool, server_pid: int
+) -> None:
     hold = build_request("POST", HOST, port, "/sessions", b'{"duration": 100000}')
     _, holder = await asyncio.open_connection(HOST, port)
     holder.write(hold)  # takes the only slot for the whole run
     await asyncio.sleep(0.3)
-    print("| round | clients | min | p50 | p99 | max | generator CPU |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| round | clients | min | p50 | p99 | max | server CPU per answer | generator CPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in range(1, rounds + 1):
         me0 = resource.getrusage(resource.RUSAGE_SELF)
         w0 = time.time()
-        late = await one_wave(port, clients, max_wait, resend)
+        late, server_cpu = await one_wave(port, clients, max_wait, resend, server_pid)
         me1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (me1.ru_utime - me0.ru_utime + me1.ru_stime - me0.ru_stime) / (time.time() - w0)
         print(
             f"| {n} | {clients} | {min(late):.1f} ms | {quantile(late, 0.5):.1f} ms "
-            f"| {quantile(late, 0.99):.1f} ms | {max(late):.1f} ms | {cpu * 100:.0f} % |"
+            f"| {quantile(late, 0.99):.1f} ms | {max(late):.1f} ms "
+            f"| {server_cpu / clients * 1e6:.0f} us | {cpu * 100:.0f} % |"
         )
         await asyncio.sleep(0.3)
     holder.close()
@@ -138,7 +154,7 @@ def main() -> None:
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "sessiongate-bench-wave.log"
     server = start_server(port, a.max_wait, log)
     try:
-        asyncio.run(run(a.clients, a.rounds, a.max_wait, port, a.resend))
+        asyncio.run(run(a.clients, a.rounds, a.max_wait, port, a.resend, server.pid))
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import struct
 import time
 from typing import Any
 
@@ -141,6 +142,133 @@ async def test_client_disconnect_cancels_the_session(where: str) -> None:
             assert stats.queued == 0
             assert stats.active == (1 if where == "queued" else 0)
             assert stats.cancelled == 1
+
+
+@pytest.mark.parametrize(
+    ("where", "after"),
+    [
+        ("active", b"\r\n"),
+        ("queued", b"\r\n"),
+        ("queued", request_bytes("GET", "/stats")),
+    ],
+    ids=["active-stray-crlf", "queued-stray-crlf", "queued-pipelined-get"],
+)
+async def test_a_client_gone_after_pipelining_cancels_its_session(where: str, after: bytes) -> None:
+    """Bytes after the request (a stray CRLF, a pipelined request) pause h11 until the
+    answer is out; the server reads on meanwhile, so a client that resets its
+    connection is still noticed at once (an outside review: the session kept its slot,
+    or its queue place, and ran its whole length for a client long gone)."""
+    with trio.fail_after(10):
+        async with real_server(capacity=1) as (app, base):
+            gate, registry = app.service.gate, app.service.registry
+            if where == "queued":
+                async with httpx.AsyncClient(base_url=base) as client:
+                    blocker = await client.post(
+                        "/sessions", json={"duration": 60}, headers={"Prefer": "respond-async"}
+                    )
+                    assert blocker.status_code == 202
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", port_of(base)))
+            post = request_bytes(
+                "POST", "/sessions", jbody({"duration": 60}), {"Content-Type": "application/json"}
+            )
+            await sock.send(post + after)
+
+            def target() -> list[Any]:
+                return [r for r in registry.live.values() if r.state == where]
+
+            await wait_for(app, lambda: len(target()) == 1)
+            (record,) = target()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset
+            await record.done.wait()
+            assert record.state == "cancelled"
+            assert record.error is not None
+            assert record.error["error"] == "client_disconnected"
+            stats = gate.stats()
+            assert stats.queued == 0
+            assert stats.active == (1 if where == "queued" else 0)
+
+
+async def test_a_pipelined_request_read_during_the_pause_is_answered_in_turn() -> None:
+    """What the server reads while h11 is paused is kept for h11, in order: requests
+    sent, in two more writes, while the first one's session runs are all answered."""
+    json_type = {"Content-Type": "application/json"}
+    with trio.fail_after(10):
+        async with real_server() as (app, base):
+            stream = await raw_request(
+                port_of(base),
+                request_bytes("POST", "/sessions", jbody({"duration": 0.3}), json_type),
+            )
+            async with stream:
+                registry = app.service.registry
+                await wait_for(
+                    app, lambda: any(r.state == "active" for r in registry.live.values())
+                )
+                await stream.send_all(request_bytes("GET", "/healthz"))
+                await stream.send_all(
+                    request_bytes("POST", "/sessions", jbody({"duration": 0}), json_type)
+                )
+                answers = [await read_response(stream) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert json.loads(answers[0][2])["result"] == {"data": {"duration": 0.3}}
+    assert json.loads(answers[1][2])["status"] == "ok"
+    assert json.loads(answers[2][2])["result"] == {"data": {"duration": 0}}
+
+
+@pytest.mark.parametrize("path", ["/sessions", "/nothing"])
+async def test_an_http2_body_that_outlives_its_early_answer_never_stops_the_server(
+    path: str,
+) -> None:
+    """HTTP/2 (prior knowledge): a 413 or a 404 answered before the body has all
+    arrived closes the stream; the rest of the body is ignored. Hypercorn looked the
+    closed stream up for its next DATA frame and the KeyError stopped the process (an
+    outside review)."""
+    with trio.fail_after(20):
+        async with real_server(max_body=4096) as (app, base):
+            async with httpx.AsyncClient(base_url=base, http1=False, http2=True) as client:
+                answer = await client.post(
+                    path, content=b"x" * 200_000, headers={"Content-Type": "application/json"}
+                )
+                assert answer.http_version == "HTTP/2"
+                assert answer.status_code == (413 if path == "/sessions" else 404)
+                assert answer.json()["error"] in ("body_too_large", "not_found")
+                # The same connection, and the server, still serve.
+                again = await client.get("/healthz")
+                assert again.status_code == 200
+            async with httpx.AsyncClient(base_url=base) as client:
+                assert (await client.get("/healthz")).status_code == 200
+            assert app.service.gate.stats().admitted == 0
+
+
+async def test_an_error_in_the_protocol_closes_that_connection_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong while a connection's bytes are handled ends that connection
+    (logged), never the server, and its session is cancelled like any whose client
+    went away."""
+    from hypercorn.protocol.h11 import H11Protocol
+
+    original = H11Protocol._handle_events
+
+    async def fail_on_marker(self: H11Protocol) -> None:
+        if b"X-Fail: yes" in self.connection.trailing_data[0]:
+            raise RuntimeError("a fault in the protocol")
+        await original(self)
+
+    monkeypatch.setattr(H11Protocol, "_handle_events", fail_on_marker)
+    with trio.fail_after(10):
+        async with real_server() as (_, base):
+            port = port_of(base)
+            stream = await raw_request(
+                port, request_bytes("GET", "/healthz", headers={"X-Fail": "yes"})
+            )
+            async with stream:
+                assert await stream.receive_some() == b""  # closed, unanswered
+            healthy = await raw_request(port, request_bytes("GET", "/healthz"))
+            async with healthy:
+                assert (await read_response(healthy))[0] == 200
+    assert any("error in the HTTP protocol" in r.getMessage() for r in caplog.records)
 
 
 async def read_events(response: httpx.Response) -> Any:

@@ -1,7 +1,7 @@
 """Fixes to Hypercorn 0.18's Trio connection handler (``TCPServer``'s
-``protocol_send``, ``_idle_timeout`` and ``_read_data``, and ``H11Protocol``'s
-``stream_send`` and ``_send_error_response``), and the kernel's receive time of each
-request.
+``protocol_send``, ``_idle_timeout`` and ``_read_data``, ``H11Protocol``'s
+``stream_send``, ``_send_error_response`` and ``can_read``, and ``H2Protocol``'s
+streams), and the kernel's receive time of each request.
 
 **A race that crashed the server.** Hypercorn closes a connection (``TCPServer._close``:
 ``send_eof``, which checkpoints while it holds the stream's send side, then ``aclose``)
@@ -75,6 +75,22 @@ What is left of the request once its answer is out and logged (the connection's
 recycling, the app's teardown: about a quarter of an expiry answer's step) waits one
 scheduler pass, so the other answers due in the same pass go out first.
 
+**One connection's fault stopped the server.** An exception while Hypercorn handles
+what a client sent escaped the connection's task to the server's nursery and stopped
+the whole process: an HTTP/2 request (prior knowledge) whose body was still arriving
+when the app answered it early (a 413, a 404) did it every time, since Hypercorn looked
+up the closed stream for the next DATA frame (an outside review). Such a DATA frame is
+now ignored, as Hypercorn already ignores a closed stream's end; and any fault in a
+connection's protocol handling is logged and closes that connection only (its streams
+hear that their client went away).
+
+**A client gone behind a pipelined request was never noticed.** Anything a client sends
+after a request (a pipelined request, a stray CRLF) before its answer pauses h11, and
+Hypercorn stopped reading until the answer was out: a synchronous caller that went away
+meanwhile kept its session's slot or queue place until the session ended (an outside
+review). The connection now reads on while h11 is paused, keeping what it reads for
+h11 (up to ``h11_max_incomplete_size``), so the end of the connection is seen at once.
+
 **The arrival stamp.** The read loop reads with ``recvmsg`` and asks the kernel for
 each read's receive time (``SO_TIMESTAMPNS``), for the app's arrival stamps
 (``_receive_stamps``).
@@ -97,10 +113,12 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import socket
 import weakref
+from typing import Any
 
 import attrs
 import h11
@@ -108,10 +126,14 @@ import trio
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.typing import Event as HypercornEvent
 
 from . import _receive_stamps
+
+log = logging.getLogger("sessiongate.web")
 
 
 async def _acquire(lock: trio.Lock) -> None:
@@ -215,12 +237,82 @@ def _stamped_socket(self: TCPServer) -> trio.socket.SocketType | None:
     return sock
 
 
+class _ClientGone(Exception):
+    """The client closed or reset its connection while h11 held a pipelined request."""
+
+
+class _ReadWhilePaused:
+    """An HTTP/1 connection's ``can_read`` (Hypercorn's event that h11's pause waits on),
+    reading on while it waits.
+
+    When a client sends anything after a request (a pipelined request, or one stray
+    CRLF) before that request is answered, h11 pauses, and Hypercorn's read loop waits
+    on ``can_read`` until the answer is out: it stopped reading, so a client that went
+    away meanwhile was never noticed, and a synchronous session kept its slot or queue
+    place for a client long gone (an outside review: a session ran its whole length for
+    a client that had reset its connection). Here the wait goes on reading: the bytes
+    go to h11's buffer (stamped, as the read loop stamps), up to Hypercorn's
+    ``h11_max_incomplete_size`` (then it only waits, as Hypercorn did); the end of the
+    connection raises :class:`_ClientGone` to the read loop, which closes the
+    connection's stream as for any client that went away.
+    """
+
+    def __init__(
+        self, event: Any, protocol: H11Protocol, sock: trio.socket.SocketType, server: TCPServer
+    ) -> None:
+        self._event = event
+        self._protocol = protocol
+        self._sock = sock
+        self._server = server
+        self._reading: trio.CancelScope | None = None
+
+    async def clear(self) -> None:
+        await self._event.clear()
+
+    async def set(self) -> None:
+        await self._event.set()
+        if self._reading is not None:
+            self._reading.cancel()  # the answer is out: h11 takes up what was read
+
+    def is_set(self) -> bool:
+        return bool(self._event.is_set())
+
+    async def wait(self) -> None:
+        connection = self._protocol.connection
+        if self._event.is_set() or not isinstance(connection, h11.Connection):
+            await self._event.wait()
+            return
+        with trio.CancelScope() as self._reading:
+            await self._read_until_set(connection)
+        self._reading = None
+
+    async def _read_until_set(self, connection: h11.Connection) -> None:
+        limit = self._server.config.h11_max_incomplete_size
+        state = _connection_state(self._server)
+        while len(connection.trailing_data[0]) < limit:
+            try:
+                data, ancillary, _, _ = await self._sock.recvmsg(
+                    MAX_RECV, _receive_stamps.ANCILLARY
+                )
+            except (OSError, trio.ClosedResourceError):
+                raise _ClientGone from None
+            if not data:
+                raise _ClientGone
+            _receive_stamps.latest_read.set((_receive_stamps.received(ancillary), state))
+            connection.receive_data(data)
+        await self._event.wait()  # as much as h11 may hold: wait, as Hypercorn does
+
+
 async def _read_stamped(self: TCPServer, sock: trio.socket.SocketType) -> None:
     """Hypercorn's read loop (``stream.receive_some``), reading with ``recvmsg`` to
-    learn each read's receive stamp."""
+    learn each read's receive stamp, and reading on while h11 is paused
+    (:class:`_ReadWhilePaused`)."""
     read_timeout = self.config.read_timeout
     ancillary_size = _receive_stamps.ANCILLARY
     state = _connection_state(self)
+    protocol = self.protocol.protocol
+    if isinstance(protocol, H11Protocol):
+        protocol.can_read = _ReadWhilePaused(protocol.can_read, protocol, sock, self)
     while True:
         try:
             if read_timeout:
@@ -231,7 +323,10 @@ async def _read_stamped(self: TCPServer, sock: trio.socket.SocketType) -> None:
         except (OSError, trio.ClosedResourceError, trio.TooSlowError):
             break  # as Hypercorn's: gone (BrokenResourceError there), closed, timed out
         _receive_stamps.latest_read.set((_receive_stamps.received(ancillary), state))
-        await self.protocol.handle(RawData(data))
+        try:
+            await self.protocol.handle(RawData(data))
+        except _ClientGone:
+            break
         if not data:
             break
     await self.protocol.handle(Closed())
@@ -241,15 +336,30 @@ async def _read_data(self: TCPServer) -> None:
     """Hypercorn's read loop; when it ends (the client closed, or the connection is
     being closed) the keep-alive task ends too, so the socket is closed at once instead
     of when the task next wakes, or never while the connection was busy (an outside
-    review: thousands of CLOSE-WAIT sockets and "Too many open files")."""
+    review: thousands of CLOSE-WAIT sockets and "Too many open files").
+
+    An error in the protocol's handling of what a client sent ends that connection
+    (logged, and its streams told the client is gone), never the server: Hypercorn let
+    it escape to the server's nursery, and one HTTP/2 request stopped the process."""
     try:
         sock = _stamped_socket(self)
         if sock is None:
             await _original_read_data(self)
         else:
             await _read_stamped(self, sock)
+    except Exception:
+        log.exception("connection from %s: error in the HTTP protocol; closing it", _peer(self))
+        try:
+            await self.protocol.handle(Closed())
+        except Exception:
+            log.debug("connection from %s: closing its streams failed too", _peer(self))
     finally:
         _stop_idle_timer(self)
+
+
+def _peer(self: TCPServer) -> str:
+    client = getattr(getattr(self, "protocol", None), "client", None)
+    return f"{client[0]}:{client[1]}" if client and len(client) == 2 else repr(client)
 
 
 _original_read_data = TCPServer._read_data
@@ -434,13 +544,46 @@ async def _send_error_response(self: H11Protocol, status_code: int) -> None:
     await self._send_h11_event(h11.EndOfMessage())
 
 
+class _ClosedStream:
+    """What an HTTP/2 event for a stream already closed goes to: nothing."""
+
+    async def handle(self, event: HypercornEvent | StreamEvent) -> None:
+        return None
+
+
+class _Streams(dict[int, Any]):
+    """An HTTP/2 connection's streams by id; an id no longer there is a closed stream.
+
+    An app that answers before the whole body arrived (a 413, a 404, a 401) closes its
+    stream; the body's next DATA frame then found no stream, and Hypercorn's KeyError
+    stopped the whole server (an outside review, with ``curl --http2-prior-knowledge``
+    and a large body). Hypercorn already ignores a closed stream's end; its DATA is
+    ignored the same way (its flow-control credit is still given back by Hypercorn)."""
+
+    def __missing__(self, stream_id: int) -> _ClosedStream:
+        return _CLOSED_STREAM
+
+
+_CLOSED_STREAM = _ClosedStream()
+
+
+def _h2_init(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
+    _original_h2_init(self, *args, **kwargs)
+    self.streams = _Streams(self.streams)
+
+
+_original_h2_init = H2Protocol.__init__
+
+
 @functools.cache  # once per process, however many apps are made
 def apply() -> None:
-    """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``, and
-    ``H11Protocol.stream_send`` and ``_send_error_response``."""
+    """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``,
+    ``H11Protocol.stream_send`` and ``_send_error_response``, and ``H2Protocol``'s
+    streams."""
     _receive_stamps.keep_the_kernel_stamping()
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
     TCPServer._idle_timeout = _idle_timeout  # type: ignore[method-assign]
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
     H11Protocol.stream_send = stream_send  # type: ignore[method-assign]
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
+    H2Protocol.__init__ = _h2_init  # type: ignore[method-assign]

@@ -459,6 +459,60 @@ async def test_a_dead_waiters_grant_lives_no_longer_than_its_queue_lease(  # typ
             await backend._call("release", ["dead:2"], limit=1)
 
 
+def zscore(server: RedisServer, key: str, member: str) -> float:
+    return float(server.command("ZSCORE", key, member).split(b"\r\n")[1])
+
+
+async def test_a_renewal_that_reaches_redis_late_extends_no_lease(  # type: ignore[no-untyped-def]
+    open_backend, redis_server: RedisServer, gate_name: str
+) -> None:
+    # A renewal sent while Redis stalled runs when Redis resumes, whether or not its
+    # holder is still there to want it (an outside review: a holder killed during a
+    # 2.4 s stall had its slots renewed for a whole TTL after Redis resumed). It carries
+    # the latest expiry it may give, a TTL after it was sent: late, it extends nothing.
+    holders = f"sg:{{{gate_name}}}:holders"
+    with trio.fail_after(10):
+        async with open_backend(capacity=1, lease_ttl=3.0) as backend:
+            held = await backend._call("enqueue", ["1", "m:1", "1", "10", "0"], limit=1)
+            assert held[0] == "G"
+            granted = zscore(redis_server, holders, "m:1")
+            now = granted - 3_000
+            # Sent 2.5 s ago: its bound (now + 0.5 s) is below the lease it has.
+            late = await backend._call("renew", ["m:1", "", held[1], str(int(now + 500))], limit=1)
+            assert late[0] == "OK"
+            assert zscore(redis_server, holders, "m:1") == granted  # neither longer nor shorter
+            # Sent more than a TTL ago: nothing to renew any more.
+            stale = await backend._call("renew", ["m:1", "", held[1], str(int(now - 10))], limit=1)
+            assert stale[0] == "LOST"
+            assert zscore(redis_server, holders, "m:1") == granted
+            # On time: a TTL from its sending (by the backend's own bound).
+            await trio.sleep(0.05)
+            bound = backend._clock.redis_at_most(trio.current_time())
+            assert bound is not None
+            fresh = await backend._call("renew", ["m:1", "", held[1], str(bound + 3_000)], limit=1)
+            assert fresh[0] == "OK"
+            renewed = zscore(redis_server, holders, "m:1")
+            assert granted + 40 < renewed <= bound + 3_000
+            await backend._call("release", ["m:1"], limit=1)
+
+
+async def test_slots_left_to_the_forgetter_are_given_back_on_the_way_out(  # type: ignore[no-untyped-def]
+    open_backend, redis_server: RedisServer, gate_name: str
+) -> None:
+    # A drain while Redis stalls leaves its lease_lost sessions' slots to the forgetter;
+    # the process then exited without writing them, and the slots stayed taken until
+    # their leases lapsed (an outside review). The way out makes one last call.
+    holders = f"sg:{{{gate_name}}}:holders"
+    with trio.fail_after(10):
+        async with open_backend(capacity=2) as backend:
+            for member in ("m:1", "m:2"):
+                assert (await backend._call("enqueue", ["1", member, "1", "10", "0"], limit=1))[
+                    0
+                ] == "G"
+            backend._forget_later(["m:1", "m:2"])  # no checkpoint: the forgetter never ran
+    assert zcard(redis_server, holders) == 0
+
+
 async def test_place_is_fixed_by_arrival_not_by_enqueue(open_backend) -> None:  # type: ignore[no-untyped-def]
     """An arrival stamped earlier but entering later (a slow request body) goes ahead."""
     with trio.fail_after(10):

@@ -252,15 +252,26 @@ elseif op == 'release' or op == 'forget' then
   admit()
 
 elseif op == 'renew' then
-  -- ARGV 7 member, 8 the epoch its slot was granted in, 9 its fence.
-  -- Result: 'OK' exp epoch | 'LOST'. A slot missing because Redis lost the gate is
-  -- re-registered if a slot is free (never above the cap).
+  -- ARGV 7 member, 8 the epoch its slot was granted in, 9 its fence, 10 the latest
+  -- expiry it may give (Redis ms: a TTL after the latest instant the holder can have
+  -- sent it; '' for none). Result: 'OK' exp epoch | 'LOST'. A slot missing because
+  -- Redis lost the gate is re-registered if a slot is free (never above the cap).
+  -- The bound: a renewal that reaches Redis late (sent while Redis stalled, and run
+  -- when it resumed, after its holder had died or given the session up) extends the
+  -- lease no further than a TTL from when it was sent, never a TTL from now.
   local m = ARGV[7]
   local exp = now + ttl
-  if redis.call('ZSCORE', K_HOLDERS, m) then
+  if ARGV[10] and ARGV[10] ~= '' then
+    exp = math.min(exp, tonumber(ARGV[10]))
+  end
+  local current = redis.call('ZSCORE', K_HOLDERS, m)
+  if current and exp <= now then
+    extra = {'LOST', '', ''}  -- too late to renew anything: nobody waits for it now
+  elseif current then
+    exp = math.max(exp, tonumber(current))  -- a renewal never shortens a lease
     redis.call('ZADD', K_HOLDERS, 'XX', exp, m)
     extra = {'OK', fmt(exp), epoch}
-  elseif epoch ~= ARGV[8] and redis.call('ZCARD', K_HOLDERS) < cap then
+  elseif exp > now and epoch ~= ARGV[8] and redis.call('ZCARD', K_HOLDERS) < cap then
     local fence = tonumber(ARGV[9])
     redis.call('ZADD', K_HOLDERS, exp, m)
     redis.call('HSET', K_FENCES, m, ARGV[9])

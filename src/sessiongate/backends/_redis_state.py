@@ -6,6 +6,7 @@ to Redis.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
@@ -131,6 +132,13 @@ class ClockBound:
         if not recent:
             return None
         return redis_ms / 1000 - min(s[2] for s in recent)
+
+    def redis_at_most(self, local: float) -> int | None:
+        """The latest Redis time (ms) that local time ``local`` can be."""
+        recent = self._recent()
+        if not recent:
+            return None
+        return math.ceil((local + min(s[2] for s in recent)) * 1000)
 
     def latest(self, redis_ms: int) -> float | None:
         """The latest local time ``redis_ms`` can come at (when lapsed leases are due)."""

@@ -496,10 +496,15 @@ class RedisBackend:
                     # Learned locally (e.g. after a pause): never renew a lapsed lease.
                     body_scope.cancel()
                     return
+                # The latest expiry this renewal may give: a TTL from the latest Redis
+                # instant "now" can be, so that one Redis runs late (after a stall,
+                # perhaps after this process died) extends nothing further.
+                sent_at_most = self._clock.redis_at_most(now)
+                bound = "" if sent_at_most is None else str(sent_at_most + self._ttl_ms)
                 try:
                     answer = await self._call(
                         "renew",
-                        [lease.member, lease.epoch, str(lease.fence)],
+                        [lease.member, lease.epoch, str(lease.fence), bound],
                         limit=max(0.01, min(every, lease.valid_until - now)),
                     )
                 except _Unreachable:
@@ -620,6 +625,26 @@ class RedisBackend:
             else:
                 for member in members:
                     self._forgetting.pop(member, None)
+
+    async def _forget_before_exit(self) -> None:
+        """On the way out, one last call for what the forgetter still holds (a slot
+        given up while Redis stalled: a drain's ``lease_lost`` sessions), bounded by
+        CLEANUP_GRACE. Dropped with the process, those slots waited for their leases to
+        lapse; a Redis that is stalled still runs the call when it resumes."""
+        members = list(self._forgetting)
+        if not members:
+            return
+        try:
+            await self._call("forget", members, limit=CLEANUP_GRACE)
+        except _Unreachable:
+            logger.warning(
+                "gate %r: %d slot(s) or queue place(s) left to their leases' lapse",
+                self.gate_name,
+                len(members),
+            )
+        else:
+            for member in members:
+                self._forgetting.pop(member, None)
 
     async def _listener(self) -> None:
         """Receive published changes: hand-offs, figures and the queue mirror."""
@@ -804,6 +829,7 @@ async def open_redis_backend(
             except BaseException as exc:
                 raised = exc
                 raise
+            await backend._forget_before_exit()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # Our tasks and coredis's never raise out of these nurseries (they reconnect):

@@ -172,7 +172,9 @@ def _bind(text: str) -> str:
             raise ValueError(f"fd:// needs a file descriptor number, got {text!r}")
         return value
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not _PORT.fullmatch(port) or int(port) > 65535:
+    # A host with a colon is an IPv6 address, and then in brackets ([::1]:8000).
+    bare_colon = ":" in host and not (host.startswith("[") and host.endswith("]"))
+    if not sep or not host or bare_colon or not _PORT.fullmatch(port) or int(port) > 65535:
         raise ValueError(f"must be HOST:PORT (or unix:PATH, fd://N), got {text!r}")
     return value
 

@@ -82,6 +82,7 @@ def never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--bind", "fd://abc"], "--bind"),
         (["--bind", "unix:"], "--bind"),
         (["--bind", "127.0.0.1:+80"], "--bind"),
+        (["--bind", "127.0.0.1:8000:1"], "--bind"),
         (["--cap", "5"], "--cap"),
     ],
 )
@@ -249,6 +250,37 @@ def test_a_subprocess_refuses_bad_settings_with_one_line() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.count(b"\n") == 1 and b"--capacity" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variables", "hypercorn_args", "setting"),
+    [
+        ({"SESSIONGATE_CAPACITY": "0"}, [], "SESSIONGATE_CAPACITY"),
+        ({"SESSIONGATE_HANDLER": "no_such_module_here:fn"}, [], "SESSIONGATE_HANDLER"),
+        ({}, ["--workers", "2"], "hypercorn --workers"),
+    ],
+)
+def test_plain_hypercorn_refuses_bad_settings_with_one_line(
+    variables: dict[str, str], hypercorn_args: list[str], setting: str
+) -> None:
+    """Under ``hypercorn 'sessiongate.web:create_app()'`` a bad setting was a traceback
+    of 20-36 lines, and Hypercorn's own ``--workers 2`` on the in-memory backend two
+    gates with a cap each (outside review). Now each worker says it in one line and
+    exits with status 2 (Hypercorn 0.18's parent process still exits 0: its bug)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
+    env.update(variables)
+    command = [sys.executable, "-m", "hypercorn", "-k", "trio", "--bind", "127.0.0.1:0"]
+    result = subprocess.run(
+        [*command, *hypercorn_args, "sessiongate.web:create_app()"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    lines = result.stderr.decode().splitlines()
+    assert lines, "refused without a word"
+    assert all(line.startswith("sessiongate: invalid ") and setting in line for line in lines)
+    assert len(lines) == int(hypercorn_args[1]) if hypercorn_args else len(lines) == 1
 
 
 @asynccontextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -13,9 +14,10 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
-from ..config import Settings
+from ..config import ConfigError, Settings
 from . import _hypercorn_fix
 from ._errors import ApiError, dumps, error_response, json_response
+from ._handlers import HandlerLoadError
 from ._peers import Peers
 from ._receive_stamps import request_received_at
 from ._routes import check_admin, register
@@ -160,6 +162,22 @@ class SessionGateApp(QuartTrio):
     service: Service
 
 
+def _hypercorn_workers() -> int | None:
+    """How many worker processes the Hypercorn loading this app runs
+    (``hypercorn -k trio -w N 'sessiongate.web:create_app()'``), read from the ``config``
+    of Hypercorn's worker function up the call stack; None when no Hypercorn worker is
+    loading it (``sessiongate serve``, tests, an app made in code)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name.endswith("_worker") and str(
+            frame.f_globals.get("__name__", "")
+        ).startswith("hypercorn."):
+            workers = getattr(frame.f_locals.get("config"), "workers", None)
+            return workers if isinstance(workers, int) else None
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
 def create_app(
     settings: Settings | None = None, *, environ: Mapping[str, str] | None = None
 ) -> SessionGateApp:
@@ -172,10 +190,26 @@ def create_app(
         sessiongate.config.ConfigError: an invalid variable.
         sessiongate.web.HandlerLoadError: ``--handler`` cannot be imported.
     """
-    if settings is None:
-        settings = Settings.from_environ(os.environ if environ is None else environ)
+    workers = _hypercorn_workers()
+    try:
+        if settings is None:
+            settings = Settings.from_environ(os.environ if environ is None else environ)
+            if workers is not None and workers > 1 and not settings.redis:
+                raise ConfigError(
+                    "hypercorn --workers",
+                    f"{workers} workers need a shared backend (SESSIONGATE_BACKEND="
+                    "redis://...); with the in-memory backend each would have its own cap",
+                )
+        service = Service(settings)
+    except (ConfigError, HandlerLoadError) as error:
+        if workers is None:
+            raise
+        # Loaded by Hypercorn's worker: one line, as `sessiongate serve` says it, and
+        # exit status 2, instead of a traceback.
+        prefix = "invalid SESSIONGATE_HANDLER: " if isinstance(error, HandlerLoadError) else ""
+        print(f"sessiongate: {prefix}{error}", file=sys.stderr)
+        raise SystemExit(2) from None
     _hypercorn_fix.apply()
-    service = Service(settings)
     service.peers = Peers.from_environ(os.environ)
     app = SessionGateApp("sessiongate.web", static_folder=None)
     app.service = service

@@ -183,7 +183,8 @@ _PORT = re.compile(r"[0-9]{1,5}")
 
 
 def _token(text: str) -> str | None:
-    return text if text else None
+    # Whitespace around a value is ignored, as for every setting: only blanks is none.
+    return text.strip() or None
 
 
 @attrs.frozen

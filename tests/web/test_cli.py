@@ -132,6 +132,12 @@ def test_a_malformed_backend_variable_stops_with_one_line(
     assert err.count("\n") == 1 and "SESSIONGATE_BACKEND" in err
 
 
+def test_a_blank_admin_token_is_no_token() -> None:
+    # Whitespace around a value is ignored: a blank token made every admin call 401.
+    assert Settings.from_args(["--admin-token", "  "], {}).admin_token is None
+    assert Settings.from_args(["--admin-token", " t0k "], {}).admin_token == "t0k"
+
+
 def test_whole_numbers_are_digits_within_range() -> None:
     settings = Settings.from_args(["--capacity", " 1000000000 ", "--max-queue", "007"], {})
     assert (settings.capacity, settings.max_queue) == (1_000_000_000, 7)

@@ -271,6 +271,21 @@ async def test_an_error_in_the_protocol_closes_that_connection_only(
     assert any("error in the HTTP protocol" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_non_ascii_admin_token_works_as_clients_send_it() -> None:
+    """Clients send a header's non-ASCII characters as UTF-8; the token was compared
+    with the header decoded as Latin-1, so such a token never matched (outside review)."""
+    with trio.fail_after(10):
+        async with real_server(admin_token="s\u00e9cret") as (_, base):
+            port = port_of(base)
+            answers = []
+            for token in ("s\u00e9cret".encode(), "s\u00e9cret".encode("latin-1")):
+                head = b"GET /sessions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer %s\r\n\r\n"
+                stream = await raw_request(port, head % token)
+                async with stream:
+                    answers.append((await read_response(stream))[0])
+    assert answers == [200, 401]
+
+
 async def read_events(response: httpx.Response) -> Any:
     event: dict[str, Any] = {}
     async for line in response.aiter_lines():
@@ -593,27 +608,42 @@ async def test_a_slow_reader_gets_the_whole_answer(monkeypatch: pytest.MonkeyPat
             assert json.loads(body)["result"]["data"]["pad"] == big
 
 
-@pytest.mark.parametrize("path", ["/stats", "/sessions/abc", "/nothing"])
-async def test_a_websocket_handshake_is_a_json_400(path: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "token", "expected"),
+    [
+        ("/stats", None, ("invalid_request", 400)),
+        ("/sessions/abc", None, ("invalid_request", 400)),
+        ("/nothing", None, ("invalid_request", 400)),
+        # The admin token is checked first on every /admin path (outside review: 400).
+        ("/admin/capacity", None, ("forbidden", 403)),
+        ("/admin/capacity", "wrong", ("unauthorized", 401)),
+        ("/admin/x", "t0ken", ("invalid_request", 400)),
+    ],
+)
+async def test_a_websocket_handshake_is_a_json_error(
+    path: str, token: str | None, expected: tuple[str, int]
+) -> None:
     """No WebSocket endpoint: a handshake on any path is refused with a JSON error, not
     a 500 and a traceback from error handlers made for HTTP (outside review)."""
-    handshake = request_bytes(
-        "GET",
-        path,
-        headers={
-            "Upgrade": "websocket",
-            "Connection": "Upgrade",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Version": "13",
-        },
-    )
+    headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    handshake = request_bytes("GET", path, headers=headers)
+    admin_token = None if path.startswith("/admin") and token is None else "t0ken"
     with trio.fail_after(10):
-        async with real_server() as (_, base):
+        async with real_server(admin_token=admin_token) as (_, base):
             stream = await raw_request(port_of(base), handshake)
-            status, headers, body = await read_response(stream)
+            status, answer_headers, body = await read_response(stream)
             await stream.aclose()
-    assert status == 400 and headers["content-type"] == "application/json"
-    assert json.loads(body)["error"] == "invalid_request"
+    assert answer_headers["content-type"] == "application/json"
+    assert (json.loads(body)["error"], status) == expected
+    if status == 401:
+        assert answer_headers["www-authenticate"] == 'Bearer realm="sessiongate"'
 
 
 async def test_a_request_counts_from_when_it_reached_the_host(sample_handlers: str) -> None:

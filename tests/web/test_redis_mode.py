@@ -287,3 +287,71 @@ async def test_streams_passed_between_workers_get_their_final_event_at_shutdown(
                 process.send_signal(signal.SIGTERM)
             assert finals == ["cancelled"] * 6
             assert await process.wait() == 0
+
+
+async def test_a_stream_passed_on_is_cut_when_its_worker_dies(redis_url: str) -> None:
+    """An event stream passed on from a sibling ended like a finished stream when that
+    sibling died (no terminal event, yet a clean end: an outside review); it is cut, as
+    the dead worker's own connections are. Streams of the other worker's session go on."""
+    prefer = {"Prefer": "respond-async"}
+
+    def fresh() -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=base, timeout=20, headers={"Connection": "close"})
+
+    with trio.fail_after(60):
+        async with serve_process(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--capacity", "40", "--shutdown-grace", "1",
+        ) as (process, base):  # fmt: skip
+            urls: dict[str, str] = {}  # worker -> a long session of its own
+            while len(urls) < 2:
+                async with fresh() as client:
+                    made = await client.post("/sessions", json={"duration": 60}, headers=prefer)
+                urls.setdefault(made.json()["id"].split(".")[0], made.headers["Location"])
+            ends: dict[str, list[str]] = {worker: [] for worker in urls}
+
+            async def follow(worker: str, task_status: trio.TaskStatus[None]) -> None:
+                names: list[str] = []
+                try:
+                    async with (
+                        fresh() as client,
+                        client.stream("GET", f"{urls[worker]}/events") as events,
+                    ):
+                        async for line in events.aiter_lines():
+                            if line.startswith("event: "):
+                                names.append(line[7:])
+                                if len(names) == 1:
+                                    task_status.started()
+                except httpx.TransportError:
+                    ends[worker].append("cut")
+                else:
+                    ends[worker].append(names[-1])
+
+            async with trio.open_nursery() as nursery:
+                for worker in urls:
+                    for _ in range(4):  # on new connections: some land on the other worker
+                        await nursery.start(follow, worker)
+                os.kill(min(_children(process.pid)), signal.SIGKILL)
+
+                async def dead_worker() -> str | None:
+                    for worker, url in urls.items():
+                        async with fresh() as client:
+                            if (await client.get(url)).status_code == 404:
+                                return worker
+                    return None
+
+                async def known() -> bool:
+                    return await dead_worker() is not None
+
+                await until(known)
+                dead = await dead_worker()
+                assert dead is not None
+                (alive,) = set(urls) - {dead}
+                async with fresh() as client:
+                    assert (await client.delete(urls[alive])).status_code == 200
+            assert ends[dead] == ["cut"] * 4
+            # The other session's streams: cut where the connection was the dead
+            # worker's own, else ended with the terminal event.
+            assert len(ends[alive]) == 4 and set(ends[alive]) <= {"cut", "cancelled"}
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0

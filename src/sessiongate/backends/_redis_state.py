@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 from sortedcontainers import SortedList
+
+if TYPE_CHECKING:
+    from .._gate import Ticket
 
 
 @attrs.frozen
@@ -86,6 +89,8 @@ class Waiter:
     granted: trio.Event = attrs.field(factory=trio.Event)
     grant: Grant | None = None
     grant_seen_at: float = 0.0
+    #: The session's ticket, stamped at the instant its grant is seen (a hand-off).
+    ticket: Ticket | None = None
 
 
 @attrs.define(eq=False)

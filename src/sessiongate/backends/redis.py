@@ -329,6 +329,11 @@ class RedisBackend:
             waiter.grant = grant
             waiter.grant_seen_at = trio.current_time()
             waiter.granted.set()
+            ticket = waiter.ticket
+            if ticket is not None and ticket.queued and ticket.admitted_at is None:
+                # Stamped now, in the order Redis granted (one change can hand over
+                # several slots), not as Trio happens to run the woken tasks.
+                ticket.handed_over()
 
     def _note_deadline(self, redis_ms: int) -> None:
         if redis_ms < 0:
@@ -360,7 +365,7 @@ class RedisBackend:
         """
         member = f"{self._proc}:{next(self._counter)}"
         key = (ticket.arrived_at, ticket.seq, member)
-        waiter = Waiter(member, key, deadline_scope is not None, max_queue)
+        waiter = Waiter(member, key, deadline_scope is not None, max_queue, ticket=ticket)
         async with self._place(ticket, waiter):
             if deadline_scope is None:
                 await self._wait_for_grant(waiter, ticket)  # admitted now, or WouldBlock

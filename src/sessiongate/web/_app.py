@@ -16,11 +16,11 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 
 from ..config import ConfigError, Settings
 from . import _hypercorn_fix
-from ._errors import ApiError, dumps, error_response, json_response
+from ._errors import STATUS, ApiError, dumps, error_response, json_response
 from ._handlers import HandlerLoadError
-from ._peers import Peers
+from ._peers import OwnerGone, Peers
 from ._receive_stamps import request_received_at
-from ._routes import check_admin, register
+from ._routes import admin_refusal, check_admin, register
 from ._service import ARRIVAL_KEY, Service
 
 log = logging.getLogger("sessiongate.web")
@@ -90,9 +90,13 @@ class _Connection(TrioASGIHTTPConnection):
         # Quart-Trio's own __call__, except that the request is handled in this task
         # rather than in a second child: one task spawn less per request.
         request = self._create_request_from_scope(send_closing_shielded)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.handle_messages, nursery, request, receive)
-            await self.handle_request(nursery, request, send_closing_shielded)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.handle_messages, nursery, request, receive)
+                await self.handle_request(nursery, request, send_closing_shielded)
+        except* OwnerGone as gone:
+            # The answer stays unfinished: Hypercorn cuts the connection.
+            log.warning("%s; cutting the client's connection", gone.exceptions[0])
 
 
 #: The largest request head (request line and headers) served. h11 refuses a head still
@@ -136,19 +140,36 @@ def _closes_after(http_version: str | None, headers: Iterable[tuple[bytes, bytes
 class _NoWebsockets:
     """The service has no WebSocket endpoint: a WebSocket handshake, on any path, is
     refused with a JSON 400 (Quart would route it, find nothing, and answer 500 from
-    error handlers that expect an HTTP request; an outside review)."""
+    error handlers that expect an HTTP request; an outside review); on an ``/admin``
+    path the admin token is checked first (401, 403), as for every request there."""
 
-    def __init__(self, app: object, scope: Mapping[str, Any]) -> None:
+    def __init__(self, app: SessionGateApp, scope: Mapping[str, Any]) -> None:
         self.scope = scope
+        self.token = app.service.settings.admin_token
 
     async def __call__(self, receive, send) -> None:  # type: ignore[no-untyped-def]
-        body = dumps({"error": "invalid_request", "detail": "this server does not speak WebSocket"})
+        status = 400
+        error = ApiError("invalid_request", "this server does not speak WebSocket")
+        path = self.scope.get("path", "")
+        if path == "/admin" or path.startswith("/admin/"):
+            authorization = [
+                value.decode("latin-1")
+                for name, value in self.scope.get("headers", ())
+                if name.lower() == b"authorization"
+            ]
+            refusal = admin_refusal(self.token, authorization)
+            if refusal is not None:
+                error, status = refusal, STATUS[refusal.code]
+        body = dumps({"error": error.code, "detail": error.detail})
         if "websocket.http.response" in self.scope.get("extensions", {}):
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", b"%d" % len(body)),
+                *((k.lower().encode(), v.encode("latin-1")) for k, v in error.headers.items()),
             ]
-            await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
+            await send(
+                {"type": "websocket.http.response.start", "status": status, "headers": headers}
+            )
             await send({"type": "websocket.http.response.body", "body": body})
         else:  # a server without the extension answers 403 to a close before accept
             await send({"type": "websocket.close", "code": 1003})

@@ -47,6 +47,10 @@ _SIBLING_ID = re.compile(r"w([0-9]{1,4})\.[A-Za-z0-9_-]{22}")
 _PASSED_HEADERS = ("content-type", "cache-control", "x-accel-buffering", "retry-after", "allow")
 
 
+class OwnerGone(Exception):
+    """The worker that has the session went away while its answer was passed on."""
+
+
 @attrs.define
 class Peers:
     """This worker's number, and where every worker's private socket is."""
@@ -117,8 +121,12 @@ class Peers:
             try:
                 async for chunk in answer.aiter_raw():
                     yield chunk
-            except httpx.TransportError:
-                return  # the owner went away mid-stream: the stream just ends
+            except httpx.TransportError as error:
+                # The owner went away mid-stream. Ending the stream here would read as
+                # a stream that ended (an outside review: no terminal event, yet a
+                # clean end); the client's connection is cut instead, as the owner's
+                # own connections were.
+                raise OwnerGone(f"worker {owner} went away while passing on {path}") from error
             finally:
                 await answer.aclose()
                 self._done()

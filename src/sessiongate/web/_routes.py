@@ -39,19 +39,29 @@ def check_admin(token: str | None) -> None:
     Raises:
         ApiError: ``forbidden`` (no token configured) or ``unauthorized``.
     """
+    refusal = admin_refusal(token, request.headers.getlist("Authorization"))
+    if refusal is not None:
+        raise refusal
+
+
+def admin_refusal(token: str | None, authorization: list[str]) -> ApiError | None:
+    """Why a request with these ``Authorization`` values (as HTTP decodes them, Latin-1)
+    may not do admin operations; None if it may."""
     if token is None:
-        raise ApiError("forbidden", "admin operations are disabled: no admin token is configured")
+        return ApiError("forbidden", "admin operations are disabled: no admin token is configured")
     # Two Authorization headers are refused: which one a proxy or client meant is unknown.
-    values = request.headers.getlist("Authorization")
-    scheme, _, given = (values[0] if len(values) == 1 else "").partition(" ")
+    scheme, _, given = (authorization[0] if len(authorization) == 1 else "").partition(" ")
+    # Compared as bytes: the header as the client sent it (HTTP decodes headers as
+    # Latin-1), the token as UTF-8, so a non-ASCII token works from any client.
     if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
+        given.strip().encode("latin-1"), token.encode("utf-8")
     ):
-        raise ApiError(
+        return ApiError(
             "unauthorized",
             "a valid 'Authorization: Bearer <admin token>' is required",
             headers={"WWW-Authenticate": 'Bearer realm="sessiongate"'},
         )
+    return None
 
 
 def stats_json(service: Service) -> dict[str, Any]:

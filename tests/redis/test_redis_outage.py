@@ -14,7 +14,7 @@ import sessiongate
 from sessiongate.backends.redis import RELEASE_WAIT, open_redis_backend
 from sessiongate.cli import QUIET_LOGGERS, quiet_library_loggers
 
-from .conftest import RedisServer, _free_port
+from .conftest import RedisServer, _binary, _free_port
 from .test_redis_backend import CapWatch, wait_until, zcard
 
 
@@ -442,3 +442,28 @@ async def test_a_stalled_redis_does_not_delay_the_end_of_an_active_session(
                 finally:
                     own_redis.resume()
                 await wait_until(lambda: zcard(own_redis, holders_key) == 0)
+
+
+async def test_a_redis_that_refuses_is_not_called_silent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Redis that wants a password answers at once, with an error: arrivals said "Redis
+    # did not answer in time" (an outside review). They name the kind of refusal now,
+    # never its text; the log has the rest.
+    server = RedisServer(_binary(), tmp_path)
+    server.start()
+    try:
+        server.command("CONFIG", "SET", "requirepass", "s3cret")
+        with trio.fail_after(10):
+            async with open_redis_backend(
+                server.url, gate_name="refusing", capacity=1, lease_ttl=2.0
+            ) as backend:
+                gate = sessiongate.Gate(max_wait=5, backend=backend)
+                with pytest.raises(sessiongate.BackendUnavailable) as refused:
+                    async with gate.session():
+                        raise AssertionError("admitted by a Redis that refuses")
+        detail = str(refused.value)
+        assert "refused" in detail and "Authentication" in detail
+        assert "s3cret" not in detail
+    finally:
+        server.stop()

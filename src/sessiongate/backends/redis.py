@@ -92,6 +92,16 @@ class _Unreachable(Exception):
     """A script call failed or timed out."""
 
 
+def _unavailable_detail(error: BaseException | None) -> str:
+    """Why an arrival was refused, for its client: a Redis that answered with an error
+    (NOAUTH, a database index out of range) is not one that "did not answer"; the
+    error's kind is named, never its text (the log has it)."""
+    cause = error.__cause__ if isinstance(error, _Unreachable) else error
+    if isinstance(cause, coredis.exceptions.ResponseError):
+        return f"Redis refused the gate's call ({type(cause).__name__}; see the server log)"
+    return "Redis did not answer in time"
+
+
 class RedisBackend:
     """Slots and a FIFO queue shared through Redis by every process using ``gate_name``.
 
@@ -456,7 +466,7 @@ class RedisBackend:
         if waiter.status == "W":
             raise trio.WouldBlock
         if answer_scope.cancelled_caught or waiter.status not in ("Q", "G"):
-            raise BackendUnavailable("Redis did not answer in time") from waiter.error
+            raise BackendUnavailable(_unavailable_detail(waiter.error)) from waiter.error
         if not waiter.granted.is_set():
             ticket.mark_queued()  # it waits: its admission will be a hand-off
         await waiter.granted.wait()

@@ -150,8 +150,19 @@ async def test_client_disconnect_cancels_the_session(where: str) -> None:
         ("active", b"\r\n"),
         ("queued", b"\r\n"),
         ("queued", request_bytes("GET", "/stats")),
+        # More than h11 may hold (16 KiB): the server reads no more, but still sees
+        # the client go (an outside review: the session ran its whole length).
+        (
+            "active",
+            request_bytes(
+                "POST",
+                "/sessions",
+                jbody({"x": "A" * 20_000}),
+                {"Content-Type": "application/json"},
+            ),
+        ),
     ],
-    ids=["active-stray-crlf", "queued-stray-crlf", "queued-pipelined-get"],
+    ids=["active-stray-crlf", "queued-stray-crlf", "queued-pipelined-get", "active-20-kb-behind"],
 )
 async def test_a_client_gone_after_pipelining_cancels_its_session(where: str, after: bytes) -> None:
     """Bytes after the request (a stray CRLF, a pipelined request) pause h11 until the
@@ -284,6 +295,31 @@ async def test_a_non_ascii_admin_token_works_as_clients_send_it() -> None:
                 async with stream:
                     answers.append((await read_response(stream))[0])
     assert answers == [200, 401]
+
+
+async def test_a_fault_in_any_task_of_a_connection_closes_that_connection_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only the read loop: a fault in any of a connection's tasks (an outside
+    review's HTTP/2 fuzzing hit one in Hypercorn's HTTP/2 send task) stopped the whole
+    server. Here the connection's keep-alive task fails."""
+    from hypercorn.trio.tcp_server import TCPServer
+
+    async def failing(self: TCPServer) -> None:
+        raise RuntimeError("a fault in a connection's task")
+
+    with trio.fail_after(10):
+        async with real_server() as (_, base):
+            port = port_of(base)
+            with monkeypatch.context() as patched:
+                patched.setattr(TCPServer, "_idle_timeout", failing)
+                stream = await raw_request(port, b"")
+                async with stream:
+                    assert await stream.receive_some() == b""  # closed
+            healthy = await raw_request(port, request_bytes("GET", "/healthz"))
+            async with healthy:
+                assert (await read_response(healthy))[0] == 200
+    assert any("error in the HTTP protocol" in r.getMessage() for r in caplog.records)
 
 
 async def read_events(response: httpx.Response) -> Any:
@@ -608,6 +644,7 @@ async def test_a_slow_reader_gets_the_whole_answer(monkeypatch: pytest.MonkeyPat
             assert json.loads(body)["result"]["data"]["pad"] == big
 
 
+@pytest.mark.parametrize("malformed", [False, True], ids=["handshake", "malformed-handshake"])
 @pytest.mark.parametrize(
     ("path", "token", "expected"),
     [
@@ -621,16 +658,20 @@ async def test_a_slow_reader_gets_the_whole_answer(monkeypatch: pytest.MonkeyPat
     ],
 )
 async def test_a_websocket_handshake_is_a_json_error(
-    path: str, token: str | None, expected: tuple[str, int]
+    path: str, token: str | None, expected: tuple[str, int], malformed: bool
 ) -> None:
     """No WebSocket endpoint: a handshake on any path is refused with a JSON error, not
-    a 500 and a traceback from error handlers made for HTTP (outside review)."""
+    a 500 and a traceback from error handlers made for HTTP (outside review); a
+    malformed one too (Hypercorn refused it itself, 400 with an empty body, before the
+    admin token was checked: a second review)."""
     headers = {
         "Upgrade": "websocket",
         "Connection": "Upgrade",
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
         "Sec-WebSocket-Version": "13",
     }
+    if malformed:
+        del headers["Sec-WebSocket-Version"]
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     handshake = request_bytes("GET", path, headers=headers)

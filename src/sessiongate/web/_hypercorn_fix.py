@@ -1,7 +1,8 @@
-"""Fixes to Hypercorn 0.18's Trio connection handler (``TCPServer``'s
+"""Fixes to Hypercorn 0.18's Trio connection handler (``TCPServer``'s ``run``,
 ``protocol_send``, ``_idle_timeout`` and ``_read_data``, ``H11Protocol``'s
-``stream_send``, ``_send_error_response`` and ``can_read``, and ``H2Protocol``'s
-streams), and the kernel's receive time of each request.
+``stream_send``, ``_send_error_response`` and ``can_read``, ``H2Protocol``'s streams,
+and its WebSocket handshake check and refusals), and the kernel's receive time of each
+request.
 
 **A race that crashed the server.** Hypercorn closes a connection (``TCPServer._close``:
 ``send_eof``, which checkpoints while it holds the stream's send side, then ``aclose``)
@@ -82,14 +83,25 @@ when the app answered it early (a 413, a 404) did it every time, since Hypercorn
 up the closed stream for the next DATA frame (an outside review). Such a DATA frame is
 now ignored, as Hypercorn already ignores a closed stream's end; and any fault in a
 connection's protocol handling is logged and closes that connection only (its streams
-hear that their client went away).
+hear that their client went away), as does a fault in any other task of the connection
+(a second review's HTTP/2 fuzzing found one in Hypercorn's HTTP/2 send task). The first
+few faults are logged with their traceback, later ones in one line: any client can
+cause one.
 
 **A client gone behind a pipelined request was never noticed.** Anything a client sends
 after a request (a pipelined request, a stray CRLF) before its answer pauses h11, and
 Hypercorn stopped reading until the answer was out: a synchronous caller that went away
 meanwhile kept its session's slot or queue place until the session ended (an outside
 review). The connection now reads on while h11 is paused, keeping what it reads for
-h11 (up to ``h11_max_incomplete_size``), so the end of the connection is seen at once.
+h11 (up to ``h11_max_incomplete_size``), so the end of the connection is seen at once;
+past that size it reads no more but looks for the client's hang-up (``POLLRDHUP``, which
+the kernel reports whatever is left unread) every :data:`HANGUP_CHECK` seconds.
+
+**WebSocket handshakes.** The service has none; the app refuses every handshake with a
+JSON error, the admin token checked first on ``/admin`` paths. Hypercorn refused a
+malformed handshake itself before the app saw it (400, empty body, no token check):
+every handshake now reaches the app, and Hypercorn's own WebSocket refusals have a JSON
+body.
 
 **The arrival stamp.** The read loop reads with ``recvmsg`` and asks the kernel for
 each read's receive time (``SO_TIMESTAMPNS``), for the app's arrival stamps
@@ -116,7 +128,9 @@ import json
 import logging
 import math
 import os
+import select
 import socket
+import time
 import weakref
 from typing import Any
 
@@ -128,8 +142,10 @@ from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.ws_stream import Handshake, WSStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.typing import Event as HypercornEvent
+from hypercorn.typing import ResponseSummary
 
 from . import _receive_stamps
 
@@ -237,6 +253,20 @@ def _stamped_socket(self: TCPServer) -> trio.socket.SocketType | None:
     return sock
 
 
+#: How often a connection whose pipelined bytes filled h11's buffer is checked for its
+#: client having gone (seconds).
+HANGUP_CHECK = 0.1
+
+_HANGUP = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
+
+
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """Whether the client closed or reset the connection, whatever it left unread."""
+    poller = select.poll()
+    poller.register(sock.fileno(), _HANGUP)
+    return bool(poller.poll(0))
+
+
 class _ClientGone(Exception):
     """The client closed or reset its connection while h11 held a pipelined request."""
 
@@ -307,7 +337,16 @@ class _ReadWhilePaused:
                 raise _ClientGone
             _receive_stamps.latest_read.set((_receive_stamps.received(ancillary), state))
             connection.receive_data(data)
-        await self._event.wait()  # as much as h11 may hold: wait, as Hypercorn does
+        # As much as h11 may hold: read no more (back-pressure, as Hypercorn does), but
+        # still notice the client going away, which the kernel reports with the
+        # unread bytes still queued (POLLRDHUP); Trio has no wait for that, so it is
+        # looked at every HANGUP_CHECK seconds, in this rare state only.
+        while True:
+            with trio.move_on_after(HANGUP_CHECK):
+                await self._event.wait()
+                return
+            if _hung_up(self._sock):
+                raise _ClientGone
 
 
 async def _read_stamped(self: TCPServer, sock: trio.socket.SocketType) -> None:
@@ -354,14 +393,50 @@ async def _read_data(self: TCPServer) -> None:
             await _original_read_data(self)
         else:
             await _read_stamped(self, sock)
-    except Exception:
-        log.exception("connection from %s: error in the HTTP protocol; closing it", _peer(self))
+    except Exception as error:
+        _log_fault(self, error)
         try:
             await self.protocol.handle(Closed())
         except Exception:
             log.debug("connection from %s: closing its streams failed too", _peer(self))
     finally:
         _stop_idle_timer(self)
+
+
+async def _run(self: TCPServer) -> None:
+    """Hypercorn's connection handler, whose faults end that connection only: an error
+    in any of its tasks (the HTTP/2 send task, not only the read loop) escaped to the
+    server's nursery and stopped the process (an outside review's HTTP/2 fuzzing: a
+    KeyError in Hypercorn's HTTP/2 ``send_task``). The connection is closed (Hypercorn
+    closes it on the way out) and its app tasks cancelled with it: their sessions end
+    as for any client that went away."""
+    try:
+        await _original_run(self)
+    except* Exception as group:  # Trio's Cancelled (a BaseException) goes on up
+        _log_fault(self, group.exceptions[0])
+
+
+_original_run = TCPServer.run
+
+#: Faults logged with their traceback; after that, one line each (any client can cause
+#: one, and the log must not be theirs to fill).
+FAULT_TRACEBACKS = 5
+_faults_logged = itertools.count()
+
+
+def _log_fault(self: TCPServer, error: BaseException) -> None:
+    if next(_faults_logged) < FAULT_TRACEBACKS:
+        log.error(
+            "connection from %s: error in the HTTP protocol; closing it",
+            _peer(self),
+            exc_info=error,
+        )
+    else:
+        log.error(
+            "connection from %s: error in the HTTP protocol (%r); closing it",
+            _peer(self),
+            error,
+        )
 
 
 def _peer(self: TCPServer) -> str:
@@ -582,6 +657,32 @@ def _h2_init(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
 _original_h2_init = H2Protocol.__init__
 
 
+def _every_handshake_reaches_the_app(self: Handshake) -> bool:
+    """Hypercorn's ``Handshake.is_valid``: every WebSocket handshake goes to the app,
+    which has no WebSocket endpoint and refuses each with a JSON error (the admin token
+    checked first on ``/admin`` paths). Hypercorn refused a malformed one itself, before
+    the app: 400 with an empty body, even on ``/admin`` without a token (an outside
+    review). The app never accepts one, so nothing depends on the handshake's fields."""
+    return True
+
+
+async def _ws_send_error_response(self: WSStream, status_code: int) -> None:
+    """Hypercorn's own WebSocket refusals (data before the handshake's answer, a bad
+    server name), with a JSON body like every other error: its was empty."""
+    code = {403: "forbidden", 404: "not_found"}.get(status_code, "invalid_request")
+    body = json.dumps({"error": code, "detail": "this server does not speak WebSocket"}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await self.send(Response(stream_id=self.stream_id, status_code=status_code, headers=headers))
+    await self.send(Body(stream_id=self.stream_id, data=body))
+    await self.send(EndBody(stream_id=self.stream_id))
+    answered: ResponseSummary = {"status": status_code, "headers": headers}
+    await self.config.log.access(self.scope, answered, time.time() - self.start_time)
+
+
 @functools.cache  # once per process, however many apps are made
 def apply() -> None:
     """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``,
@@ -594,3 +695,6 @@ def apply() -> None:
     H11Protocol.stream_send = stream_send  # type: ignore[method-assign]
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
     H2Protocol.__init__ = _h2_init  # type: ignore[method-assign]
+    TCPServer.run = _run  # type: ignore[method-assign]
+    Handshake.is_valid = _every_handshake_reaches_the_app  # type: ignore[method-assign]
+    WSStream._send_error_response = _ws_send_error_response  # type: ignore[method-assign]

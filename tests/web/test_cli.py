@@ -283,10 +283,13 @@ def test_plain_hypercorn_refuses_bad_settings_with_one_line(
         check=False,
         env=env,
     )
-    lines = result.stderr.decode().splitlines()
-    assert lines, "refused without a word"
+    stderr = result.stderr.decode()
+    assert "Traceback" not in stderr
+    # One line per worker that got that far (Hypercorn stops the others when the first
+    # one exits; Python may add a line of its own about the workers it stopped).
+    lines = [line for line in stderr.splitlines() if line.startswith("sessiongate:")]
+    assert 1 <= len(lines) <= (int(hypercorn_args[1]) if hypercorn_args else 1), stderr
     assert all(line.startswith("sessiongate: invalid ") and setting in line for line in lines)
-    assert len(lines) == int(hypercorn_args[1]) if hypercorn_args else len(lines) == 1
 
 
 @asynccontextmanager

@@ -101,17 +101,22 @@ async def test_oversized_body_is_refused_before_it_is_read() -> None:
             assert app.service.gate.stats().admitted == 0
 
 
+async def hold_the_only_slot(base: str) -> None:
+    """An asynchronous 60 s session takes the only slot (capacity 1)."""
+    async with httpx.AsyncClient(base_url=base) as client:
+        blocker = await client.post(
+            "/sessions", json={"duration": 60}, headers={"Prefer": "respond-async"}
+        )
+    assert blocker.status_code == 202
+
+
 @pytest.mark.parametrize("where", ["queued", "active"])
 async def test_client_disconnect_cancels_the_session(where: str) -> None:
     with trio.fail_after(10):
         async with real_server(capacity=1) as (app, base):
             gate, registry = app.service.gate, app.service.registry
             if where == "queued":
-                async with httpx.AsyncClient(base_url=base) as client:
-                    blocker = await client.post(
-                        "/sessions", json={"duration": 60}, headers={"Prefer": "respond-async"}
-                    )
-                    assert blocker.status_code == 202
+                await hold_the_only_slot(base)
             stream = await raw_request(
                 port_of(base),
                 request_bytes(
@@ -173,11 +178,7 @@ async def test_a_client_gone_after_pipelining_cancels_its_session(where: str, af
         async with real_server(capacity=1) as (app, base):
             gate, registry = app.service.gate, app.service.registry
             if where == "queued":
-                async with httpx.AsyncClient(base_url=base) as client:
-                    blocker = await client.post(
-                        "/sessions", json={"duration": 60}, headers={"Prefer": "respond-async"}
-                    )
-                    assert blocker.status_code == 202
+                await hold_the_only_slot(base)
             sock = trio.socket.socket()
             await sock.connect(("127.0.0.1", port_of(base)))
             post = request_bytes(

@@ -323,6 +323,29 @@ async def test_a_fault_in_any_task_of_a_connection_closes_that_connection_only(
     assert any("error in the HTTP protocol" in r.getMessage() for r in caplog.records)
 
 
+async def test_empty_lines_before_a_request_are_ignored() -> None:
+    """RFC 9112, section 2.2: a server SHOULD ignore at least one empty line before a
+    request line, and some clients send a CRLF after a POST's body; h11 answered it with
+    a 400 and closed the connection after the POST's answer (an outside review)."""
+    post = request_bytes(
+        "POST", "/sessions", jbody({"duration": 0}), {"Content-Type": "application/json"}
+    )
+    with trio.fail_after(10):
+        async with real_server() as (_, base):
+            stream = await raw_request(port_of(base), b"\r\n\r\n" + post + b"\r\n")
+            async with stream:
+                assert (await read_response(stream))[0] == 200
+                await stream.send_all(request_bytes("GET", "/healthz"))
+                assert (await read_response(stream))[0] == 200  # the same connection
+            # Only a few: a flood of them is still a malformed request.
+            stream = await raw_request(
+                port_of(base), b"\r\n" * 9 + request_bytes("GET", "/healthz")
+            )
+            async with stream:
+                status, _, body = await read_response(stream)
+    assert status == 400 and json.loads(body)["error"] == "invalid_request"
+
+
 async def read_events(response: httpx.Response) -> Any:
     event: dict[str, Any] = {}
     async for line in response.aiter_lines():

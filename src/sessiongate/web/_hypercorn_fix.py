@@ -1,8 +1,8 @@
 """Fixes to Hypercorn 0.18's Trio connection handler (``TCPServer``'s ``run``,
 ``protocol_send``, ``_idle_timeout`` and ``_read_data``, ``H11Protocol``'s
 ``stream_send``, ``_send_error_response`` and ``can_read``, ``H2Protocol``'s streams,
-and its WebSocket handshake check and refusals), and the kernel's receive time of each
-request.
+its WebSocket handshake check and refusals, and h11's reader of a request's head), and
+the kernel's receive time of each request.
 
 **A race that crashed the server.** Hypercorn closes a connection (``TCPServer._close``:
 ``send_eof``, which checkpoints while it holds the stream's send side, then ``aclose``)
@@ -97,6 +97,10 @@ h11 (up to ``h11_max_incomplete_size``), so the end of the connection is seen at
 past that size it reads no more but looks for the client's hang-up (``POLLRDHUP``, which
 the kernel reports whatever is left unread) every :data:`HANGUP_CHECK` seconds.
 
+**Empty lines before a request** are ignored (up to :data:`EMPTY_LINES_IGNORED`), as
+RFC 9112 says a server should: h11 answered a CRLF sent after a POST's body with a 400
+and closed the connection (an outside review).
+
 **WebSocket handshakes.** The service has none; the app refuses every handshake with a
 JSON error, the admin token checked first on ``/admin`` paths. Hypercorn refused a
 malformed handshake itself before the app saw it (400, empty body, no token check):
@@ -137,6 +141,8 @@ from typing import Any
 import attrs
 import h11
 import trio
+from h11._readers import READERS, maybe_read_from_IDLE_client
+from h11._receivebuffer import ReceiveBuffer
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
@@ -683,6 +689,25 @@ async def _ws_send_error_response(self: WSStream, status_code: int) -> None:
     await self.config.log.access(self.scope, answered, time.time() - self.start_time)
 
 
+#: Empty lines a client may send before a request line, ignored (RFC 9112, section 2.2:
+#: a server SHOULD ignore at least one; some clients send a CRLF after a POST's body).
+EMPTY_LINES_IGNORED = 8
+
+
+def _read_request_after_empty_lines(buf: ReceiveBuffer) -> h11.Request | None:
+    """h11's reader of a request's head, ignoring empty lines before it: h11 refused
+    them ("no request line received"), so a client that sent a CRLF after a POST's body
+    got a 400 for it, and its connection closed, after the POST's answer (an outside
+    review)."""
+    for _ in range(EMPTY_LINES_IGNORED):
+        try:
+            return maybe_read_from_IDLE_client(buf)
+        except h11.LocalProtocolError as error:
+            if str(error) != "no request line received":  # h11 has taken the empty line
+                raise
+    return maybe_read_from_IDLE_client(buf)
+
+
 @functools.cache  # once per process, however many apps are made
 def apply() -> None:
     """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``,
@@ -698,3 +723,4 @@ def apply() -> None:
     TCPServer.run = _run  # type: ignore[method-assign]
     Handshake.is_valid = _every_handshake_reaches_the_app  # type: ignore[method-assign]
     WSStream._send_error_response = _ws_send_error_response  # type: ignore[method-assign]
+    READERS[(h11.CLIENT, h11.IDLE)] = _read_request_after_empty_lines

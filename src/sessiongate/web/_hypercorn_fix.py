@@ -288,9 +288,11 @@ class _ReadWhilePaused:
     place for a client long gone (an outside review: a session ran its whole length for
     a client that had reset its connection). Here the wait goes on reading: the bytes
     go to h11's buffer (stamped, as the read loop stamps), up to Hypercorn's
-    ``h11_max_incomplete_size`` (then it only waits, as Hypercorn did); the end of the
-    connection raises :class:`_ClientGone` to the read loop, which closes the
-    connection's stream as for any client that went away.
+    ``h11_max_incomplete_size`` (then it reads no more, as Hypercorn did, and only looks
+    for the client hanging up); the end of the connection raises :class:`_ClientGone`
+    to the read loop, which closes the connection's stream as for any client that went
+    away. Only while the answer is still to come: once it is out there is nothing left
+    to cancel, and the wait is Hypercorn's.
     """
 
     def __init__(
@@ -325,9 +327,11 @@ class _ReadWhilePaused:
         ):
             await self._event.wait()
             return
-        with trio.CancelScope() as self._reading:
-            await self._read_until_set(connection)
-        self._reading = None
+        try:
+            with trio.CancelScope() as self._reading:
+                await self._read_until_set(connection)
+        finally:
+            self._reading = None
 
     async def _read_until_set(self, connection: h11.Connection) -> None:
         limit = self._server.config.h11_max_incomplete_size

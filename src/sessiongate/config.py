@@ -84,9 +84,10 @@ def _refusal_status(text: str) -> int:
 
 
 def _gate_name(text: str) -> str:
-    if not _GATE_NAME.fullmatch(text):
+    name = text.strip()  # whitespace around a value is ignored, as for every setting
+    if not _GATE_NAME.fullmatch(name):
         raise ValueError(f"must match [A-Za-z0-9_.-]+, got {text!r}")
-    return text
+    return name
 
 
 #: Query parameters coredis 6.9 converts with ``int()`` / ``float()`` while it builds

@@ -132,6 +132,13 @@ def test_a_malformed_backend_variable_stops_with_one_line(
     assert err.count("\n") == 1 and "SESSIONGATE_BACKEND" in err
 
 
+def test_whitespace_around_a_gate_name_is_ignored_too() -> None:
+    # As for every other value (an outside review: ' api ' stopped start-up).
+    assert Settings.from_args([], {"SESSIONGATE_GATE_NAME": " api "}).gate_name == "api"
+    with pytest.raises(ConfigError):
+        Settings.from_args(["--gate-name", "a pi"], {})
+
+
 def test_a_blank_admin_token_is_no_token() -> None:
     # Whitespace around a value is ignored: a blank token made every admin call 401.
     assert Settings.from_args(["--admin-token", "  "], {}).admin_token is None

@@ -978,3 +978,41 @@ async def test_a_burst_read_late_is_admitted_in_the_order_it_reached_the_host(
     admitted = [a["admitted_at"] for a in answers]
     assert created == sorted(created)
     assert admitted == sorted(admitted)
+
+
+async def test_a_dropped_http2_connection_admits_none_of_its_queued_sessions() -> None:
+    """Twenty synchronous sessions on one HTTP/2 connection, capacity 2, then the
+    connection drops: the queued ones leave the queue before the active ones free their
+    slots (Hypercorn closed the streams oldest first, so each freed slot went to a queued
+    session of the same connection, admitted and cancelled at once: 20 admissions
+    counted; an outside review)."""
+    import h2.config
+    import h2.connection
+
+    with trio.fail_after(20):
+        async with real_server(capacity=2) as (app, base):
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", port_of(base)))
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.initiate_connection()
+            body = jbody({"duration": 60})
+            for stream_id in range(1, 41, 2):
+                client.send_headers(
+                    stream_id,
+                    [
+                        (":method", "POST"),
+                        (":path", "/sessions"),
+                        (":scheme", "http"),
+                        (":authority", "test"),
+                        ("content-type", "application/json"),
+                        ("content-length", str(len(body))),
+                    ],
+                )
+                client.send_data(stream_id, body, end_stream=True)
+            await sock.send(client.data_to_send())
+            gate, registry = app.service.gate, app.service.registry
+            await wait_for(app, lambda: len(registry.live) == 20 and gate.queued == 18)
+            sock.close()
+            await wait_for(app, lambda: not registry.live)
+            stats = gate.stats()
+    assert (stats.admitted, stats.cancelled, stats.active, stats.queued) == (2, 20, 0, 0)

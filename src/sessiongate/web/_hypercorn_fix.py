@@ -97,6 +97,11 @@ h11 (up to ``h11_max_incomplete_size``), so the end of the connection is seen at
 past that size it reads no more but looks for the client's hang-up (``POLLRDHUP``, which
 the kernel reports whatever is left unread) every :data:`HANGUP_CHECK` seconds.
 
+**A dropped HTTP/2 connection's streams are closed newest first**, so its queued
+sessions leave the queue before its active ones free their slots (oldest first, each
+freed slot went to a queued session of the same connection, admitted and cancelled at
+once: an outside review counted 20 admissions for 2 slots).
+
 **Empty lines before a request** are ignored (up to :data:`EMPTY_LINES_IGNORED`), as
 RFC 9112 says a server should: h11 answered a CRLF sent after a POST's body with a 400
 and closed the connection (an outside review).
@@ -659,6 +664,25 @@ class _Streams(dict[int, Any]):
 _CLOSED_STREAM = _ClosedStream()
 
 
+async def _h2_handle(self: H2Protocol, event: Event) -> None:
+    """Hypercorn's ``H2Protocol.handle``, closing a lost connection's streams newest
+    first. Oldest first (Hypercorn's order), the sessions that held slots were cancelled
+    before the queued ones of the same connection, and each slot they freed went to a
+    queued session about to be cancelled too: admitted, then cancelled (an outside
+    review: 20 sessions on one dropped connection, capacity 2, counted 20 admissions).
+    Newest first, the queued ones have left the queue when the slots come free."""
+    if not isinstance(event, Closed):
+        await _original_h2_handle(self, event)
+        return
+    self.closed = True
+    for stream_id in sorted(self.streams, reverse=True):
+        await self._close_stream(stream_id)
+    await self.has_data.set()
+
+
+_original_h2_handle = H2Protocol.handle
+
+
 def _h2_init(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
     _original_h2_init(self, *args, **kwargs)
     self.streams = _Streams(self.streams)
@@ -724,6 +748,7 @@ def apply() -> None:
     H11Protocol.stream_send = stream_send  # type: ignore[method-assign]
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
     H2Protocol.__init__ = _h2_init  # type: ignore[method-assign]
+    H2Protocol.handle = _h2_handle  # type: ignore[method-assign]
     TCPServer.run = _run  # type: ignore[method-assign]
     Handshake.is_valid = _every_handshake_reaches_the_app  # type: ignore[method-assign]
     WSStream._send_error_response = _ws_send_error_response  # type: ignore[method-assign]

@@ -963,3 +963,95 @@ async def test_run_keeps_start_order_with_arrivals(autojump_clock: trio.testing.
         for i in range(10):
             nursery.start_soon(functools.partial(gate.run, work, i, arrival=gate.arrive()))
     assert order == list(range(10))
+
+
+async def test_a_drain_waits_for_a_session_handed_its_slot_a_moment_ago(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The holder leaves and drains in the same step: its slot has gone to B, whose task
+    # has not run yet. aclose() returned at once, and B ran with no grace at all (an
+    # outside review).
+    gate = Gate(capacity=1, max_wait=60)
+    log: list[tuple[str, float]] = []
+
+    async def holder() -> None:
+        async with gate.session():
+            await trio.sleep(1)
+        await gate.aclose()
+        log.append(("drained", trio.current_time()))
+
+    async def second() -> None:
+        await trio.sleep(0.5)
+        async with gate.session():
+            await trio.sleep(10)
+        log.append(("B done", trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder)
+        nursery.start_soon(second)
+    assert log == [("B done", 11.0), ("drained", 11.0)]
+
+
+async def test_a_session_object_or_an_arrival_enters_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Entered twice, one of the two slots was never given back (an outside review).
+    gate = Gate(capacity=2)
+    session = gate.session()
+    async with session:
+        with pytest.raises(RuntimeError, match="entered once"):
+            async with session:
+                raise AssertionError("entered twice")
+    arrival = gate.arrive()
+    async with gate.session(arrival=arrival):
+        pass
+    with pytest.raises(RuntimeError, match="entered once"):
+        async with gate.session(arrival=arrival):
+            raise AssertionError("entered twice")
+    assert gate.active == 0
+    async with gate.session(), gate.session():
+        assert gate.active == 2  # both slots still there
+
+
+async def test_reserving_twice_or_after_entering_holds_nobody_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A second reservation of one place outlived its entry, and everyone stamped later
+    # waited for it until their deadline (an outside review).
+    gate = Gate(capacity=1, max_wait=5)
+    first = gate.arrive()
+    gate.reserve(first)
+    gate.reserve(first)
+    async with gate.session(arrival=first):
+        pass
+    gate.reserve(first)  # entered already: a no-op
+    with trio.fail_after(1):
+        async with gate.session():
+            pass
+
+
+async def test_two_gates_on_one_backend_keep_their_tickets_apart(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Each gate numbered its tickets from 0: two stamped at the same instant had the
+    # same place in the shared queue, and one was silently dropped (an outside review).
+    from sessiongate.backends.memory import MemoryBackend
+
+    backend = MemoryBackend(1)
+    one, two = Gate(max_wait=10, backend=backend), Gate(max_wait=10, backend=backend)
+    admitted: list[str] = []
+
+    async def run(name: str, gate: Gate, seconds: float) -> None:
+        async with gate.session():
+            admitted.append(name)
+            await trio.sleep(seconds)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, "holder", one, 1)  # one's ticket 0: admitted
+        await settle()
+        nursery.start_soon(run, "a", one, 1)  # one's ticket 1: queued
+        await settle()
+        nursery.start_soon(run, "b0", two, 1)  # two's ticket 0: queued
+        await settle()
+        nursery.start_soon(run, "b1", two, 1)  # two's ticket 1, "a"'s place before
+    assert admitted == ["holder", "a", "b0", "b1"]

@@ -51,6 +51,10 @@ Ts = TypeVarTuple("Ts")
 #: The capacity of a gate made without one.
 DEFAULT_CAPACITY = 50
 
+#: Tickets' sequence numbers, one count for the whole process: two gates sharing a
+#: backend never give two tickets stamped at the same instant the same place.
+_sequence = count()
+
 
 def is_cancellation_only(error: BaseException) -> bool:
     """Whether ``error`` is Trio's cancellation, or a group of nothing else (what a
@@ -100,6 +104,8 @@ class Ticket:
     #: True once the backend parked this ticket in the queue to wait for a slot; an
     #: admission after that is a hand-off (what the ETA and Retry-After estimate from).
     queued: bool = False
+    #: True once a session entered the gate with this ticket (it can enter once).
+    entered: bool = False
 
     @property
     def place(self) -> tuple[float, int]:
@@ -187,7 +193,6 @@ class Gate:
                 stacklevel=2,
             )
         self._backend: Backend = backend
-        self._seq = count()
         self._closed = False
         # Wait scopes of this process's queued tickets, so a drain can end them.
         self._waiting: dict[Ticket, trio.CancelScope] = {}
@@ -203,7 +208,8 @@ class Gate:
         self._handoffs = HandoffRate()
         #: Called, synchronously, when one of this gate's tickets starts waiting in the
         #: queue (the web layer wakes its event streams and async answers with it).
-        #: It must not block or raise.
+        #: It must not block or raise, and must not change the gate (resize it, enter or
+        #: close it): the ticket is not parked yet when it runs.
         self.on_queued: Callable[[Ticket], None] | None = None
 
     # -- sizes ------------------------------------------------------------------------
@@ -285,7 +291,7 @@ class Gate:
             arrived_at = max(min(at, now), now - self.max_wait)
         else:
             raise ValueError(f"at must be a finite time on the Trio clock, not {at!r}")
-        ticket = Ticket(next(self._seq), arrived_at, gate=self, id=id)
+        ticket = Ticket(next(_sequence), arrived_at, gate=self, id=id)
         if reserve:
             self._backend.reserve(ticket)
         return ticket
@@ -296,8 +302,10 @@ class Gate:
         in stamp order, whatever order their tasks run in. A reserved arrival that will
         not enter after all must be given back with :meth:`withdraw`, or later arrivals
         wait for it. Reserve only just before entering: a reservation held while, say, a
-        slow client uploads would keep free slots from everyone stamped after it."""
-        self._backend.reserve(arrival)
+        slow client uploads would keep free slots from everyone stamped after it.
+        Idempotent; a no-op for a ticket that has entered already."""
+        if not arrival.entered:
+            self._backend.reserve(arrival)
 
     def withdraw(self, arrival: Ticket) -> None:
         """Give up the reservation of a place taken with :meth:`arrive` that will not
@@ -354,7 +362,16 @@ class Gate:
     def _on_released(self) -> None:
         """An admitted session has given its slot back (the backend's release done)."""
         self._local_active -= 1
-        if self._idle is not None and self._local_active == 0:
+        self._note_idle()
+
+    def _busy(self) -> bool:
+        """Whether a session of this gate holds a slot, or was handed one and has not
+        entered yet (its task runs a scheduler pass after the hand-off)."""
+        return self._local_active > 0 or any(t.admitted_at is not None for t in self._waiting)
+
+    def _note_idle(self) -> None:
+        """Wake a drain waiting for the last slot back, if that was it."""
+        if self._idle is not None and not self._busy():
             self._idle.set()
 
     def _wait_ended(self, ticket: Ticket) -> AdmissionError:
@@ -436,7 +453,9 @@ class Gate:
         self._closed = True
         for scope in list(self._waiting.values()):
             scope.cancel()
-        if self._local_active:
+        # A session handed a slot a moment ago has not entered yet: it counts too (it
+        # enters, or hands the slot straight on, when its task runs).
+        if self._busy():
             # One event for every concurrent aclose(): each waits for the same drain.
             if self._idle is None or self._idle.is_set():
                 self._idle = trio.Event()
@@ -465,10 +484,15 @@ class _Session:
 
     async def __aenter__(self) -> Ticket:
         gate, arrival = self._gate, self._arrival
+        if self._ticket is not None or (arrival is not None and arrival.entered):
+            # A second entry would take a second slot under the first one's bookkeeping,
+            # and one of the two would never be given back.
+            raise RuntimeError("a gate.session() (or an arrival ticket) can be entered once")
         if gate._closed and arrival is not None:
             gate.withdraw(arrival)
         gate._check_open()
         ticket = arrival if arrival is not None else gate.arrive(id=self._id)
+        ticket.entered = True
         self._ticket = ticket
         # The queue deadline: a cancel scope the backend enters around the wait only.
         # max_wait == 0 asks the backend not to wait at all (a deadline scope that is
@@ -482,8 +506,10 @@ class _Session:
             # Registered so that a drain can end the wait; admission unregisters.
             gate._waiting[ticket] = wait_scope
         hold = gate._backend.hold(ticket, deadline_scope=wait_scope, max_queue=gate.max_queue)
+        entered = False
         try:
             await hold.__aenter__()
+            entered = True
         except (trio.TooSlowError, trio.WouldBlock):
             raise gate._wait_ended(ticket) from None
         except trio.Cancelled:
@@ -497,8 +523,10 @@ class _Session:
             raise
         finally:
             gate._waiting.pop(ticket, None)  # admitted or not, it waits no more
+            if not entered:
+                gate._note_idle()  # a slot handed over at a deadline went straight on
         self._hold = hold
-        gate._on_admitted(ticket)
+        gate._on_admitted(ticket)  # no checkpoint since the pop: a drain sees it active
         return ticket
 
     async def __aexit__(

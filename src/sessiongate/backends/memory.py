@@ -89,7 +89,9 @@ class MemoryBackend:
     # -- arrival order ----------------------------------------------------------------
 
     def reserve(self, ticket: Ticket) -> None:
-        self._reserved.add(ticket.place)
+        place = ticket.place
+        if place not in self._reserved:  # idempotent: one reservation per place
+            self._reserved.add(place)
 
     def unreserve(self, ticket: Ticket) -> None:
         place = ticket.place

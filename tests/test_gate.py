@@ -1055,3 +1055,18 @@ async def test_two_gates_on_one_backend_keep_their_tickets_apart(
         await settle()
         nursery.start_soon(run, "b1", two, 1)  # two's ticket 1, "a"'s place before
     assert admitted == ["holder", "a", "b0", "b1"]
+
+
+async def test_a_tickets_wait_stops_counting_when_it_ends_without_a_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # ticket.waited went on growing after an expiry (an outside review).
+    gate = Gate(capacity=1, max_wait=5)
+    async with gate.session():
+        arrival = gate.arrive()
+        with pytest.raises(QueueTimeout):
+            async with gate.session(arrival=arrival):
+                raise AssertionError("admitted")
+        await trio.sleep(100)
+    assert arrival.waited == 5.0
+    assert arrival.wait_ended_at == 5.0

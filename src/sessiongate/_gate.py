@@ -12,9 +12,10 @@ A session is one ``async with gate.session() as ticket:`` block:
    the wait: queue the ticket, wait until it is the head and a slot is free, take the
    slot (``async with`` the limiter). Then the deadline is lifted
    (``deadline = math.inf``) before the session's body runs, so the deadline covers
-   waiting only. A deadline that fired at the very instant the slot was handed over
-   is seen (``cancel_called``) before the body starts: the slot goes straight on and
-   the session expires, never cancelled half-way. If the scope caught its
+   waiting only. A slot handed over at the very instant the deadline fires is either
+   kept (the session is admitted, and the deadline no longer applies) or handed straight
+   on (the session expires), as the backend has it: never lost, and the body is never
+   started under a cancelled scope, nor cancelled half-way by it. If the scope caught its
    cancellation, the ticket never got a slot: :class:`QueueTimeout`, or
    :class:`GateClosed` when a drain cut the wait short. An outer cancellation (the
    caller went away) leaves the queue at once through the same scopes.
@@ -106,6 +107,8 @@ class Ticket:
     queued: bool = False
     #: True once a session entered the gate with this ticket (it can enter once).
     entered: bool = False
+    #: When its wait ended without a slot (expired, refused, cancelled); None otherwise.
+    wait_ended_at: float | None = None
 
     @property
     def place(self) -> tuple[float, int]:
@@ -140,9 +143,10 @@ class Ticket:
 
     @property
     def waited(self) -> float:
-        """Seconds spent queued: until admission, or until now while still queued."""
-        end = self.admitted_at if self.admitted_at is not None else trio.current_time()
-        return end - self.arrived_at
+        """Seconds spent queued: until admission, until the wait ended without a slot
+        (expired, refused, cancelled), or until now while still queued."""
+        end = self.admitted_at if self.admitted_at is not None else self.wait_ended_at
+        return (end if end is not None else trio.current_time()) - self.arrived_at
 
     @property
     def position(self) -> int | None:
@@ -524,6 +528,7 @@ class _Session:
         finally:
             gate._waiting.pop(ticket, None)  # admitted or not, it waits no more
             if not entered:
+                ticket.wait_ended_at = trio.current_time()
                 gate._note_idle()  # a slot handed over at a deadline went straight on
         self._hold = hold
         gate._on_admitted(ticket)  # no checkpoint since the pop: a drain sees it active

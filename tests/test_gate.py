@@ -1070,3 +1070,17 @@ async def test_a_tickets_wait_stops_counting_when_it_ends_without_a_slot(
         await trio.sleep(100)
     assert arrival.waited == 5.0
     assert arrival.wait_ended_at == 5.0
+
+
+def test_max_wait_and_max_queue_stay_checked_after_construction() -> None:
+    # Plain attributes took any value after construction (an outside review).
+    gate = Gate(capacity=1, max_wait=5, max_queue=10)
+    gate.max_wait, gate.max_queue = 30, 0
+    assert (gate.max_wait, gate.max_queue) == (30.0, 0)
+    with pytest.raises(ValueError, match="max_wait"):
+        gate.max_wait = -1
+    with pytest.raises(ValueError, match="max_queue"):
+        gate.max_queue = -1
+    with pytest.raises(TypeError):
+        gate.max_wait = "soon"  # type: ignore[assignment]
+    assert (gate.max_wait, gate.max_queue) == (30.0, 0)

@@ -186,8 +186,8 @@ class Gate:
     ) -> None:
         if capacity is not None:
             check_capacity(capacity)
-        self.max_wait = check_seconds("max_wait", max_wait)
-        self.max_queue = check_int("max_queue", max_queue, 0)
+        self.max_wait = max_wait
+        self.max_queue = max_queue
         if backend is None:
             backend = MemoryBackend(DEFAULT_CAPACITY if capacity is None else capacity)
         elif capacity is not None and capacity != backend.capacity:
@@ -217,6 +217,26 @@ class Gate:
         self.on_queued: Callable[[Ticket], None] | None = None
 
     # -- sizes ------------------------------------------------------------------------
+
+    @property
+    def max_wait(self) -> float:
+        """Most seconds a session may wait for a slot. Settable, checked; a new value
+        applies to sessions that enter from then on."""
+        return self._max_wait
+
+    @max_wait.setter
+    def max_wait(self, value: float) -> None:
+        self._max_wait = check_seconds("max_wait", value)
+
+    @property
+    def max_queue(self) -> int:
+        """Most sessions waiting at once. Settable, checked; nobody queued is refused
+        when it shrinks, only arrivals past it."""
+        return self._max_queue
+
+    @max_queue.setter
+    def max_queue(self, value: int) -> None:
+        self._max_queue = check_int("max_queue", value, 0)
 
     @property
     def capacity(self) -> int:

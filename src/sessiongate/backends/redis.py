@@ -629,37 +629,36 @@ class RedisBackend:
             for member, give_up in list(self._forgetting.items()):
                 if now > give_up:
                     del self._forgetting[member]
-            members = list(self._forgetting)
-            if not members:
-                continue
-            try:
-                await self._call("forget", members, limit=CLEANUP_GRACE)
-            except _Unreachable:
+            if not await self._forget_pending():
                 await trio.sleep(0.2)
                 self._forget_wakeup.set()
-            else:
-                for member in members:
-                    self._forgetting.pop(member, None)
+
+    async def _forget_pending(self) -> bool:
+        """One ``forget`` call for every member the forgetter holds; False if Redis
+        could not be reached (they stay held)."""
+        members = list(self._forgetting)
+        if not members:
+            return True
+        try:
+            await self._call("forget", members, limit=CLEANUP_GRACE)
+        except _Unreachable:
+            return False
+        for member in members:
+            self._forgetting.pop(member, None)
+        return True
 
     async def _forget_before_exit(self) -> None:
         """On the way out, one last call for what the forgetter still holds (a slot
         given up while Redis stalled: a drain's ``lease_lost`` sessions), bounded by
         CLEANUP_GRACE. Dropped with the process, those slots waited for their leases to
         lapse; a Redis that is stalled still runs the call when it resumes."""
-        members = list(self._forgetting)
-        if not members:
-            return
-        try:
-            await self._call("forget", members, limit=CLEANUP_GRACE)
-        except _Unreachable:
+        left = len(self._forgetting)
+        if not await self._forget_pending():
             logger.warning(
                 "gate %r: %d slot(s) or queue place(s) left to their leases' lapse",
                 self.gate_name,
-                len(members),
+                left,
             )
-        else:
-            for member in members:
-                self._forgetting.pop(member, None)
 
     async def _listener(self) -> None:
         """Receive published changes: hand-offs, figures and the queue mirror."""

@@ -81,12 +81,11 @@ what a client sent escaped the connection's task to the server's nursery and sto
 the whole process: an HTTP/2 request (prior knowledge) whose body was still arriving
 when the app answered it early (a 413, a 404) did it every time, since Hypercorn looked
 up the closed stream for the next DATA frame (an outside review). Such a DATA frame is
-now ignored, as Hypercorn already ignores a closed stream's end; and any fault in a
-connection's protocol handling is logged and closes that connection only (its streams
-hear that their client went away), as does a fault in any other task of the connection
-(a second review's HTTP/2 fuzzing found one in Hypercorn's HTTP/2 send task). The first
-few faults are logged with their traceback, later ones in one line: any client can
-cause one.
+now ignored, as Hypercorn already ignores a closed stream's end; and a fault in any
+task of a connection (its read loop, or Hypercorn's HTTP/2 send task, where a second
+review's HTTP/2 fuzzing found one) is logged and closes that connection only, its app
+tasks cancelled as for a client that went away. The first few faults are logged with
+their traceback, later ones in one line: any client can cause one.
 
 **A client gone behind a pipelined request was never noticed.** Anything a client sends
 after a request (a pipelined request, a stray CRLF) before its answer pauses h11, and
@@ -397,34 +396,25 @@ async def _read_data(self: TCPServer) -> None:
     """Hypercorn's read loop; when it ends (the client closed, or the connection is
     being closed) the keep-alive task ends too, so the socket is closed at once instead
     of when the task next wakes, or never while the connection was busy (an outside
-    review: thousands of CLOSE-WAIT sockets and "Too many open files").
-
-    An error in the protocol's handling of what a client sent ends that connection
-    (logged, and its streams told the client is gone), never the server: Hypercorn let
-    it escape to the server's nursery, and one HTTP/2 request stopped the process."""
+    review: thousands of CLOSE-WAIT sockets and "Too many open files"). An error in it
+    ends the connection only (:func:`_run`)."""
     try:
         sock = _stamped_socket(self)
         if sock is None:
             await _original_read_data(self)
         else:
             await _read_stamped(self, sock)
-    except Exception as error:
-        _log_fault(self, error)
-        try:
-            await self.protocol.handle(Closed())
-        except Exception:
-            log.debug("connection from %s: closing its streams failed too", _peer(self))
     finally:
         _stop_idle_timer(self)
 
 
 async def _run(self: TCPServer) -> None:
     """Hypercorn's connection handler, whose faults end that connection only: an error
-    in any of its tasks (the HTTP/2 send task, not only the read loop) escaped to the
-    server's nursery and stopped the process (an outside review's HTTP/2 fuzzing: a
-    KeyError in Hypercorn's HTTP/2 ``send_task``). The connection is closed (Hypercorn
-    closes it on the way out) and its app tasks cancelled with it: their sessions end
-    as for any client that went away."""
+    in any of its tasks (the read loop, the HTTP/2 send task) escaped to the server's
+    nursery and stopped the process (outside reviews: one HTTP/2 request answered early;
+    then, fuzzing, a KeyError in Hypercorn's HTTP/2 ``send_task``). The connection is
+    closed (Hypercorn closes it on the way out) and its app tasks are cancelled with it:
+    their sessions end as for any client that went away."""
     try:
         await _original_run(self)
     except* Exception as group:  # Trio's Cancelled (a BaseException) goes on up
@@ -624,18 +614,25 @@ _PROTOCOL_ERRORS = {
 }
 
 
+def _closing_json_error(code: str, detail: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The head and body of an error Hypercorn answers itself, as JSON like every other
+    error (Hypercorn's had an empty body), closing the connection."""
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    return headers, body
+
+
 async def _send_error_response(self: H11Protocol, status_code: int) -> None:
     """Hypercorn's answer to a request h11 cannot parse (a malformed request line or
     header, a head over h11's limit), with a JSON body like every other error (SPEC:
     no error without one); Hypercorn sent an empty body."""
     detail = _PROTOCOL_ERRORS.get(status_code, "malformed HTTP request")
-    body = json.dumps({"error": "invalid_request", "detail": detail}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-        *self.config.response_headers("h11"),
-    ]
+    headers, body = _closing_json_error("invalid_request", detail)
+    headers += self.config.response_headers("h11")
     await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
     await self._send_h11_event(h11.Data(data=body))
     await self._send_h11_event(h11.EndOfMessage())
@@ -704,12 +701,7 @@ async def _ws_send_error_response(self: WSStream, status_code: int) -> None:
     """Hypercorn's own WebSocket refusals (data before the handshake's answer, a bad
     server name), with a JSON body like every other error: its was empty."""
     code = {403: "forbidden", 404: "not_found"}.get(status_code, "invalid_request")
-    body = json.dumps({"error": code, "detail": "this server does not speak WebSocket"}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
+    headers, body = _closing_json_error(code, "this server does not speak WebSocket")
     await self.send(Response(stream_id=self.stream_id, status_code=status_code, headers=headers))
     await self.send(Body(stream_id=self.stream_id, data=body))
     await self.send(EndBody(stream_id=self.stream_id))

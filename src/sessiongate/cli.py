@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
 
@@ -42,7 +42,15 @@ USAGE = "usage: sessiongate serve [options]   (sessiongate serve --help for the 
 #: After the grace, how long a worker may take to exit before it is killed (a worker's
 #: stop takes the grace, then at most PEER_DRAIN_MARGIN + ANSWERS_MIN).
 KILL_MARGIN = 10.0
+#: Seconds before a dead worker is started again; doubled for each start in a row that
+#: failed (a worker that exits within START_WINDOW seconds of its start).
 RESTART_DELAY = 1.0
+START_WINDOW = 10.0
+#: Failed starts in a row after which the supervisor stops everything and exits 1: a
+#: worker that cannot start (a handler's resource missing) is not retried for ever,
+#: with the port open and nothing served (an outside review: a restart every 1.5 s,
+#: then exit 0 on SIGTERM, so no process manager saw the failure).
+START_ATTEMPTS = 3
 
 
 def _fail(message: str, status: int = 2) -> int:
@@ -332,6 +340,13 @@ async def serve(
         with trio.move_on_after(config.graceful_timeout) as answers:
             await trio.sleep_forever()
         cut_stalled_sends()
+        # Hypercorn has stopped, and the app's lifespan (the sessions nursery, the
+        # handler's resources) ends after it, each within moments, unless something
+        # ignores cancellation: a session abandoned at the cut, a handler's lifespan
+        # that blocks as it closes. The stop is bounded all the same (an outside review:
+        # such a session held the exit for 30 s with a grace of 2).
+        await trio.sleep(EXIT_BOUND)
+        _exit_anyway(peers)
 
     async def watch_supervisor(fd: int) -> None:
         # A supervised worker reads the lifeline pipe its supervisor holds open and never
@@ -375,6 +390,26 @@ async def serve(
         peers.socket_path().unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             peers.directory.rmdir()
+
+
+#: Seconds the app gets to stop once Hypercorn's answers are out (or abandoned) before
+#: the process exits without it.
+EXIT_BOUND: Final = 2.0
+
+
+def _exit_anyway(peers: Any) -> NoReturn:
+    """Exit 0 now, though the app has not stopped: the drain is over (every caller has
+    its answer), and what still runs ignores cancellation."""
+    log.error(
+        "the app has not stopped %gs after its drain (a session or a handler's lifespan "
+        "ignores cancellation); exiting without it",
+        EXIT_BOUND,
+    )
+    if peers is not None:
+        peers.socket_path().unlink(missing_ok=True)
+    logging.shutdown()  # flush the log first: os._exit does not
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # -- several workers -----------------------------------------------------------------
@@ -431,12 +466,15 @@ async def _supervise(settings: Settings) -> int:
     command = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", f"fd://{fd}"]
     command += ["--workers", "1"]
     stopping = trio.Event()
+    given_up = trio.Event()
     processes: dict[int, trio.Process] = {}
     failures = 0
 
     async def worker(index: int) -> None:
         nonlocal failures
+        failed_starts = 0
         while not stopping.is_set():
+            started = trio.current_time()
             process = await trio.lowlevel.open_process(
                 command,
                 env={**env, WORKER_ENV: str(index)},
@@ -455,8 +493,22 @@ async def _supervise(settings: Settings) -> int:
                 if status not in (0, -signal.SIGTERM, -signal.SIGINT):
                     failures += 1
                 return
-            log.warning("worker %d exited with status %s; restarting", index, status)
-            with trio.move_on_after(RESTART_DELAY):
+            failed_starts = failed_starts + 1 if trio.current_time() - started < START_WINDOW else 0
+            if failed_starts >= START_ATTEMPTS:
+                log.error(
+                    "worker %d exited with status %s, %d times in a row within %gs of its "
+                    "start: stopping",
+                    index,
+                    status,
+                    failed_starts,
+                    START_WINDOW,
+                )
+                failures += 1
+                given_up.set()
+                return
+            delay = RESTART_DELAY * 2 ** max(failed_starts - 1, 0)
+            log.warning("worker %d exited with status %s; restarting in %gs", index, status, delay)
+            with trio.move_on_after(delay):
                 await stopping.wait()
 
     async def stop_all(signum: int) -> None:
@@ -485,7 +537,13 @@ async def _supervise(settings: Settings) -> int:
                             if process.returncode is None:
                                 process.send_signal(signum)
 
+            async def give_up() -> None:
+                await given_up.wait()
+                if not stopping.is_set():
+                    await stop_all(signal.SIGTERM)
+
             outer.start_soon(relay)
+            outer.start_soon(give_up)
             async with trio.open_nursery() as workers:
                 for index in range(settings.workers):
                     workers.start_soon(worker, index)

@@ -54,7 +54,7 @@ class Metrics:
         )
         self.refusals = Counter(
             "sessiongate_refusals",
-            "Sessions that did not run to completion for a gate reason, by reason.",
+            "Sessions and arrivals refused at once that ended with a gate error code, by code.",
             ["reason"],
             registry=r,
         )

@@ -301,9 +301,11 @@ def test_plain_hypercorn_refuses_bad_settings_with_one_line(
 
 @asynccontextmanager
 async def serve_process(*args: str, command: list[str] | None = None) -> AsyncIterator[Any]:
-    """A ``sessiongate serve`` subprocess on port 0; yields (process, base URL)."""
+    """A ``sessiongate serve`` subprocess on port 0; yields (process, base URL). The
+    test handlers (``web_sample_handlers``) import."""
     argv = command or [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *sys.path])
     process = await trio.lowlevel.open_process(
         [*argv, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env
     )
@@ -405,6 +407,52 @@ async def test_hypercorn_serves_the_app_factory_directly() -> None:
             assert response.json()["state"] == "completed"
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
+
+
+async def test_a_session_that_ignores_cancellation_is_abandoned_at_the_cut() -> None:
+    """A handler that ignores cancellation (a shielded wait): its synchronous caller is
+    answered shutting_down shortly after the grace, and the process exits 0 within the
+    exit's bound. Before, the exit waited for the handler (30 s with a grace of 2), the
+    caller's connection was cut with no answer, and the session counted as completed
+    (outside review)."""
+    handler = "web_sample_handlers:ignores_cancellation"
+    with trio.fail_after(40):
+        async with (
+            serve_process("--shutdown-grace", "1", "--handler", handler) as (process, base),
+            httpx.AsyncClient(base_url=base, timeout=40) as client,
+        ):
+            answers: list[httpx.Response] = []
+
+            async def sync() -> None:
+                answers.append(await client.post("/sessions", json={"duration": 60}))
+
+            async def active() -> bool:
+                return bool((await client.get("/stats")).json()["active"] == 1)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sync)
+                await until(active)
+                start = trio.current_time()
+                process.send_signal(signal.SIGTERM)
+            answered = trio.current_time() - start
+            assert answers[0].status_code == 503
+            assert answers[0].json()["error"] == "shutting_down"
+            assert await process.wait() == 0
+            took = trio.current_time() - start
+    # The grace (1 s) and the cut's bound (1.5 s); then 2 s for answers and 2 s more for
+    # the app to stop, which it cannot.
+    assert 2.5 <= answered < 4.5
+    assert took < 9
+
+
+async def test_a_lifespan_that_blocks_as_it_closes_does_not_hold_the_exit() -> None:
+    handler = "web_sample_handlers:blocks_on_close"
+    with trio.fail_after(40):
+        async with serve_process("--shutdown-grace", "1", "--handler", handler) as (process, _):
+            start = trio.current_time()
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+            assert trio.current_time() - start < 6
 
 
 async def _stop_with_a_stalled_reader(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 import uuid
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -149,6 +151,28 @@ async def test_a_dead_worker_is_restarted(redis_url: str) -> None:
                     assert response.status_code == 200
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
+
+
+async def test_workers_that_cannot_start_stop_the_supervisor_with_status_1(
+    redis_url: str,
+) -> None:
+    """A worker that fails as it starts (its handler's resource is missing) is tried
+    three times, with a growing delay, then the supervisor exits 1. It was restarted
+    every 1.5 s for ever, the port open and nothing served, and exit 0 on SIGTERM, so
+    no process manager saw the failure (outside review)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *sys.path])
+    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
+    argv += ["--workers", "2", "--backend", redis_url, "--gate-name", gate_name()]
+    argv += ["--handler", "web_sample_handlers:fails_to_start"]
+    with trio.fail_after(40):
+        start = trio.current_time()
+        result = await trio.run_process(argv, env=env, capture_stderr=True, check=False)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "3 times in a row" in stderr
+    # Two restarts (after 1 s, then 2 s) and three failed starts: not a minute of them.
+    assert 3 <= trio.current_time() - start < 20
 
 
 async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> None:

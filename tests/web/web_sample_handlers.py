@@ -154,3 +154,37 @@ async def stall_loop(body: dict[str, Any], ticket: Ticket) -> Any:
         ON_STALL.pop()()
     time.sleep(float(body.get("stall", 0)))  # noqa: ASYNC251 - blocking is the point
     return "stalled"
+
+
+async def ignores_cancellation(body: dict[str, Any], ticket: Ticket) -> Any:
+    """A handler that cannot be cancelled (a shielded wait) for ``duration`` seconds."""
+    with trio.CancelScope(shield=True):
+        await trio.sleep(float(body.get("duration", 60)))
+    return body
+
+
+@asynccontextmanager
+async def _blocks_on_close() -> AsyncIterator[None]:
+    yield
+    with trio.CancelScope(shield=True):
+        await trio.sleep(60)
+
+
+async def blocks_on_close(body: dict[str, Any], ticket: Ticket) -> Any:
+    return body
+
+
+blocks_on_close.lifespan = _blocks_on_close  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
+async def _fails_to_start() -> AsyncIterator[None]:
+    raise RuntimeError("the resource this handler needs is not there")
+    yield  # an async generator all the same
+
+
+async def fails_to_start(body: dict[str, Any], ticket: Ticket) -> Any:
+    return body
+
+
+fails_to_start.lifespan = _fails_to_start  # type: ignore[attr-defined]

@@ -124,7 +124,9 @@ class Ticket:
         scheduler pass later, and whatever reads the ETA meanwhile (an event stream
         woken by the same release) must already see this hand-off."""
         now = self.admitted_at = trio.current_time()
-        self._gate._handoffs.add(now, self.arrived_at)
+        gate = self._gate
+        if gate._counts_handoffs:
+            gate._handoffs.add(now, self.arrived_at)
 
     def mark_queued(self) -> None:
         """For backends: the ticket now waits in the queue, so its admission will be a
@@ -209,7 +211,11 @@ class Gate:
         self._rejected = 0
         self._cancelled = 0
         self._waits = WaitQuantiles()
-        self._handoffs = HandoffRate()
+        # The hand-off rate behind every ETA: a shared backend's own (every process's
+        # hand-offs, as it learns of them), else counted here.
+        shared_rate = getattr(backend, "handoffs", None)
+        self._counts_handoffs = not isinstance(shared_rate, HandoffRate)
+        self._handoffs = shared_rate if isinstance(shared_rate, HandoffRate) else HandoffRate()
         #: Called, synchronously, when one of this gate's tickets starts waiting in the
         #: queue (the web layer wakes its event streams and async answers with it).
         #: It must not block or raise, and must not change the gate (resize it, enter or
@@ -369,7 +375,7 @@ class Gate:
         now = ticket.admitted_at  # set by the backend at a hand-off (``handed_over``)
         if now is None:
             now = ticket.admitted_at = trio.current_time()
-            if ticket.queued:
+            if ticket.queued and self._counts_handoffs:
                 self._handoffs.add(now, ticket.arrived_at)
         waited = now - ticket.arrived_at
         self._admitted += 1

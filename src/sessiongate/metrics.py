@@ -8,8 +8,11 @@ two apps in one process (tests) from clashing over global metric names.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE_LATEST
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from ._stats import GateStats
 
@@ -27,11 +30,24 @@ REFUSAL_REASONS = (
 OUTCOMES = ("completed", "failed", "expired", "cancelled", "rejected")
 
 
+class _Registry(CollectorRegistry):
+    """A registry without prometheus-client's ``*_created`` samples: in the text format
+    they show as gauges holding a Unix time, under the counter's own help text
+    (``sessiongate_sessions_created`` read as a count of created sessions; an outside
+    review). Left out here rather than with ``disable_created_metrics()``, which would
+    change every registry of the embedding process."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
 class Metrics:
     """The service's collectors, registered in their own registry."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = _Registry(auto_describe=True)
         r = self.registry
         self.capacity = Gauge("sessiongate_capacity", "Sessions allowed at once.", registry=r)
         self.active = Gauge("sessiongate_active_sessions", "Sessions holding a slot.", registry=r)

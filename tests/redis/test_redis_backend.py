@@ -747,3 +747,22 @@ async def test_the_capacity_setter_refuses_while_redis_is_unreachable(
                 )
             )
             assert gate.capacity == 5
+
+
+async def test_every_process_estimates_waits_from_the_whole_queue(open_backend) -> None:  # type: ignore[no-untyped-def]
+    """Hand-offs in one process move every process's ETA: each counts the global queue's
+    hand-offs, as published (each counted only its own, so a process of two estimated
+    waits about twice too long; one that made none had no estimate at all)."""
+    with trio.fail_after(15):
+        async with open_backend(capacity=1) as one, open_backend(capacity=1) as two:
+            await wait_until(lambda: one.healthy and two.healthy)
+            busy = sessiongate.Gate(max_wait=10, backend=one)
+            idle = sessiongate.Gate(max_wait=10, backend=two)
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):  # one after the other through the only slot
+                    nursery.start_soon(busy.run, trio.sleep, 0.05)
+            await wait_until(lambda: idle.handoff_rate() is not None)
+            here, there = busy.handoff_rate(), idle.handoff_rate()
+            assert here is not None and there is not None
+            assert abs(here - there) <= 0.2 * here  # one queue, one pace (~20/s)
+            assert 5 < there < 40

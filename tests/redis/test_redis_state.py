@@ -11,7 +11,7 @@ def message(ver: int, *lines: str) -> Figures:
     return Figures.from_message("\n".join([f"V {ver} 1 {len(lines)} 2 -1 1000", *lines]))
 
 
-def test_mirror_follows_changes_in_order_and_detects_a_gap() -> None:
+async def test_mirror_follows_changes_in_order_and_detects_a_gap() -> None:
     mirror = QueueMirror()
     assert mirror.apply(message(5, "E 10 a:1"))  # not built yet: ignored
     mirror.reset([("a:1", 10), ("b:1", 20)], ver=5)
@@ -42,3 +42,23 @@ async def test_clock_bound_brackets_redis_instants() -> None:
     earliest, latest = clock.earliest(51_000), clock.latest(51_000)
     assert earliest is not None and latest is not None
     assert latest - earliest < 0.0011
+
+
+async def test_mirror_counts_every_hand_off_of_the_global_queue() -> None:
+    """Every process counts every published hand-off (its own and others'), so each
+    estimates from the whole queue's pace (an outside review: with two workers each
+    counted its own share and estimated waits 1.5x and 2.6x too long)."""
+    mirror = QueueMirror()
+    mirror.reset([("a:1", 10)], ver=1)
+    assert mirror.apply(message(2, "E 20 b:1", "E 30 c:1"))
+    await trio.sleep(0.01)
+    assert mirror.apply(message(3, "G a:1 1 5000"))  # another process's hand-off
+    assert mirror.apply(message(4, "D b:1"))  # left without a slot: not a hand-off
+    await trio.sleep(0.01)
+    assert mirror.apply(message(5, "G c:1 2 5000"))
+    # Entered and granted in one change: through a free slot, never waited.
+    assert mirror.apply(message(6, "E 40 d:1", "G d:1 3 5000"))
+    # Two hand-offs, 10 ms apart (a:1 waited since the snapshot, 10 ms before).
+    assert len(mirror.handoffs._handoffs) == 2
+    rate = mirror.handoffs.per_second(trio.current_time())
+    assert rate is not None and 50 < rate < 110

@@ -617,6 +617,9 @@ async def test_stats_and_metrics(autojump_clock: Any) -> None:
         assert "sessiongate_queue_wait_seconds_count 1.0" in text
         assert "sessiongate_session_run_seconds_sum 1.0" in text
         assert 'sessiongate_refusals_total{reason="queue_full"} 0.0' in text
+        # No prometheus-client "_created" series: gauges of a Unix time under the
+        # counters' help text, read as counts (outside review).
+        assert "_created" not in text
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/readyz")).status_code == 200
         # The queue wait is observed at admission, as /stats counts it: a session still
@@ -926,3 +929,25 @@ async def test_empty_path_segments_are_no_route_not_a_redirect(
         assert response.status_code == 404
         assert (await response.get_json())["error"] == "not_found"
         assert "Location" not in response.headers
+
+
+async def test_a_silent_event_stream_sends_a_comment_every_15_seconds(autojump_clock: Any) -> None:
+    """A session can stay queued or active for minutes with nothing to send; a comment
+    line (which clients ignore) keeps proxies from closing the stream as idle (outside
+    review: 20 s of silence)."""
+    async with running(capacity=1) as app:
+        client = app.test_client()
+        service = app.service
+        _, active = await post(client, {"duration": 100}, ASYNC)
+        record = service.registry.get(active["id"])
+        assert isinstance(record, SessionRecord)
+        events = session_events(service, record)
+        assert (await anext(events)).startswith(b"event: active\n")
+        start = trio.current_time()
+        assert await anext(events) == b": keep-alive\n\n"
+        assert trio.current_time() - start == pytest.approx(15)
+        assert await anext(events) == b": keep-alive\n\n"
+        assert trio.current_time() - start == pytest.approx(30)
+        await client.delete(f"/sessions/{active['id']}")
+        assert (await anext(events)).startswith(b"event: cancelled\n")
+        await events.aclose()

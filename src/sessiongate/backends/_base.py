@@ -25,6 +25,11 @@ class Backend(Protocol):
     the queue. The body of the ``async with`` runs holding the slot; leaving it, by any
     exit, frees the slot to the next head. Cancelling ``__aenter__`` leaves the queue
     at once.
+
+    A backend shared by several processes may also have a ``handoffs`` attribute, a
+    :class:`~sessiongate._stats.HandoffRate` that it feeds with every hand-off of the
+    shared queue, whichever process's: the gate then estimates waits from it instead of
+    counting its own tickets' hand-offs.
     """
 
     @property

@@ -15,6 +15,8 @@ import attrs
 import trio
 from sortedcontainers import SortedList
 
+from .._stats import HandoffRate
+
 if TYPE_CHECKING:
     from .._gate import Ticket
 
@@ -154,21 +156,29 @@ class ClockBound:
 
 
 class QueueMirror:
-    """This process's copy of the global queue, for exact positions without a round trip.
+    """This process's copy of the global queue, for exact positions without a round trip,
+    and the global queue's hand-off rate, for every process's ETA.
 
     Fed in order by the published changes (each carries the gate's ``ver``); rebuilt
-    from a snapshot after (re)subscribing or when a change was missed.
+    from a snapshot after (re)subscribing or when a change was missed. Each hand-off
+    (``G`` of a mirrored entry) counts in :attr:`handoffs` with the time its entry was
+    seen entering the queue: every process sees every hand-off, so each estimates from
+    the whole queue's pace. Counting only its own hand-offs, a process of N estimated
+    waits about N times too long (an outside review: 1.5x and 2.6x with two workers).
     """
 
     def __init__(self) -> None:
-        self._seq_of: dict[str, int] = {}
+        # Member -> (queue sequence number, when it was seen entering: Trio clock).
+        self._seq_of: dict[str, tuple[int, float]] = {}
         self._seqs: SortedList = SortedList()
         self.ver = -1
         self.ok = False
+        self.handoffs = HandoffRate()
 
     def reset(self, entries: Iterable[tuple[str, int]], ver: int) -> None:
-        self._seq_of = dict(entries)
-        self._seqs = SortedList(self._seq_of.values())
+        now = trio.current_time()  # when they entered is not known: since the snapshot
+        self._seq_of = {member: (seq, now) for member, seq in entries}
+        self._seqs = SortedList(seq for seq, _ in self._seq_of.values())
         self.ver = ver
         self.ok = True
 
@@ -180,16 +190,24 @@ class QueueMirror:
             self.ok = False
             return False
         self.ver = figures.ver
+        now = trio.current_time()
+        entered: set[str] = set()
         for parts in figures.lines():
             if parts[0] == "E":
                 seq, member = int(parts[1]), parts[2]
                 if member not in self._seq_of:
-                    self._seq_of[member] = seq
+                    self._seq_of[member] = (seq, now)
                     self._seqs.add(seq)
+                    entered.add(member)
             else:  # 'D' left, 'G' granted: either way out of the queue
-                gone = self._seq_of.pop(parts[1], None)
+                member = parts[1]
+                gone = self._seq_of.pop(member, None)
                 if gone is not None:
-                    self._seqs.remove(gone)
+                    self._seqs.remove(gone[0])
+                    # A hand-off, unless the entry entered in this same change (it
+                    # went through a free slot without waiting).
+                    if parts[0] == "G" and member not in entered:
+                        self.handoffs.add(now, gone[1])
         return True
 
     def rank(self, seq: int) -> int:

@@ -59,6 +59,7 @@ from sortedcontainers import SortedDict
 
 from .._errors import BackendUnavailable, LeaseLost, QueueFull
 from .._limits import check_capacity, check_seconds
+from .._stats import HandoffRate
 from ._redis_scripts import GATE_LUA
 from ._redis_state import ClockBound, Figures, Grant, Lease, QueueMirror, Waiter
 
@@ -172,6 +173,12 @@ class RedisBackend:
         #: taken in (positions may have moved, in any process); it must not block or
         #: raise. The HTTP service wakes the event streams that show positions with it.
         self.on_change: Callable[[], None] | None = None
+
+    @property
+    def handoffs(self) -> HandoffRate:
+        """The global queue's hand-offs, every process's (as published): the gate
+        estimates waits from these instead of counting its own."""
+        return self._mirror.handoffs
 
     # -- the protocol's sync members --------------------------------------------------
 

@@ -7,7 +7,8 @@ record's ``transitions`` (so a stream that wakes late still sends each one, in o
 position changes are noticed on the registry's ``pulse``, which fires whenever any
 session changes state (the only way a position moves on the in-memory backend) and,
 with a shared backend, whenever a change of the global queue published by any process
-has been taken in.
+has been taken in. A stream with nothing to send for :data:`HEARTBEAT` seconds sends a
+comment line, so that proxies do not take it for an idle connection.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+import trio
+
 from ._errors import dumps
 from ._service import Service
 from ._sessions import QUEUED, TERMINAL_STATES, EndedSession, Session, SessionRecord
+
+#: Seconds of silence after which a stream sends a comment line (``: keep-alive``),
+#: which clients ignore: a session can stay queued or active for minutes with nothing to
+#: send, and proxies and load balancers close connections idle for 60 s or so (an
+#: outside review).
+HEARTBEAT = 15.0
 
 
 def _event(snapshot: dict[str, Any]) -> bytes:
@@ -71,4 +80,7 @@ async def _events(service: Service, record: SessionRecord) -> AsyncGenerator[byt
                 last_position = position
                 yield _event(record.to_json(gate))
                 continue
-        await wakeup.wait()
+        with trio.move_on_after(HEARTBEAT):
+            await wakeup.wait()
+            continue
+        yield b": keep-alive\n\n"  # a comment: no event, but the stream shows it lives

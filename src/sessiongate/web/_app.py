@@ -309,4 +309,36 @@ def create_app(
         )
 
     register(app, service)
+    if workers is not None:
+        _drain_before_hypercorn_stops(app)
     return app
+
+
+def _drain_before_hypercorn_stops(app: SessionGateApp) -> None:
+    """Under plain Hypercorn, drain as ``sessiongate serve`` does before Hypercorn stops.
+
+    Hypercorn's parent process turns SIGTERM/SIGINT into a shared event that its worker
+    polls (``check_multiprocess_shutdown_event``); once it is set, the worker closed its
+    listener, gave in-flight requests its graceful timeout (3 s by default) and only then
+    shut the app's lifespan down, where the drain ran: queued synchronous callers lost
+    their connections with no answer, active ones were cut at 3 s whatever the grace,
+    and event streams ended with no terminal event (an outside review). The worker's
+    trigger is wrapped here (it is looked up after the app is loaded) so that the app
+    drains first, the listener still open: queued sessions end at once as
+    ``shutting_down``, active ones get ``SESSIONGATE_SHUTDOWN_GRACE``, every caller is
+    answered; then Hypercorn stops as before.
+    """
+    import hypercorn.trio.run as hypercorn_run
+
+    poll = hypercorn_run.check_multiprocess_shutdown_event  # type: ignore[attr-defined]
+    if getattr(poll, "drains_first", False):
+        return
+
+    async def drain_first(shutdown_event: Any, sleep: Any) -> None:
+        await poll(shutdown_event, sleep)
+        if app.service.started:
+            log.info("Hypercorn is stopping: draining first")
+            await app.service.drain()
+
+    drain_first.drains_first = True  # type: ignore[attr-defined]
+    hypercorn_run.check_multiprocess_shutdown_event = drain_first  # type: ignore[attr-defined]

@@ -1084,3 +1084,55 @@ def test_max_wait_and_max_queue_stay_checked_after_construction() -> None:
     with pytest.raises(TypeError):
         gate.max_wait = "soon"  # type: ignore[assignment]
     assert (gate.max_wait, gate.max_queue) == (30.0, 0)
+
+
+async def test_an_arrival_taken_at_another_gate_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Entered at another gate, a reserved arrival was admitted there while its own gate
+    kept the reservation for good: every later arrival there expired (outside review)."""
+    one, other = Gate(capacity=1), Gate(capacity=1, max_wait=5)
+    arrival = other.arrive(reserve=True)
+    with pytest.raises(ValueError, match="another gate"):
+        async with one.session(arrival=arrival):
+            raise AssertionError("entered at the wrong gate")
+    for misuse in (one.reserve, one.withdraw):
+        with pytest.raises(ValueError, match="another gate"):
+            misuse(arrival)
+    assert one.active == 0
+    other.withdraw(arrival)
+    async with other.session():  # the reservation is given back: admitted at once
+        assert trio.current_time() == 0
+
+
+async def test_a_withdrawn_arrival_cannot_enter(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1)
+    arrival = gate.arrive(reserve=True)
+    gate.withdraw(arrival)
+    with pytest.raises(RuntimeError, match="withdrawn"):
+        async with gate.session(arrival=arrival):
+            raise AssertionError("entered after it was withdrawn")
+    gate.reserve(arrival)  # a no-op now: it holds nobody back
+    async with gate.session():
+        assert gate.active == 1
+
+
+async def test_arrival_stamps_and_ids_are_checked(autojump_clock: trio.testing.MockClock) -> None:
+    gate = Gate(capacity=1)
+    for bad in (True, "1", None.__class__):
+        with pytest.raises(TypeError):
+            gate.arrive(at=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        gate.arrive(id=5)  # type: ignore[arg-type]
+    assert gate.arrive(at=0).arrived_at == 0
+
+
+def test_refusals_copy_and_pickle_with_their_figures() -> None:
+    import copy
+    import pickle
+
+    for error in (QueueTimeout(3.25, 3.0), QueueFull(7), GateClosed("draining")):
+        for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+            assert type(clone) is type(error)
+            assert str(clone) == str(error)
+            assert vars(clone) == vars(error)

@@ -24,6 +24,10 @@ class QueueTimeout(AdmissionError):
         self.waited = waited
         self.max_wait = max_wait
 
+    def __reduce__(self) -> tuple[type[QueueTimeout], tuple[float, float]]:
+        # Copied and pickled from its figures, not its message (copy.copy raised).
+        return (type(self), (self.waited, self.max_wait))
+
 
 class QueueFull(AdmissionError):
     """The queue already held ``max_queue`` sessions; the arrival was refused at once."""
@@ -33,6 +37,9 @@ class QueueFull(AdmissionError):
     def __init__(self, max_queue: int) -> None:
         super().__init__(f"the queue is full ({max_queue} waiting)")
         self.max_queue = max_queue
+
+    def __reduce__(self) -> tuple[type[QueueFull], tuple[int]]:
+        return (type(self), (self.max_queue,))
 
 
 class GateClosed(AdmissionError):

@@ -107,6 +107,9 @@ class Ticket:
     queued: bool = False
     #: True once a session entered the gate with this ticket (it can enter once).
     entered: bool = False
+    #: True once its place was given up with :meth:`Gate.withdraw` before it entered:
+    #: it can no longer enter.
+    withdrawn: bool = False
     #: When its wait ended without a slot (expired, refused, cancelled); None otherwise.
     wait_ended_at: float | None = None
 
@@ -314,9 +317,13 @@ class Gate:
         Raises:
             ValueError: ``at`` is not a finite number.
         """
+        if id is not None and not isinstance(id, str):
+            raise TypeError(f"id must be a str, not {type(id).__name__}")
         now = trio.current_time()
         if at is None:
             arrived_at = now
+        elif not isinstance(at, (int, float)) or isinstance(at, bool):
+            raise TypeError(f"at must be a time on the Trio clock, not {at!r}")
         elif math.isfinite(at):
             arrived_at = max(min(at, now), now - self.max_wait)
         else:
@@ -333,15 +340,34 @@ class Gate:
         not enter after all must be given back with :meth:`withdraw`, or later arrivals
         wait for it. Reserve only just before entering: a reservation held while, say, a
         slow client uploads would keep free slots from everyone stamped after it.
-        Idempotent; a no-op for a ticket that has entered already."""
-        if not arrival.entered:
+        Idempotent; a no-op for a ticket that has entered already.
+
+        Raises:
+            ValueError: ``arrival`` was taken at another gate.
+        """
+        self._own(arrival)
+        if not arrival.entered and not arrival.withdrawn:
             self._backend.reserve(arrival)
 
     def withdraw(self, arrival: Ticket) -> None:
-        """Give up the reservation of a place taken with :meth:`arrive` that will not
-        enter after all (the request was refused before its session started).
-        Idempotent; a no-op for a place never reserved."""
+        """Give up a place taken with :meth:`arrive` that will not enter after all (the
+        request was refused before its session started): its reservation, if any, is
+        given back, and it can no longer enter. Idempotent; a no-op for a ticket that
+        has entered already.
+
+        Raises:
+            ValueError: ``arrival`` was taken at another gate.
+        """
+        self._own(arrival)
+        if not arrival.entered:
+            arrival.withdrawn = True
         self._backend.unreserve(arrival)
+
+    def _own(self, arrival: Ticket) -> None:
+        if arrival._gate is not self:
+            # Its reservation lives with the other gate (its backend): entered here, it
+            # would hold every later arrival there back for good (an outside review).
+            raise ValueError("this arrival ticket was taken at another gate")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -368,6 +394,8 @@ class Gate:
             QueueFull: the queue already holds ``max_queue`` sessions.
             QueueTimeout: no slot within ``max_wait`` seconds of arrival.
             GateClosed: the gate is draining, before or while this session waited.
+            RuntimeError: ``arrival`` has entered already, or was withdrawn.
+            ValueError: ``arrival`` was taken at another gate.
         """
         return _Session(self, arrival, id)
 
@@ -518,6 +546,10 @@ class _Session:
             # A second entry would take a second slot under the first one's bookkeeping,
             # and one of the two would never be given back.
             raise RuntimeError("a gate.session() (or an arrival ticket) can be entered once")
+        if arrival is not None:
+            gate._own(arrival)
+            if arrival.withdrawn:
+                raise RuntimeError("a withdrawn arrival ticket cannot enter")
         if gate._closed and arrival is not None:
             gate.withdraw(arrival)
         gate._check_open()

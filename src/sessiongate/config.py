@@ -61,12 +61,16 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return convert
 
 
+#: A plain decimal number, optionally negative (refused below as out of range): float()
+#: would also take "1_0", "+5", "1e3", "inf" and non-ASCII digits.
+_DECIMAL = re.compile(r"\s*-?(?:[0-9]{1,18}(?:\.[0-9]*)?|\.[0-9]+)\s*")
+
+
 def _seconds(minimum: float) -> Callable[[str], float]:
     def convert(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise ValueError(f"must be a number of seconds >= {minimum:g}, got {text!r}") from None
+        if not _DECIMAL.fullmatch(text):
+            raise ValueError(f"must be a number of seconds >= {minimum:g}, got {text[:30]!r}")
+        value = float(text)
         if not math.isfinite(value):
             raise ValueError(f"must be a finite number of seconds, got {text!r}")
         if value < minimum:

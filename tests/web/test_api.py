@@ -316,6 +316,33 @@ async def test_bad_input_never_creates_a_session(
 
 
 @pytest.mark.parametrize(
+    "headers",
+    [
+        # Two Content-Types: the first read decided (200 one way round, 415 the other).
+        [("Content-Type", "application/json"), ("Content-Type", "text/plain")],
+        [("Content-Type", "text/plain"), ("Content-Type", "application/json")],
+        # A content coding is not decoded: a gzip body was answered invalid_json, and
+        # plain JSON labelled br was taken (outside review).
+        [("Content-Type", "application/json"), ("Content-Encoding", "gzip")],
+        [("Content-Type", "application/json"), ("Content-Encoding", "identity, br")],
+    ],
+)
+async def test_two_media_types_or_an_encoded_body_are_415(
+    autojump_clock: Any, headers: list[tuple[str, str]]
+) -> None:
+    async with running(capacity=1) as app:
+        client = app.test_client()
+        before = await stats(client)
+        response = await client.post("/sessions", data=b"{}", headers=Headers(headers))
+        assert response.status_code == 415
+        assert (await response.get_json())["error"] == "unsupported_media_type"
+        assert await stats(client) == before
+        plain = Headers([("Content-Type", "application/json"), ("Content-Encoding", "identity")])
+        accepted = await client.post("/sessions", data=b'{"duration": 0}', headers=plain)
+        assert accepted.status_code == 200
+
+
+@pytest.mark.parametrize(
     "content_type",
     [
         "application/json",

@@ -47,6 +47,11 @@ def never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--max-queue", "1e3"], "--max-queue"),
         (["--max-wait", "-1"], "--max-wait"),
         (["--max-wait", "nan"], "--max-wait"),
+        # Seconds are plain decimal numbers: float() took these (outside review).
+        (["--max-wait", "1_0"], "--max-wait"),
+        (["--max-wait", "+5"], "--max-wait"),
+        (["--max-wait", "1e3"], "--max-wait"),
+        (["--shutdown-grace", "\u0663"], "--shutdown-grace"),
         (["--max-queue", "-1"], "--max-queue"),
         (["--thread-limit", "0"], "--thread-limit"),
         (["--shutdown-grace", "-0.5"], "--shutdown-grace"),
@@ -108,6 +113,17 @@ def test_a_handler_module_failing_on_import_stops_with_one_line(
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1 and "--handler" in err and module in err
+
+
+def test_a_bad_handler_variable_is_named_as_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was named --handler, though no flag was given (outside review)."""
+    monkeypatch.setenv("SESSIONGATE_HANDLER", "no_such_module_here:fn")
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.startswith("sessiongate: invalid SESSIONGATE_HANDLER: ")
+    assert main(["serve", "--handler", "no_such_module_here:fn"]) == 2  # the flag wins
+    assert capsys.readouterr().err.startswith("sessiongate: invalid --handler: ")
 
 
 def test_environment_variables_are_validated_too(

@@ -1016,3 +1016,29 @@ async def test_a_dropped_http2_connection_admits_none_of_its_queued_sessions() -
             await wait_for(app, lambda: not registry.live)
             stats = gate.stats()
     assert (stats.admitted, stats.cancelled, stats.active, stats.queued) == (2, 20, 0, 0)
+
+
+async def test_a_request_framed_two_ways_is_refused_and_its_connection_closed() -> None:
+    """Transfer-Encoding and Content-Length together (request smuggling behind a proxy
+    that frames by the other one): h11 served it by the first and went on with the
+    connection, so a request hidden behind it was answered too (outside review)."""
+    smuggled = request_bytes("GET", "/healthz")
+    body = b"2\r\n{}\r\n0\r\n\r\n"
+    head = (
+        "POST /sessions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Transfer-Encoding: chunked\r\nContent-Length: {len(body) + len(smuggled)}\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        async with real_server(capacity=1) as (app, base):
+            stream = await raw_request(port_of(base), head.encode() + body + smuggled)
+            async with stream:
+                status, headers, answer = await read_response(stream)
+                assert status == 400
+                assert json.loads(answer)["error"] == "invalid_request"
+                assert headers["connection"] == "close"
+                rest = b""
+                while chunk := await stream.receive_some():
+                    rest += chunk
+                assert rest == b""  # the hidden request was not answered: closed
+            stats = app.service.gate.stats()
+            assert stats.admitted == 0 and stats.rejected == 0

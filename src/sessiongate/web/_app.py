@@ -68,8 +68,9 @@ class _Connection(TrioASGIHTTPConnection):
 
     async def __call__(self, receive, send) -> None:  # type: ignore[no-untyped-def]
         scope = self.scope
-        if _head_size(scope) > MAX_HEAD:
-            await _refuse_large_head(send)
+        refusal = _head_refusal(scope)
+        if refusal is not None:
+            await _refuse_closing(send, *refusal)
             return
         if scope.get("method") == "POST":
             service: Service = self.app.service  # type: ignore[attr-defined]
@@ -107,23 +108,38 @@ class _Connection(TrioASGIHTTPConnection):
 MAX_HEAD = 16 * 1024
 
 
-def _head_size(scope: Mapping[str, Any]) -> int:
-    """The size of a request's head as sent, near enough (the request line, each
-    header line with its ": " and line end)."""
+def _head_refusal(scope: Mapping[str, Any]) -> tuple[int, str] | None:
+    """Why a request's head is refused (status, detail), if it is: a head over
+    :data:`MAX_HEAD` as sent, near enough (the request line, each header line with its
+    ": " and line end); or both ``Transfer-Encoding`` and ``Content-Length``, which h11
+    serves (framed by the first) but a proxy in front may have framed by the second:
+    the classic request smuggling. RFC 9112 section 6.3 has the server close the
+    connection after such a request at least; it is refused here (an outside review saw
+    a request pipelined behind one answered)."""
     size = 16 + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    framing = 0
     for name, value in scope.get("headers", ()):
         size += len(name) + len(value) + 4
-    return size
+        if name == b"transfer-encoding":
+            framing |= 1
+        elif name == b"content-length":
+            framing |= 2
+    if size > MAX_HEAD:
+        return 431, "request head too large"
+    if framing == 3:
+        return 400, "both Transfer-Encoding and Content-Length (RFC 9112, section 6.3)"
+    return None
 
 
-async def _refuse_large_head(send) -> None:  # type: ignore[no-untyped-def]
-    body = dumps({"error": "invalid_request", "detail": "request head too large"})
+async def _refuse_closing(send, status: int, detail: str) -> None:  # type: ignore[no-untyped-def]
+    """Answer ``invalid_request`` and close the connection, the request unread."""
+    body = dumps({"error": "invalid_request", "detail": detail})
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", b"%d" % len(body)),
         (b"connection", b"close"),
     ]
-    await send({"type": "http.response.start", "status": 431, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

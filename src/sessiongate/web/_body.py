@@ -2,7 +2,7 @@
 
 The order is fixed: the body is read first (within ``--max-body``: ``413``), so that an
 error answer never leaves an unread body on a keep-alive connection; then the media
-type (``415``), the syntax (``400``; RFC 8259 has no ``NaN`` or ``Infinity``) and the
+type and coding (``415``), the syntax (``400``; RFC 8259 has no ``NaN`` or ``Infinity``) and the
 shape (``422``). An empty body is ``{}`` whatever its media type.
 """
 
@@ -76,10 +76,21 @@ async def read_json_object(max_body: int) -> dict[str, Any]:
     raw = await read_body(max_body)
     if not raw:
         return {}
-    if not is_json_media_type(request.headers.get("Content-Type")):
+    headers = request.headers
+    media_types = headers.getlist("Content-Type")
+    # One Content-Type (a singleton field: with two, whichever was read first decided).
+    if len(media_types) != 1 or not is_json_media_type(media_types[0]):
         raise ApiError(
             "unsupported_media_type",
-            "the body must be JSON: Content-Type application/json or a +json type",
+            "the body must be JSON: one Content-Type, application/json or a +json type",
+        )
+    codings = [c.strip().lower() for v in headers.getlist("Content-Encoding") for c in v.split(",")]
+    if any(coding not in ("", "identity") for coding in codings):
+        # RFC 9110 section 15.5.16: a content coding the server does not decode is 415
+        # (a gzip body was read as text and answered invalid_json).
+        raise ApiError(
+            "unsupported_media_type",
+            "the body must not be encoded (Content-Encoding is not supported)",
         )
     try:
         # UTF-8 only (RFC 8259 8.1; a leading BOM may be ignored, and is): json.loads

@@ -1136,3 +1136,65 @@ def test_refusals_copy_and_pickle_with_their_figures() -> None:
             assert type(clone) is type(error)
             assert str(clone) == str(error)
             assert vars(clone) == vars(error)
+
+
+async def test_a_slot_freed_after_a_waiters_deadline_does_not_admit_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A release that comes after a waiter's deadline, before Trio has looked at the
+    clock again (a busy loop), gave it the slot: it ran though it had waited past
+    max_wait (outside review: 158 sessions under an overload, up to 24 ms past)."""
+    gate = Gate(capacity=1, max_wait=5)
+    seen: dict[str, float | None] = {}
+
+    async def holder(task_status: trio.TaskStatus[None]) -> None:
+        async with gate.session():
+            task_status.started()
+            await trio.sleep(4.999)
+            autojump_clock.jump(0.002)  # the loop was busy past the waiter's deadline
+
+    async def waiter() -> None:
+        try:
+            async with gate.session() as ticket:
+                seen["admitted"] = ticket.admitted_at
+        except QueueTimeout as expired:
+            seen["expired at"] = trio.current_time()
+            seen["waited"] = expired.waited
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(holder)
+        nursery.start_soon(waiter)
+    assert "admitted" not in seen
+    assert seen["expired at"] == pytest.approx(5.001)
+    assert gate.stats().expired == 1 and gate.active == 0 and gate.queued == 0
+    async with gate.session():  # the slot went nowhere
+        assert gate.active == 1
+
+
+async def test_a_slot_kept_for_a_reservation_is_not_a_hand_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A slot free all along, kept for an earlier reservation, says nothing about how
+    fast holders leave: counted as a hand-off, it made Retry-After climb to 20 s in a
+    burst's first second, before any session had ended (outside review)."""
+    gate = Gate(capacity=1, max_wait=10)
+    first = gate.arrive(reserve=True)
+    admitted = trio.Event()
+
+    async def later() -> None:
+        async with gate.session():
+            admitted.set()
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(later)
+        await trio.testing.wait_all_tasks_blocked()
+        assert gate.queued == 1  # the free slot is kept for the earlier stamp
+        await trio.sleep(0.5)
+        gate.withdraw(first)
+        await admitted.wait()
+        assert gate.handoff_rate() is None
+        nursery.start_soon(later)
+        await trio.testing.wait_all_tasks_blocked()
+    # The second one got the slot the first gave back: that is a hand-off.
+    assert gate.handoff_rate() is not None

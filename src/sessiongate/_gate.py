@@ -121,14 +121,15 @@ class Ticket:
         sequence)."""
         return (self.arrived_at, self.seq)
 
-    def handed_over(self) -> None:
+    def handed_over(self, *, counted: bool = True) -> None:
         """For backends: a releaser handed this parked ticket a slot, now. Stamps
-        ``admitted_at`` and counts the hand-off at once: the ticket's task resumes a
-        scheduler pass later, and whatever reads the ETA meanwhile (an event stream
-        woken by the same release) must already see this hand-off."""
+        ``admitted_at`` and counts the hand-off at once (unless not ``counted``: a slot
+        that no holder gave back): the ticket's task resumes a scheduler pass later,
+        and whatever reads the ETA meanwhile (an event stream woken by the same
+        release) must already see this hand-off."""
         now = self.admitted_at = trio.current_time()
         gate = self._gate
-        if gate._counts_handoffs:
+        if counted and gate._counts_handoffs:
             gate._handoffs.add(now, self.arrived_at)
 
     def mark_queued(self) -> None:

@@ -107,18 +107,38 @@ class MemoryBackend:
         free = limiter.total_tokens - limiter.borrowed_tokens
         return free > 0 and free > self._reserved.bisect_left(place)
 
-    def _hand_on(self) -> None:
-        """Hand every free slot to the queue's heads, oldest stamp first."""
+    def _hand_on(self, *, released: bool = False) -> None:
+        """Hand every free slot to the queue's heads, oldest stamp first.
+
+        ``released``: a holder has just given its slot back. Only that slot's hand-off
+        counts towards the hand-off rate (what ETAs and Retry-After estimate from): a
+        slot that was free all along and kept for an earlier reservation (a burst) says
+        nothing about how fast holders leave. Counted, those made Retry-After climb to
+        20 s in a burst's first second, before any session had ended (outside review).
+        """
         limiter, queue = self._limiter, self._queue
+        now = trio.current_time()
         while queue and limiter.borrowed_tokens < limiter.total_tokens:
             place, waiter = queue.peekitem(0)
             if not self._free_for(place):
                 return
             del queue[place]
+            task = waiter.task
+            if task is None:  # served as it enters, not parked yet
+                limiter.acquire_on_behalf_of_nowait(waiter.ticket)
+                continue
+            scope = waiter._scope
+            if scope is not None and scope.deadline <= now:
+                # Its queue deadline has passed, and Trio delivers the expiry at its next
+                # look at the clock (the loop was busy): it expires then and must not be
+                # admitted now. Handed the slot, it ran though it had waited past
+                # max_wait (outside review: 158 sessions under an overload, up to 24 ms
+                # past). Out of the queue now; its abort finds it gone.
+                continue
             limiter.acquire_on_behalf_of_nowait(waiter.ticket)
-            if waiter.task is not None:  # None: served as it enters, not parked yet
-                waiter.ticket.handed_over()  # stamped and counted at the hand-off's instant
-                trio.lowlevel.reschedule(waiter.task)
+            waiter.ticket.handed_over(counted=released)  # stamped at the hand-off's instant
+            released = False  # one slot given back, one hand-off
+            trio.lowlevel.reschedule(task)
 
     # -- holding a slot ---------------------------------------------------------------
 
@@ -194,8 +214,9 @@ class _Hold:
             raise trio.TooSlowError
 
     def _abort(self, _: object) -> trio.lowlevel.Abort:
-        # Cancelled while parked (deadline, drain, caller gone): leave the queue.
-        del self._backend._queue[self.ticket.place]
+        # Cancelled while parked (deadline, drain, caller gone): leave the queue (a
+        # waiter found past its deadline by a releaser has left it already).
+        self._backend._queue.pop(self.ticket.place, None)
         return trio.lowlevel.Abort.SUCCEEDED
 
     async def __aexit__(
@@ -206,4 +227,4 @@ class _Hold:
     ) -> None:
         backend = self._backend
         backend._limiter.release_on_behalf_of(self.ticket)
-        backend._hand_on()
+        backend._hand_on(released=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
@@ -766,3 +767,45 @@ async def test_every_process_estimates_waits_from_the_whole_queue(open_backend) 
             assert here is not None and there is not None
             assert abs(here - there) <= 0.2 * here  # one queue, one pace (~20/s)
             assert 5 < there < 40
+
+
+async def test_a_late_enqueue_keeps_its_arrivals_place(open_backend, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An enqueue sent a while after its arrival (a busy process: coredis yields a
+    scheduler pass before it writes) still takes its place by arrival time. Sent as
+    an age that Redis read against its own later clock, the arrival counted as later
+    than it was, and another process's later arrival went first (outside load test)."""
+    with trio.fail_after(15):
+        async with open_backend(capacity=1) as busy, open_backend(capacity=1) as quick:
+            await wait_until(lambda: busy.healthy and quick.healthy)
+            slow_gate = sessiongate.Gate(max_wait=10, backend=busy)
+            quick_gate = sessiongate.Gate(max_wait=10, backend=quick)
+            original = busy._call_figures
+
+            async def late(op: str, args: Any, *, limit: float) -> Any:
+                if op == "enqueue":
+                    await trio.sleep(0.2)  # the process was busy before the call went out
+                return await original(op, args, limit=limit)
+
+            admitted: list[str] = []
+            release = trio.Event()
+
+            async def holder(task_status: trio.TaskStatus[None]) -> None:
+                async with quick_gate.session():
+                    task_status.started()
+                    await release.wait()
+
+            async def session(name: str, gate: sessiongate.Gate, arrival: Any) -> None:
+                async with gate.session(arrival=arrival):
+                    admitted.append(name)
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(holder)
+                monkeypatch.setattr(busy, "_call_figures", late)
+                first = slow_gate.arrive()
+                await trio.sleep(0.05)
+                second = quick_gate.arrive()  # 50 ms later, on the quick process
+                nursery.start_soon(session, "first", slow_gate, first)
+                nursery.start_soon(session, "second", quick_gate, second)
+                await wait_until(lambda: slow_gate.queued == 2 and quick_gate.queued == 2)
+                release.set()
+            assert admitted == ["first", "second"]

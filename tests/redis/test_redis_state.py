@@ -62,3 +62,15 @@ async def test_mirror_counts_every_hand_off_of_the_global_queue() -> None:
     assert len(mirror.handoffs._handoffs) == 2
     rate = mirror.handoffs.per_second(trio.current_time())
     assert rate is not None and 50 < rate < 110
+
+
+async def test_clock_bound_maps_local_times_onto_redis_microseconds() -> None:
+    clock = ClockBound()
+    assert clock.redis_us(trio.current_time()) is None  # nothing measured yet
+    now = trio.current_time()
+    # TIME read 50.000 s (whole ms) somewhere in [now, now + 0.002].
+    clock.sample(50_000, now, now + 0.002)
+    mapped = clock.redis_us(now + 0.010)
+    assert mapped is not None
+    # The middle of the bracket, plus half of TIME's truncated millisecond.
+    assert mapped == round((50.000 + 0.010 - 0.001 + 0.0005) * 1e6)

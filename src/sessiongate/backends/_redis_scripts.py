@@ -185,17 +185,23 @@ local extra = {}
 
 if op == 'enqueue' then
   -- ARGV 7: count, then per member, in arrival order: member, wait ('1'/'0'),
-  -- max_queue, age (µs since the ticket arrived, by its own process's clock).
+  -- max_queue, arrival: '@' and its time on Redis's clock (µs), as its process maps its
+  -- own clock onto Redis's, or else its age (µs since it arrived, by that clock).
   -- Results per member: 'G' fence exp | 'Q' seq | 'W' (would wait) | 'F' (queue full).
-  -- A queued member's arrival number is its arrival time on Redis's clock (now - age),
-  -- so its place is fixed by when it arrived, not by when its enqueue reached Redis;
-  -- strictly increasing within a batch (which comes in arrival order).
+  -- A queued member's arrival number is its arrival time on Redis's clock (never later
+  -- than now), so its place is fixed by when it arrived, not by when its enqueue reached
+  -- Redis; strictly increasing within a batch (which comes in arrival order).
   admit()
   local n = tonumber(ARGV[7])
   local last_seq = 0
   for i = 0, n - 1 do
     local m, wait = ARGV[8 + 4 * i], ARGV[9 + 4 * i]
-    local maxq, age = tonumber(ARGV[10 + 4 * i]), tonumber(ARGV[11 + 4 * i])
+    local maxq, arrival = tonumber(ARGV[10 + 4 * i]), ARGV[11 + 4 * i]
+    if string.sub(arrival, 1, 1) == '@' then
+      arrival = math.min(tonumber(string.sub(arrival, 2)), now_us)
+    else
+      arrival = now_us - tonumber(arrival)
+    end
     local seq = redis.call('ZSCORE', K_QUEUE, m)
     local slot = held(m)
     if redis.call('ZSCORE', K_GONE, m) then
@@ -215,7 +221,7 @@ if op == 'enqueue' then
       elseif queued >= maxq then
         extra[#extra + 1] = 'F'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
       else
-        local s = math.max(now_us - age, last_seq + 1)
+        local s = math.max(arrival, last_seq + 1)
         last_seq = s
         raise_to('seq', s)
         redis.call('ZADD', K_QUEUE, s, m)

@@ -147,6 +147,17 @@ class ClockBound:
             return None
         return math.ceil((local + min(s[2] for s in recent)) * 1000)
 
+    def redis_us(self, local: float) -> int | None:
+        """Local time ``local`` on Redis's clock (µs), best estimate: the middle of the
+        offset's bounds, plus half a millisecond (``TIME`` is read in whole ms, so each
+        sample's Redis instant is up to 1 ms later than it says). None before any call."""
+        recent = self._recent()
+        if not recent:
+            return None
+        lowest = max(s[1] for s in recent)
+        highest = min(s[2] for s in recent)
+        return round((local + (lowest + highest) / 2 + 0.0005) * 1e6)
+
     def latest(self, redis_ms: int) -> float | None:
         """The latest local time ``redis_ms`` can come at (when lapsed leases are due)."""
         recent = self._recent()

@@ -754,6 +754,10 @@ async def test_head_of_an_event_stream_does_not_follow_the_session(autojump_cloc
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         assert trio.current_time() == start
+        # The headers a GET has (over a real socket, no Content-Length either: see
+        # test_real); the test client adds one of its own.
+        assert response.headers["Cache-Control"] == "no-cache"
+        assert await response.get_data() == b""
 
 
 async def test_a_lost_lease_fails_the_session_with_lease_lost(

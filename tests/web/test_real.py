@@ -1042,3 +1042,19 @@ async def test_a_request_framed_two_ways_is_refused_and_its_connection_closed() 
                 assert rest == b""  # the hidden request was not answered: closed
             stats = app.service.gate.stats()
             assert stats.admitted == 0 and stats.rejected == 0
+
+
+async def test_head_of_an_event_stream_has_a_gets_headers() -> None:
+    """HEAD said Content-Length: 0, while a GET of the stream has no length (outside
+    review)."""
+    prefer = {"Prefer": "respond-async"}
+    with trio.fail_after(10):
+        async with (
+            real_server(capacity=1) as (_, base),
+            httpx.AsyncClient(base_url=base, timeout=10) as client,
+        ):
+            created = await client.post("/sessions", json={"duration": 60}, headers=prefer)
+            response = await client.head(f"/sessions/{created.json()['id']}/events")
+    assert response.status_code == 200
+    assert "content-length" not in response.headers
+    assert response.headers["cache-control"] == "no-cache"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 from quart import Quart, Response, request
@@ -86,6 +87,12 @@ def stats_json(service: Service) -> dict[str, Any]:
         body["local_active"] = service.gate.local_active
         body["local_queued"] = service.gate.local_queued
     return body
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    """An empty body of unknown length."""
+    return
+    yield  # an async generator all the same
 
 
 def register(app: Quart, service: Service) -> None:
@@ -182,10 +189,11 @@ def register(app: Quart, service: Service) -> None:
         if (forwarded := await on_its_worker(session_id, events=True)) is not None:
             return forwarded
         record = find(session_id)
-        if request.method == "HEAD":  # headers only: never follow the session
-            return Response(b"", mimetype="text/event-stream")
+        # HEAD: the headers a GET would have (no Content-Length: a stream's length is
+        # not known; it said 0, an outside review), and never follow the session.
+        events = _nothing() if request.method == "HEAD" else session_events(service, record)
         response = Response(
-            session_events(service, record),
+            events,
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

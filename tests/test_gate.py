@@ -1198,3 +1198,31 @@ async def test_a_slot_kept_for_a_reservation_is_not_a_hand_off(
         await trio.testing.wait_all_tasks_blocked()
     # The second one got the slot the first gave back: that is a hand-off.
     assert gate.handoff_rate() is not None
+
+
+async def test_a_session_whose_wait_is_used_up_expires_as_it_enters(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Stamped max_wait ago or more (a request that reached the app that late), it has
+    waited max_wait without a slot: it expires, even with a slot free. Admitted, it ran
+    after waiting past its deadline (outside load test: up to 312 ms past 0.2 s)."""
+    gate = Gate(capacity=2, max_wait=5)
+    late = gate.arrive(reserve=True)
+    await trio.sleep(5)
+    with pytest.raises(QueueTimeout) as expired:
+        async with gate.session(arrival=late):
+            raise AssertionError("ran after waiting past its deadline")
+    assert expired.value.waited == 5
+    assert late.admitted_at is None and late.wait_ended_at == 5
+    with pytest.raises(QueueTimeout):
+        async with gate.session(arrival=gate.arrive(at=-100.0)):
+            raise AssertionError("ran after waiting past its deadline")
+    stats = gate.stats()
+    assert (stats.expired, stats.admitted, stats.active) == (2, 0, 0)
+    # Its reservation is given back: the next arrival takes a free slot at once.
+    async with gate.session() as ticket:
+        assert ticket.waited == 0
+    # max_wait 0 never waits: a free slot admits whatever the stamp.
+    gate.max_wait = 0
+    async with gate.session(arrival=gate.arrive(at=-1.0)):
+        assert gate.active == 1

@@ -312,8 +312,10 @@ class Gate:
                 request spent waiting to be read counts towards its queue deadline, and
                 a burst's places follow the order its requests reached the host. A
                 time in the future counts as now; one more than ``max_wait`` ago as
-                ``max_wait`` ago (the wait is used up: a free slot still admits it,
-                else it expires at once), so no session ever waits past its deadline.
+                ``max_wait`` ago. A session whose wait is used up by the time it enters
+                expires as it enters, even with a slot free (``max_wait`` 0 excepted:
+                it never waits, and takes a free slot), so no session ever runs after
+                waiting past its deadline.
 
         Raises:
             ValueError: ``at`` is not a finite number.
@@ -565,6 +567,15 @@ class _Session:
             if gate.max_wait > 0
             else None
         )
+        if wait_scope is not None and wait_scope.deadline <= trio.current_time():
+            # Its wait was used up before it entered (stamped max_wait ago or more: a
+            # request that reached the app that late): it has waited max_wait without a
+            # slot, so it expires now, free slot or not. Admitted, it ran after waiting
+            # past its deadline (an outside load test: up to 312 ms past a 0.2 s
+            # max_wait while the loop stalled).
+            gate._backend.unreserve(ticket)
+            ticket.wait_ended_at = trio.current_time()
+            raise gate._wait_ended(ticket)
         if wait_scope is not None:
             # Registered so that a drain can end the wait; admission unregisters.
             gate._waiting[ticket] = wait_scope

@@ -1124,6 +1124,8 @@ async def test_arrival_stamps_and_ids_are_checked(autojump_clock: trio.testing.M
             gate.arrive(at=bad)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         gate.arrive(id=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite"):  # too large for a float
+        gate.arrive(at=10**400)
     assert gate.arrive(at=0).arrived_at == 0
 
 

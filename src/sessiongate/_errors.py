@@ -35,7 +35,7 @@ class QueueFull(AdmissionError):
     code = "queue_full"
 
     def __init__(self, max_queue: int) -> None:
-        super().__init__(f"the queue is full ({max_queue} waiting)")
+        super().__init__(f"the queue is full (max_queue {max_queue})")
         self.max_queue = max_queue
 
     def __reduce__(self) -> tuple[type[QueueFull], tuple[int]]:

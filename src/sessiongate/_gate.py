@@ -170,6 +170,14 @@ class Ticket:
         return self._gate.estimate_wait(position)
 
 
+def _finite(number: float) -> bool:
+    """Whether ``number`` is a finite float (an int too large for one is not)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
+
+
 class Gate:
     """A session admission gate: a cap, a FIFO queue, a deadline on waiting.
 
@@ -327,7 +335,7 @@ class Gate:
             arrived_at = now
         elif not isinstance(at, (int, float)) or isinstance(at, bool):
             raise TypeError(f"at must be a time on the Trio clock, not {at!r}")
-        elif math.isfinite(at):
+        elif _finite(at):
             arrived_at = max(min(at, now), now - self.max_wait)
         else:
             raise ValueError(f"at must be a finite time on the Trio clock, not {at!r}")

@@ -341,6 +341,7 @@ async def serve(
         # ANSWERS_MIN: the whole stop takes the grace and a little more, not twice the
         # grace (outside review: 12 s with a grace of 6 and one slow reader).
         config.graceful_timeout = max(grace_ends - trio.current_time(), ANSWERS_MIN)
+        drained_at = trio.current_time()
         stop.set()
         # Hypercorn then gives them its graceful timeout; a write that a client is not
         # taking (it stopped reading) would outlast it. A second signal shortens it.
@@ -353,7 +354,7 @@ async def serve(
         # that blocks as it closes. The stop is bounded all the same (an outside review:
         # such a session held the exit for 30 s with a grace of 2).
         await trio.sleep(EXIT_BOUND)
-        _exit_anyway(peers)
+        _exit_anyway(peers, trio.current_time() - drained_at)
 
     async def watch_supervisor(fd: int) -> None:
         # A supervised worker reads the lifeline pipe its supervisor holds open and never
@@ -404,13 +405,13 @@ async def serve(
 EXIT_BOUND: Final = 2.0
 
 
-def _exit_anyway(peers: Any) -> NoReturn:
+def _exit_anyway(peers: Any, since_drain: float) -> NoReturn:
     """Exit 0 now, though the app has not stopped: the drain is over (every caller has
     its answer), and what still runs ignores cancellation."""
     log.error(
-        "the app has not stopped %gs after its drain (a session or a handler's lifespan "
+        "the app has not stopped %.1fs after its drain (a session or a handler's lifespan "
         "ignores cancellation); exiting without it",
-        EXIT_BOUND,
+        since_drain,
     )
     if peers is not None:
         peers.socket_path().unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -463,6 +464,41 @@ async def test_a_session_that_ignores_cancellation_is_abandoned_at_the_cut() -> 
     # the app to stop, which it cannot.
     assert 2.5 <= answered < 4.5
     assert took < 9
+
+
+async def test_a_second_signal_abandons_such_a_session_soon_and_shows_that_it_ran() -> None:
+    """The second signal ends the grace at once, also for a session that ignores its
+    cancellation (abandoned 1.5 s after the second signal, not 1.5 s after the grace);
+    its final session object shows that it ran. Before, the abandonment waited for the
+    grace, and the object said admitted_at null with its whole life as queued_s
+    (outside review)."""
+    handler = "web_sample_handlers:ignores_cancellation"
+    prefer = {"Prefer": "respond-async"}
+    with trio.fail_after(40):
+        async with (
+            serve_process("--shutdown-grace", "30", "--handler", handler) as (process, base),
+            httpx.AsyncClient(base_url=base, timeout=40) as client,
+        ):
+            created = await client.post("/sessions", json={"duration": 60}, headers=prefer)
+            session_id = created.json()["id"]
+            final: dict[str, Any] = {}
+            async with client.stream("GET", f"/sessions/{session_id}/events") as events:
+                async for line in events.aiter_lines():
+                    if line.startswith("data: "):
+                        data = json.loads(line[6:])
+                        if data["state"] == "active" and not final:
+                            final["start"] = trio.current_time()
+                            process.send_signal(signal.SIGTERM)
+                            await trio.sleep(0.5)
+                            process.send_signal(signal.SIGTERM)
+                        elif data["state"] != "active":
+                            final.update(data, ended=trio.current_time())
+            assert await process.wait() == 0
+    assert final["state"] == "cancelled"
+    assert final["error"]["error"] == "shutting_down"
+    assert final["admitted_at"] is not None and final["active_s"] > 1.5
+    assert final["queued_s"] < 0.5
+    assert final["ended"] - final["start"] < 4  # 0.5 s, then the cut's 1.5 s bound
 
 
 async def test_a_lifespan_that_blocks_as_it_closes_does_not_hold_the_exit() -> None:

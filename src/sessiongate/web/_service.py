@@ -137,6 +137,8 @@ class Service:
         self.peers: Peers | None = None
         self._closed = False
         self._drain_started = False
+        # The drain's wait for active sessions (the grace); a cut ends it at once.
+        self._grace: trio.CancelScope | None = None
         self._drained = trio.Event()
         self._stop = trio.Event()
         self._stopped = trio.Event()
@@ -257,7 +259,7 @@ class Service:
             gate.local_queued,
             self.settings.shutdown_grace,
         )
-        with trio.move_on_after(self.settings.shutdown_grace):
+        with trio.move_on_after(self.settings.shutdown_grace) as self._grace:
             await gate.aclose()
         for record in list(registry.live.values()):
             record.cancel("shutting_down")
@@ -286,10 +288,16 @@ class Service:
             record.id,
             CUT_BOUND,
         )
+        record.abandoned = True  # it ran (and still runs): its admission stays shown
         self._end(record, CANCELLED, error=_error("shutting_down"))
 
     def cut(self) -> None:
-        """End the grace now: cancel every live session (a second SIGTERM)."""
+        """End the grace now: cancel every live session (a second SIGTERM). The drain
+        stops waiting for the grace at once, so a session that ignores its
+        cancellation is abandoned ``CUT_BOUND`` after this, not after the grace (an
+        outside review: a second signal did not shorten such a stop)."""
+        if self._grace is not None:
+            self._grace.cancel()
         if self._registry is not None:
             for record in list(self._registry.live.values()):
                 record.cancel("shutting_down")

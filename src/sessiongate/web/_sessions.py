@@ -71,6 +71,8 @@ class SessionRecord:
     scope: trio.CancelScope | None = None
     #: What the handler raised, until the session's end is logged.
     exception: BaseException | None = None
+    #: Ended by the drain while its handler, ignoring cancellation, still ran.
+    abandoned: bool = False
     done: trio.Event = attrs.Factory(trio.Event)
     transitions: list[dict[str, Any]] = attrs.Factory(list)
     #: Event streams following this session; snapshots are kept only while there are.
@@ -109,7 +111,7 @@ class SessionRecord:
         instant its deadline fired goes straight on): an ended session ran if it gave a
         slot back."""
         ticket = self.arrival
-        if self.state in LIVE_STATES or ticket.released_at is not None:
+        if self.state in LIVE_STATES or ticket.released_at is not None or self.abandoned:
             return ticket.admitted_at
         return None
 

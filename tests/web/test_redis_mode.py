@@ -175,6 +175,47 @@ async def test_workers_that_cannot_start_stop_the_supervisor_with_status_1(
     assert 3 <= trio.current_time() - start < 20
 
 
+async def test_plain_hypercorn_workers_answer_their_callers_at_shutdown(redis_url: str) -> None:
+    """Under ``hypercorn -w 2`` the runner sends SIGTERM to the other workers as soon as
+    one has exited: a worker died of it at once, its caller got no answer and its Redis
+    slot waited out its lease (outside review). Now that SIGTERM ends the worker's
+    grace: the caller is answered shutting_down and the slot given back."""
+    hypercorn = [sys.executable, "-m", "hypercorn", "-k", "trio", "-w", "2"]
+    hypercorn += ["--bind", "127.0.0.1:0"]
+    settings = {
+        "SESSIONGATE_BACKEND": redis_url,
+        "SESSIONGATE_GATE_NAME": gate_name(),
+        "SESSIONGATE_CAPACITY": "2",
+        "SESSIONGATE_SHUTDOWN_GRACE": "20",
+    }
+    with trio.fail_after(40):
+        async with (
+            serve_process("sessiongate.web:create_app()", command=hypercorn, settings=settings) as (
+                process,
+                base,
+            ),
+            httpx.AsyncClient(base_url=base, timeout=40) as client,
+        ):
+            answers: list[httpx.Response] = []
+
+            async def sync() -> None:
+                answers.append(await client.post("/sessions", json={"duration": 60}))
+
+            async def one_active() -> bool:
+                return bool((await client.get("/stats")).json()["active"] == 1)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sync)
+                await until(one_active)
+                start = trio.current_time()
+                process.send_signal(signal.SIGTERM)
+            # The idle worker is out at once; the runner's SIGTERM ends the other's grace.
+            assert trio.current_time() - start < 10
+            assert answers[0].status_code == 503
+            assert answers[0].json()["error"] == "shutting_down"
+            await process.wait()
+
+
 async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> None:
     with trio.fail_after(40):
         async with serve_process(

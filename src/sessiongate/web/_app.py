@@ -343,7 +343,15 @@ def _drain_before_hypercorn_stops(app: SessionGateApp) -> None:
     drains first, the listener still open: queued sessions end at once as
     ``shutting_down``, active ones get ``SESSIONGATE_SHUTDOWN_GRACE``, every caller is
     answered; then Hypercorn stops as before.
+
+    A SIGTERM to the worker itself counts too: Hypercorn's runner sends one to every
+    other worker as soon as one has exited (``-w N``), and a worker had no handler, so
+    it died at once: its callers got no answer and its Redis slots waited out their
+    leases (an outside review). The first starts the drain if it has not started; one
+    during the drain ends its grace, as a second signal does under ``sessiongate serve``.
     """
+    import signal
+
     import hypercorn.trio.run as hypercorn_run
 
     poll = hypercorn_run.check_multiprocess_shutdown_event  # type: ignore[attr-defined]
@@ -351,10 +359,28 @@ def _drain_before_hypercorn_stops(app: SessionGateApp) -> None:
         return
 
     async def drain_first(shutdown_event: Any, sleep: Any) -> None:
-        await poll(shutdown_event, sleep)
-        if app.service.started:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as first:  # the runner's event, or a SIGTERM
+
+                async def stop_on(wait: Any) -> None:
+                    await wait()
+                    first.cancel_scope.cancel()
+
+                first.start_soon(stop_on, lambda: poll(shutdown_event, sleep))
+                first.start_soon(stop_on, signals.__anext__)
+            if not app.service.started:
+                return
             log.info("Hypercorn is stopping: draining first")
-            await app.service.drain()
+            async with trio.open_nursery() as draining:
+
+                async def cut_on_signal() -> None:
+                    async for _ in signals:
+                        log.info("SIGTERM again: ending the grace now")
+                        app.service.cut()
+
+                draining.start_soon(cut_on_signal)
+                await app.service.drain()
+                draining.cancel_scope.cancel()
 
     drain_first.drains_first = True  # type: ignore[attr-defined]
     hypercorn_run.check_multiprocess_shutdown_event = drain_first  # type: ignore[attr-defined]

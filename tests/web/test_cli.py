@@ -554,6 +554,39 @@ async def test_plain_hypercorn_drains_before_it_stops() -> None:
             assert await process.wait() == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_hypercorn_without_a_runner_drains_on_a_signal(signum: int) -> None:
+    """``hypercorn -w 0``: one process, no runner, and Hypercorn listens for no signal:
+    SIGTERM killed it outright (callers dropped) and SIGINT raised KeyboardInterrupt in
+    a request (outside review). The app listens itself and drains."""
+    hypercorn = [sys.executable, "-m", "hypercorn", "-k", "trio", "-w", "0"]
+    hypercorn += ["--bind", "127.0.0.1:0"]
+    settings = {"SESSIONGATE_CAPACITY": "1", "SESSIONGATE_SHUTDOWN_GRACE": "1"}
+    with trio.fail_after(30):
+        async with (
+            serve_process("sessiongate.web:create_app()", command=hypercorn, settings=settings) as (
+                process,
+                base,
+            ),
+            httpx.AsyncClient(base_url=base, timeout=30) as client,
+        ):
+            answers: list[httpx.Response] = []
+
+            async def sync() -> None:
+                answers.append(await client.post("/sessions", json={"duration": 60}))
+
+            async def active() -> bool:
+                return bool((await client.get("/stats")).json()["active"] == 1)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sync)
+                await until(active)
+                process.send_signal(signum)
+            assert answers[0].status_code == 503
+            assert answers[0].json()["error"] == "shutting_down"
+            assert await process.wait() == 0
+
+
 async def _stop_with_a_stalled_reader(
     grace: int, *, running_session: bool, again_after: float | None = None
 ) -> float:

@@ -349,6 +349,7 @@ def _drain_before_hypercorn_stops(app: SessionGateApp) -> None:
     it died at once: its callers got no answer and its Redis slots waited out their
     leases (an outside review). The first starts the drain if it has not started; one
     during the drain ends its grace, as a second signal does under ``sessiongate serve``.
+    With ``-w 0`` (no runner) the app listens for SIGTERM and SIGINT itself.
     """
     import signal
 
@@ -358,29 +359,60 @@ def _drain_before_hypercorn_stops(app: SessionGateApp) -> None:
     if getattr(poll, "drains_first", False):
         return
 
+    async def drain_on(signals: Any, runner_stops: Any) -> None:
+        async with trio.open_nursery() as first:  # a signal, or the runner's event
+
+            async def stop_on(wait: Any) -> None:
+                await wait()
+                first.cancel_scope.cancel()
+
+            first.start_soon(stop_on, signals.__anext__)
+            if runner_stops is not None:
+                first.start_soon(stop_on, runner_stops)
+        if not app.service.started:
+            return
+        log.info("Hypercorn is stopping: draining first")
+        async with trio.open_nursery() as draining:
+
+            async def cut_on_signal() -> None:
+                async for signum in signals:
+                    log.info("%s again: ending the grace now", signal.Signals(signum).name)
+                    app.service.cut()
+
+            draining.start_soon(cut_on_signal)
+            await app.service.drain()
+            draining.cancel_scope.cancel()
+
     async def drain_first(shutdown_event: Any, sleep: Any) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            async with trio.open_nursery() as first:  # the runner's event, or a SIGTERM
+            await drain_on(signals, lambda: poll(shutdown_event, sleep))
 
-                async def stop_on(wait: Any) -> None:
-                    await wait()
-                    first.cancel_scope.cancel()
+    async def drain_on_signals() -> None:
+        # ``hypercorn -w 0``: one process and no runner, and Hypercorn listens for no
+        # signal at all: SIGTERM killed the process outright (every caller dropped,
+        # Redis slots left to their leases) and SIGINT raised KeyboardInterrupt in a
+        # request (an outside review). The app listens for both itself.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await drain_on(signals, None)
 
-                first.start_soon(stop_on, lambda: poll(shutdown_event, sleep))
-                first.start_soon(stop_on, signals.__anext__)
-            if not app.service.started:
-                return
-            log.info("Hypercorn is stopping: draining first")
-            async with trio.open_nursery() as draining:
+    serve = hypercorn_run.worker_serve
 
-                async def cut_on_signal() -> None:
-                    async for _ in signals:
-                        log.info("SIGTERM again: ending the grace now")
-                        app.service.cut()
-
-                draining.start_soon(cut_on_signal)
-                await app.service.drain()
-                draining.cancel_scope.cancel()
+    async def worker_serve(
+        served: Any,
+        config: Any,
+        *,
+        sockets: Any = None,
+        shutdown_trigger: Any = None,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await serve(
+            served,
+            config,
+            sockets=sockets,
+            shutdown_trigger=shutdown_trigger or drain_on_signals,
+            task_status=task_status,
+        )
 
     drain_first.drains_first = True  # type: ignore[attr-defined]
     hypercorn_run.check_multiprocess_shutdown_event = drain_first  # type: ignore[attr-defined]
+    hypercorn_run.worker_serve = worker_serve  # type: ignore[assignment]

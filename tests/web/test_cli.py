@@ -362,6 +362,27 @@ async def until(check: Callable[[], Awaitable[bool]]) -> None:
         await trio.sleep(0.02)
 
 
+async def signal_while_one_session_runs(
+    process: Any, client: httpx.AsyncClient, signum: int = signal.SIGTERM
+) -> tuple[httpx.Response, float]:
+    """Start one synchronous 60 s session, wait until it is active, send ``signum``;
+    return its answer and the seconds from the signal to the answer."""
+    answers: list[httpx.Response] = []
+
+    async def sync() -> None:
+        answers.append(await client.post("/sessions", json={"duration": 60}))
+
+    async def active() -> bool:
+        return bool((await client.get("/stats")).json()["active"] == 1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sync)
+        await until(active)
+        start = trio.current_time()
+        process.send_signal(signum)
+    return answers[0], trio.current_time() - start
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_sigterm_drains_then_exits_0(signum: int) -> None:
     prefer = {"Prefer": "respond-async"}
@@ -442,22 +463,10 @@ async def test_a_session_that_ignores_cancellation_is_abandoned_at_the_cut() -> 
             serve_process("--shutdown-grace", "1", "--handler", handler) as (process, base),
             httpx.AsyncClient(base_url=base, timeout=40) as client,
         ):
-            answers: list[httpx.Response] = []
-
-            async def sync() -> None:
-                answers.append(await client.post("/sessions", json={"duration": 60}))
-
-            async def active() -> bool:
-                return bool((await client.get("/stats")).json()["active"] == 1)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sync)
-                await until(active)
-                start = trio.current_time()
-                process.send_signal(signal.SIGTERM)
-            answered = trio.current_time() - start
-            assert answers[0].status_code == 503
-            assert answers[0].json()["error"] == "shutting_down"
+            start = trio.current_time()
+            answer, answered = await signal_while_one_session_runs(process, client)
+            assert answer.status_code == 503
+            assert answer.json()["error"] == "shutting_down"
             assert await process.wait() == 0
             took = trio.current_time() - start
     # The grace (1 s) and the cut's bound (1.5 s); then 2 s for answers and 2 s more for
@@ -570,20 +579,9 @@ async def test_hypercorn_without_a_runner_drains_on_a_signal(signum: int) -> Non
             ),
             httpx.AsyncClient(base_url=base, timeout=30) as client,
         ):
-            answers: list[httpx.Response] = []
-
-            async def sync() -> None:
-                answers.append(await client.post("/sessions", json={"duration": 60}))
-
-            async def active() -> bool:
-                return bool((await client.get("/stats")).json()["active"] == 1)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sync)
-                await until(active)
-                process.send_signal(signum)
-            assert answers[0].status_code == 503
-            assert answers[0].json()["error"] == "shutting_down"
+            answer, _ = await signal_while_one_session_runs(process, client, signum)
+            assert answer.status_code == 503
+            assert answer.json()["error"] == "shutting_down"
             assert await process.wait() == 0
 
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from .conftest import real_server
-from .test_cli import serve_process, until
+from .test_cli import serve_process, signal_while_one_session_runs, until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -196,23 +196,11 @@ async def test_plain_hypercorn_workers_answer_their_callers_at_shutdown(redis_ur
             ),
             httpx.AsyncClient(base_url=base, timeout=40) as client,
         ):
-            answers: list[httpx.Response] = []
-
-            async def sync() -> None:
-                answers.append(await client.post("/sessions", json={"duration": 60}))
-
-            async def one_active() -> bool:
-                return bool((await client.get("/stats")).json()["active"] == 1)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sync)
-                await until(one_active)
-                start = trio.current_time()
-                process.send_signal(signal.SIGTERM)
+            answer, answered = await signal_while_one_session_runs(process, client)
             # The idle worker is out at once; the runner's SIGTERM ends the other's grace.
-            assert trio.current_time() - start < 10
-            assert answers[0].status_code == 503
-            assert answers[0].json()["error"] == "shutting_down"
+            assert answered < 10
+            assert answer.status_code == 503
+            assert answer.json()["error"] == "shutting_down"
             await process.wait()
 
 

@@ -474,6 +474,7 @@ async def _supervise(settings: Settings) -> int:
     command = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", f"fd://{fd}"]
     command += ["--workers", "1"]
     stopping = trio.Event()
+    spawning = trio.Lock()
     given_up = trio.Event()
     processes: dict[int, trio.Process] = {}
     failures = 0
@@ -483,12 +484,15 @@ async def _supervise(settings: Settings) -> int:
         failed_starts = 0
         while not stopping.is_set():
             started = trio.current_time()
-            process = await trio.lowlevel.open_process(
-                command,
-                env={**env, WORKER_ENV: str(index)},
-                pass_fds=(fd, lifeline_read),
-                start_new_session=True,
-            )
+            async with spawning:  # the socket is not closed under a spawn (stop_all)
+                if stopping.is_set():
+                    return
+                process = await trio.lowlevel.open_process(
+                    command,
+                    env={**env, WORKER_ENV: str(index)},
+                    pass_fds=(fd, lifeline_read),
+                    start_new_session=True,
+                )
             processes[index] = process
             if stopping.is_set():  # the signal came while this worker was starting
                 process.send_signal(signal.SIGTERM)
@@ -524,6 +528,13 @@ async def _supervise(settings: Settings) -> int:
         for process in processes.values():
             if process.returncode is None:
                 process.send_signal(signum)
+        # No worker starts from now on, so the listening socket is the workers' alone:
+        # it closes with the last of their listeners, after their drains, and new
+        # connections are then refused. Held here, it took connections that nobody
+        # would ever accept while a stop lingered, and reset them at the exit (an
+        # outside review: up to 4 s with a handler that ignored cancellation).
+        async with spawning:
+            sock.close()
         with trio.move_on_after(settings.shutdown_grace + KILL_MARGIN):
             for process in processes.values():
                 await process.wait()

@@ -204,6 +204,36 @@ async def test_plain_hypercorn_workers_answer_their_callers_at_shutdown(redis_ur
             await process.wait()
 
 
+async def test_a_lingering_stop_refuses_new_connections(redis_url: str) -> None:
+    """While a stop lingers after the drain (a handler that ignores cancellation), the
+    supervisor held the listening socket: new connections were taken by the kernel,
+    never answered, and reset at the exit (outside review). Now they are refused once
+    the workers' listeners have closed."""
+    with trio.fail_after(40):
+        async with (
+            serve_process(
+                "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+                "--shutdown-grace", "1", "--handler", "web_sample_handlers:ignores_cancellation",
+            ) as (process, base),
+            httpx.AsyncClient(base_url=base, timeout=30) as client,
+        ):  # fmt: skip
+            answer, _ = await signal_while_one_session_runs(process, client)
+            assert answer.json()["error"] == "shutting_down"  # the drain is over
+            port = int(base.rsplit(":", 1)[1])
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    refused_at = trio.current_time()
+                    break
+                await stream.aclose()
+                await trio.sleep(0.05)  # another process's state: polled
+            assert await process.wait() == 0
+            # Refused while the stop lingered (about 4 s here), not only as the
+            # supervisor exited.
+            assert trio.current_time() - refused_at > 2
+
+
 async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> None:
     with trio.fail_after(40):
         async with serve_process(

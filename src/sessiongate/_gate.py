@@ -575,21 +575,20 @@ class _Session:
             if gate.max_wait > 0
             else None
         )
-        if wait_scope is not None and wait_scope.deadline <= trio.current_time():
-            # Its wait was used up before it entered (stamped max_wait ago or more: a
-            # request that reached the app that late): it has waited max_wait without a
-            # slot, so it expires now, free slot or not. Admitted, it ran after waiting
-            # past its deadline (an outside load test: up to 312 ms past a 0.2 s
-            # max_wait while the loop stalled).
-            gate._backend.unreserve(ticket)
-            ticket.wait_ended_at = trio.current_time()
-            raise gate._wait_ended(ticket)
         if wait_scope is not None:
             # Registered so that a drain can end the wait; admission unregisters.
             gate._waiting[ticket] = wait_scope
         hold = gate._backend.hold(ticket, deadline_scope=wait_scope, max_queue=gate.max_queue)
         entered = False
         try:
+            if wait_scope is not None and wait_scope.deadline <= trio.current_time():
+                # Its wait was used up before it entered (stamped max_wait ago or more:
+                # a request that reached the app that late): it has waited max_wait
+                # without a slot, so it expires now, free slot or not. Admitted, it ran
+                # after waiting past its deadline (an outside load test: up to 312 ms
+                # past a 0.2 s max_wait while the loop stalled).
+                gate._backend.unreserve(ticket)
+                raise trio.TooSlowError
             await hold.__aenter__()
             entered = True
         except (trio.TooSlowError, trio.WouldBlock):

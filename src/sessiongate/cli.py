@@ -82,14 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         load(settings.handler)
     except HandlerLoadError as error:
-        # Named as given, like every other setting: the flag wins over the variable.
-        flagged = any(arg == "--handler" or arg.startswith("--handler=") for arg in args[1:])
-        source = (
-            "SESSIONGATE_HANDLER"
-            if not flagged and "SESSIONGATE_HANDLER" in os.environ
-            else "--handler"
-        )
-        return _fail(f"invalid {source}: {error}")
+        # Named as given, like every other setting.
+        return _fail(f"invalid {Settings.source_of('handler', args[1:], os.environ)}: {error}")
     if settings.redis and importlib.util.find_spec("sessiongate.backends.redis") is None:
         return _fail("invalid --backend: the redis backend is not available in this build")
     configure_logging()

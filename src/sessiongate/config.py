@@ -70,9 +70,7 @@ def _seconds(minimum: float) -> Callable[[str], float]:
     def convert(text: str) -> float:
         if not _DECIMAL.fullmatch(text):
             raise ValueError(f"must be a number of seconds >= {minimum:g}, got {text[:30]!r}")
-        value = float(text)
-        if not math.isfinite(value):
-            raise ValueError(f"must be a finite number of seconds, got {text!r}")
+        value = float(text)  # finite: the pattern has no exponent, inf or nan
         if value < minimum:
             raise ValueError(f"must be >= {minimum:g} seconds, got {value:g}")
         return value
@@ -229,6 +227,19 @@ _OPTIONS = (
 _BY_NAME = {option.name: option for option in _OPTIONS}
 
 
+def _flags(argv: Sequence[str]) -> dict[str, str]:
+    """The ``serve`` flags given, by setting name."""
+    namespace = _parser().parse_args(list(argv))
+    return {name: value for name, value in vars(namespace).items() if value is not None}
+
+
+def _source(name: str, flags: Mapping[str, str], environ: Mapping[str, str]) -> str:
+    """Where a setting's value came from, as errors name it: its flag, else its
+    variable, else (the default) its flag."""
+    option = _BY_NAME[name]
+    return option.env if name not in flags and option.env in environ else option.flag
+
+
 @attrs.frozen
 class Settings:
     """Everything the service is configured with. Build it with a named constructor."""
@@ -272,9 +283,13 @@ class Settings:
         Raises:
             ConfigError: a flag or variable has an invalid value, or an unknown flag.
         """
-        namespace = _parser().parse_args(list(argv))
-        flags = {name: value for name, value in vars(namespace).items() if value is not None}
-        return cls._build(flags, environ)
+        return cls._build(_flags(argv), environ)
+
+    @staticmethod
+    def source_of(name: str, argv: Sequence[str], environ: Mapping[str, str]) -> str:
+        """The flag or variable setting ``name``'s value came from (for an error that
+        only shows later, as a handler that does not import)."""
+        return _source(name, _flags(argv), environ)
 
     @classmethod
     def _build(cls, flags: Mapping[str, str], environ: Mapping[str, str]) -> Settings:
@@ -292,7 +307,7 @@ class Settings:
                 raise ConfigError(source, str(error)) from None
         settings = cls(**values)
         if settings.workers > 1 and not settings.redis:
-            source = "--workers" if "workers" in flags else _BY_NAME["workers"].env
+            source = _source("workers", flags, environ)
             raise ConfigError(
                 source,
                 f"{settings.workers} workers need a shared backend (--backend redis://...); "

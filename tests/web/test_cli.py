@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +352,15 @@ async def serve_process(
         await process.wait()
 
 
+def plain_hypercorn(
+    settings: Mapping[str, str] | None = None, *options: str
+) -> AbstractAsyncContextManager[Any]:
+    """``serve_process`` for ``hypercorn -k trio [options] 'sessiongate.web:create_app()'``
+    on port 0, configured by ``settings`` (``SESSIONGATE_*`` variables)."""
+    command = [sys.executable, "-m", "hypercorn", "-k", "trio", *options, "--bind", "127.0.0.1:0"]
+    return serve_process("sessiongate.web:create_app()", command=command, settings=settings)
+
+
 async def until(check: Callable[[], Awaitable[bool]]) -> None:
     """Wait for a condition that only another process can make true.
 
@@ -438,10 +447,9 @@ async def test_sigterm_drains_then_exits_0(signum: int) -> None:
 
 
 async def test_hypercorn_serves_the_app_factory_directly() -> None:
-    hypercorn = [sys.executable, "-m", "hypercorn", "-k", "trio", "--bind", "127.0.0.1:0"]
     with trio.fail_after(30):
         async with (
-            serve_process("sessiongate.web:create_app()", command=hypercorn) as (process, base),
+            plain_hypercorn() as (process, base),
             httpx.AsyncClient(base_url=base) as client,
         ):
             response = await client.post("/sessions", json={"duration": 0})
@@ -526,12 +534,10 @@ async def test_plain_hypercorn_drains_before_it_stops() -> None:
     at Hypercorn's 3 s graceful timeout), the listener stays open meanwhile, exit 0.
     Hypercorn closed its listener first and shut the app down after its graceful
     timeout: both callers lost their connections with no answer (outside review)."""
-    hypercorn = [sys.executable, "-m", "hypercorn", "-k", "trio", "--bind", "127.0.0.1:0"]
     settings = {"SESSIONGATE_CAPACITY": "1", "SESSIONGATE_SHUTDOWN_GRACE": "5"}
-    app = "sessiongate.web:create_app()"
     with trio.fail_after(30):
         async with (
-            serve_process(app, command=hypercorn, settings=settings) as (process, base),
+            plain_hypercorn(settings) as (process, base),
             httpx.AsyncClient(base_url=base, timeout=30) as client,
         ):
             answers: dict[str, tuple[httpx.Response, float]] = {}
@@ -568,15 +574,10 @@ async def test_hypercorn_without_a_runner_drains_on_a_signal(signum: int) -> Non
     """``hypercorn -w 0``: one process, no runner, and Hypercorn listens for no signal:
     SIGTERM killed it outright (callers dropped) and SIGINT raised KeyboardInterrupt in
     a request (outside review). The app listens itself and drains."""
-    hypercorn = [sys.executable, "-m", "hypercorn", "-k", "trio", "-w", "0"]
-    hypercorn += ["--bind", "127.0.0.1:0"]
     settings = {"SESSIONGATE_CAPACITY": "1", "SESSIONGATE_SHUTDOWN_GRACE": "1"}
     with trio.fail_after(30):
         async with (
-            serve_process("sessiongate.web:create_app()", command=hypercorn, settings=settings) as (
-                process,
-                base,
-            ),
+            plain_hypercorn(settings, "-w", "0") as (process, base),
             httpx.AsyncClient(base_url=base, timeout=30) as client,
         ):
             answer, _ = await signal_while_one_session_runs(process, client, signum)

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from .conftest import real_server
-from .test_cli import serve_process, signal_while_one_session_runs, until
+from .test_cli import plain_hypercorn, serve_process, signal_while_one_session_runs, until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -180,8 +180,6 @@ async def test_plain_hypercorn_workers_answer_their_callers_at_shutdown(redis_ur
     one has exited: a worker died of it at once, its caller got no answer and its Redis
     slot waited out its lease (outside review). Now that SIGTERM ends the worker's
     grace: the caller is answered shutting_down and the slot given back."""
-    hypercorn = [sys.executable, "-m", "hypercorn", "-k", "trio", "-w", "2"]
-    hypercorn += ["--bind", "127.0.0.1:0"]
     settings = {
         "SESSIONGATE_BACKEND": redis_url,
         "SESSIONGATE_GATE_NAME": gate_name(),
@@ -190,10 +188,7 @@ async def test_plain_hypercorn_workers_answer_their_callers_at_shutdown(redis_ur
     }
     with trio.fail_after(40):
         async with (
-            serve_process("sessiongate.web:create_app()", command=hypercorn, settings=settings) as (
-                process,
-                base,
-            ),
+            plain_hypercorn(settings, "-w", "2") as (process, base),
             httpx.AsyncClient(base_url=base, timeout=40) as client,
         ):
             answer, answered = await signal_while_one_session_runs(process, client)

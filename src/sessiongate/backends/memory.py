@@ -117,7 +117,6 @@ class MemoryBackend:
         20 s in a burst's first second, before any session had ended (outside review).
         """
         limiter, queue = self._limiter, self._queue
-        now = trio.current_time()
         while queue and limiter.borrowed_tokens < limiter.total_tokens:
             place, waiter = queue.peekitem(0)
             if not self._free_for(place):
@@ -128,7 +127,7 @@ class MemoryBackend:
                 limiter.acquire_on_behalf_of_nowait(waiter.ticket)
                 continue
             scope = waiter._scope
-            if scope is not None and scope.deadline <= now:
+            if scope is not None and scope.deadline <= trio.current_time():
                 # Its queue deadline has passed, and Trio delivers the expiry at its next
                 # look at the clock (the loop was busy): it expires then and must not be
                 # admitted now. Handed the slot, it ran though it had waited past

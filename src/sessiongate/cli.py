@@ -370,9 +370,13 @@ async def serve(
                     log.info("%s: draining", signal.Signals(signum).name)
                     nursery.start_soon(drain_then_stop)
                 else:
-                    log.info("%s again: ending the grace now", signal.Signals(signum).name)
+                    name = signal.Signals(signum).name
+                    if received == 2:
+                        log.info("%s again: ending the grace now", name)
+                    else:  # the grace has ended already: say so, once per signal
+                        log.info("%s again: the grace has ended already", name)
                     nonlocal grace_ends
-                    grace_ends = trio.current_time()
+                    grace_ends = min(grace_ends, trio.current_time())  # a third moves nothing
                     app.service.cut()
                     # Answers still being written get ANSWERS_MIN from now, no more.
                     if answers is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -318,11 +319,14 @@ def test_plain_hypercorn_refuses_bad_settings_with_one_line(
 
 @asynccontextmanager
 async def serve_process(
-    *args: str, command: list[str] | None = None, settings: Mapping[str, str] | None = None
+    *args: str,
+    command: list[str] | None = None,
+    settings: Mapping[str, str] | None = None,
+    log: bytearray | None = None,
 ) -> AsyncIterator[Any]:
     """A ``sessiongate serve`` subprocess on port 0; yields (process, base URL). The
     test handlers (``web_sample_handlers``) import; ``settings`` are its only
-    ``SESSIONGATE_*`` variables."""
+    ``SESSIONGATE_*`` variables; ``log``, if given, collects its stderr."""
     argv = command or [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
     env.update(settings or {})
@@ -337,11 +341,14 @@ async def serve_process(
             chunk = await process.stderr.receive_some()
             assert chunk, seen.decode()
             seen += chunk
+        if log is not None:
+            log.extend(seen)
 
         async def drain_stderr() -> None:
             assert process.stderr is not None
-            while await process.stderr.receive_some():
-                pass
+            while chunk := await process.stderr.receive_some():
+                if log is not None:
+                    log.extend(chunk)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain_stderr)
@@ -353,12 +360,14 @@ async def serve_process(
 
 
 def plain_hypercorn(
-    settings: Mapping[str, str] | None = None, *options: str
+    settings: Mapping[str, str] | None = None, *options: str, log: bytearray | None = None
 ) -> AbstractAsyncContextManager[Any]:
     """``serve_process`` for ``hypercorn -k trio [options] 'sessiongate.web:create_app()'``
     on port 0, configured by ``settings`` (``SESSIONGATE_*`` variables)."""
     command = [sys.executable, "-m", "hypercorn", "-k", "trio", *options, "--bind", "127.0.0.1:0"]
-    return serve_process("sessiongate.web:create_app()", command=command, settings=settings)
+    return serve_process(
+        "sessiongate.web:create_app()", command=command, settings=settings, log=log
+    )
 
 
 async def until(check: Callable[[], Awaitable[bool]]) -> None:
@@ -641,6 +650,50 @@ async def test_the_whole_stop_takes_the_grace_and_a_little_more() -> None:
     took = await _stop_with_a_stalled_reader(4, running_session=True)
     # The grace (4 s, the session runs through it), then 2 s for answers: not 4 + 4.
     assert 4 <= took < 7.5
+
+
+@pytest.mark.parametrize("server", ["serve", "hypercorn -w 0"])
+async def test_only_the_second_signal_says_it_ends_the_grace(server: str, tmp_path: Path) -> None:
+    """A third signal says that the grace has ended already; it said "ending the grace
+    now" again, once per signal. (A session that ignores its cancellation for 4 s keeps
+    the process up after the second signal; plain Hypercorn shows the application log
+    through ``--log-config``.)"""
+    handler = "web_sample_handlers:ignores_cancellation"
+    log = bytearray()
+    settings = {"SESSIONGATE_SHUTDOWN_GRACE": "30", "SESSIONGATE_HANDLER": handler}
+    if server == "serve":
+        process_cm = serve_process(settings=settings, log=log)
+        draining = b": draining"
+    else:
+        config = tmp_path / "log.json"
+        handler_ = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+        config.write_text(
+            json.dumps(
+                {"version": 1, "disable_existing_loggers": False, "handlers": {"err": handler_},
+                 "root": {"level": "INFO", "handlers": ["err"]}}
+            )
+        )  # fmt: skip
+        process_cm = plain_hypercorn(settings, "-w", "0", f"--log-config=json:{config}", log=log)
+        draining = b"draining first"
+    with trio.fail_after(30):
+        async with (
+            process_cm as (process, base),
+            httpx.AsyncClient(base_url=base, timeout=30) as client,
+        ):
+            prefer = {"Prefer": "respond-async"}
+            created = await client.post("/sessions", json={"duration": 4}, headers=prefer)
+            assert created.status_code == 202
+
+            async def said(text: bytes) -> bool:
+                return text in log
+
+            for text in [draining, b"ending the grace now"]:
+                process.send_signal(signal.SIGTERM)
+                await until(functools.partial(said, text))
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+    assert log.count(b"ending the grace now") == 1
+    assert log.count(b"SIGTERM again: the grace has ended already") == 1
 
 
 async def test_a_second_signal_leaves_answers_two_seconds() -> None:

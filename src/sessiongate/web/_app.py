@@ -375,8 +375,10 @@ def _drain_before_hypercorn_stops(app: SessionGateApp) -> None:
         async with trio.open_nursery() as draining:
 
             async def cut_on_signal() -> None:
+                said = "ending the grace now"
                 async for signum in signals:
-                    log.info("%s again: ending the grace now", signal.Signals(signum).name)
+                    log.info("%s again: %s", signal.Signals(signum).name, said)
+                    said = "the grace has ended already"
                     app.service.cut()
 
             draining.start_soon(cut_on_signal)

@@ -245,6 +245,67 @@ async def test_stalled_redis_leaves_no_ghost_in_the_queue(
                     assert ticket.waited < 0.5
 
 
+async def test_a_stalled_redis_refuses_within_1_s_of_the_arrival_stamp(
+    own_redis: RedisServer, gate_name: str
+) -> None:
+    """Redis stalls (SIGSTOP): an arrival is refused ``ANSWER_BY`` after its stamp, even
+    when its session reaches the backend late (behind a burst's other requests) while
+    another batch's call is in flight. It waited up to 0.9 s from reaching the backend,
+    and an outside review saw a burst's refusals take up to 1.32 s."""
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=5.0
+        ) as backend:
+            gate = sessiongate.Gate(1, max_wait=10, backend=backend)
+            await wait_until(lambda: backend.healthy)
+            own_redis.pause()
+            refused_after: dict[str, float] = {}
+
+            async def arrive(name: str, ticket: sessiongate.Ticket) -> None:
+                with pytest.raises(sessiongate.BackendUnavailable):
+                    async with gate.session(arrival=ticket):
+                        raise AssertionError("admitted by a stalled Redis")
+                refused_after[name] = trio.current_time() - ticket.arrived_at
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(arrive, "first", gate.arrive())
+                    await trio.sleep(0.2)  # its enqueue is in flight
+                    late = gate.arrive(at=trio.current_time() - 0.4)  # stamped 0.4 s ago
+                    nursery.start_soon(arrive, "late", late)
+            finally:
+                own_redis.resume()
+            assert refused_after["first"] < 0.8
+            assert 0.7 <= refused_after["late"] < 0.85
+            assert gate.stats().rejected == 2
+
+
+async def test_a_server_started_while_redis_stalls_warns_of_the_stored_capacity_later(
+    own_redis: RedisServer, gate_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stored capacity wins over a later server's own, and the later server says so
+    once it reaches Redis: also when Redis was unreachable as it started (an outside
+    review: no warning at all then)."""
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=2, lease_ttl=5.0
+        ) as first:
+            await wait_until(lambda: first.healthy)
+            own_redis.pause()
+            try:
+                async with open_redis_backend(
+                    own_redis.url, gate_name=gate_name, capacity=7, lease_ttl=5.0
+                ) as later:
+                    assert not later.healthy
+                    own_redis.resume()
+                    await wait_until(lambda: later.healthy)
+                    assert later.capacity == 2
+            finally:
+                own_redis.resume()
+    warnings = [r.getMessage() for r in caplog.records if "already has capacity" in r.getMessage()]
+    assert warnings == [f"gate {gate_name!r} already has capacity 2 in Redis; using it, not 7"]
+
+
 def stored(server: RedisServer, key: str, field: str) -> str | None:
     """One field of a hash, as Redis holds it now (None if missing)."""
     reply = server.command("HGET", key, field)

@@ -11,7 +11,8 @@ is the per-process half:
   call, in stamp order, so a process's arrivals keep their order globally and a burst
   costs one round trip. The script either grants a free slot at once, queues the
   ticket under a Redis-side arrival number, or refuses it (queue full, would wait).
-  No answer within :data:`FAIL_FAST` seconds: :class:`BackendUnavailable`.
+  No answer within :data:`ANSWER_BY` seconds of the ticket's arrival stamp:
+  :class:`BackendUnavailable`.
 * **Wait.** A queued ticket waits on a ``trio.Event``, never inside a Redis command.
   Every script that hands a slot over publishes the hand-off on the gate's channel;
   the process's one *listener* task receives it and sets the event. Its queue entry is
@@ -42,6 +43,7 @@ positions are exact and O(log n)) and by every script answer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -70,8 +72,17 @@ __all__ = ["FAIL_FAST", "RedisBackend", "open_redis_backend"]
 
 logger = logging.getLogger("sessiongate.redis")
 
-#: Seconds an arrival may wait for Redis to answer before it is refused.
+#: Seconds one call of the enqueuer may wait for Redis (an arrival may wait for two:
+#: the batch in flight, then its own).
 FAIL_FAST: Final = 0.45
+#: Seconds from an arrival's stamp by which Redis must have answered its enqueue: the
+#: rest of the SPEC's "within 1 s" is for writing the refusal. Counted from the stamp
+#: (when the request reached the host), not from when its session reached the backend:
+#: a burst's requests reach the backend one by one, up to a few hundred milliseconds
+#: after their stamps, and an outside review saw refusals take up to 1.32 s.
+ANSWER_BY: Final = 0.75
+#: Seconds an arrival may always wait for Redis, however late it reached the backend.
+ANSWER_AT_LEAST: Final = 0.15
 #: Seconds the forgetter keeps trying (the tombstones it leaves outlive any lease).
 FORGET_FOR: Final = 60.0
 #: Most seconds an arrival stamp may predate its enqueue (a place is kept by arrival).
@@ -327,6 +338,15 @@ class RedisBackend:
                 self._mirror.ok = False
                 self._resync_wanted.set()
                 self._renew_queue_now.set()
+            elif figures.capacity != self._configured_capacity:
+                # The first answer from the gate: at start-up, or later if Redis was
+                # unreachable then (an outside review: no warning at all in that case).
+                logger.warning(
+                    "gate %r already has capacity %d in Redis; using it, not %d",
+                    self.gate_name,
+                    figures.capacity,
+                    self._configured_capacity,
+                )
             self._epoch = figures.epoch
             self._ver = self._capacity_set_at = -1
         if figures.ver >= self._ver:
@@ -466,7 +486,8 @@ class RedisBackend:
     async def _wait_for_grant(self, waiter: Waiter, ticket: Ticket) -> None:
         self._pending[waiter.key] = waiter
         self._pending_wakeup.set()
-        with trio.move_on_after(FAIL_FAST * 2) as answer_scope:
+        answer_by = max(ticket.arrived_at + ANSWER_BY, trio.current_time() + ANSWER_AT_LEAST)
+        with trio.move_on_at(answer_by) as answer_scope:
             await waiter.answered.wait()
         if waiter.status == "F":
             raise QueueFull(waiter.max_queue)
@@ -545,19 +566,8 @@ class RedisBackend:
     # -- background tasks ---------------------------------------------------------------
 
     async def _start(self) -> None:
-        try:
-            answer = await self._call("snapshot", [], limit=1.0)
-        except _Unreachable:
-            pass  # logged by the call; the health task retries
-        else:
-            del answer
-            if self._capacity != self._configured_capacity:
-                logger.warning(
-                    "gate %r already has capacity %d in Redis; using it, not %d",
-                    self.gate_name,
-                    self._capacity,
-                    self._configured_capacity,
-                )
+        with contextlib.suppress(_Unreachable):  # logged by the call; _health retries
+            await self._call("snapshot", [], limit=1.0)
         for task in (
             self._enqueuer,
             self._listener,

@@ -982,3 +982,43 @@ async def test_a_silent_event_stream_sends_a_comment_every_15_seconds(autojump_c
         await client.delete(f"/sessions/{active['id']}")
         assert (await anext(events)).startswith(b"event: cancelled\n")
         await events.aclose()
+
+
+async def test_an_async_session_started_by_a_cancelled_request_still_runs(
+    autojump_clock: Any,
+) -> None:
+    """The request that starts an asynchronous session is cancelled as it starts it
+    (its client closed at once): the session runs in the sessions nursery all the same.
+    Trio left it in the cancelled request, where it never ran and never ended."""
+    async with running(capacity=1) as app:
+        service = app.service
+        record = service.new_session(service.arrive(), {"duration": 2})
+        with trio.CancelScope() as request:
+            request.cancel()
+            await service.start_session(record, answer_now=True)
+        with trio.fail_after(30):
+            await record.done.wait()
+        assert record.state == "completed"
+        stats = service.gate.stats()
+        assert (stats.completed, stats.cancelled, stats.active) == (1, 0, 0)
+
+
+async def test_a_session_task_cancelled_from_outside_its_scope_still_ends(
+    autojump_clock: Any,
+) -> None:
+    """A session's task cancelled by an enclosing scope, not its own, ends its record
+    once (cancelled, shutting_down): nothing stays "live" for good."""
+    async with running(capacity=1) as app:
+        service = app.service
+        record = service.new_session(service.arrive(), {"duration": 60})
+        service.registry.add(record)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(service._session_task, record)
+                while record.state != "active":
+                    await service.registry.pulse.wait()
+                nursery.cancel_scope.cancel()
+        assert record.done.is_set()
+        assert (record.state, record.error["error"]) == ("cancelled", "shutting_down")
+        assert record.id not in service.registry.live
+        assert service.gate.stats().active == 0

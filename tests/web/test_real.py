@@ -149,6 +149,38 @@ async def test_client_disconnect_cancels_the_session(where: str) -> None:
             assert stats.cancelled == 1
 
 
+@pytest.mark.parametrize("how", ["close", "shutdown"])
+async def test_an_asynchronous_session_outlives_a_client_that_left_at_once(how: str) -> None:
+    """A client that sends ``Prefer: respond-async`` and closes at once (as wrk does at
+    the end of a run): the session runs, ends and is counted as if the client had
+    stayed. It was never moved into the sessions nursery (started in a cancelled
+    request), stayed "queued" for good, answered no DELETE and kept its body (outside
+    review: 4000 such requests, 293 MB)."""
+    sessions = 10
+    with trio.fail_after(10):
+        async with real_server(capacity=2) as (app, base):
+            gate, registry = app.service.gate, app.service.registry
+            for _ in range(sessions):
+                stream = await raw_request(
+                    port_of(base),
+                    request_bytes(
+                        "POST",
+                        "/sessions",
+                        jbody({"duration": 0.05}),
+                        {"Content-Type": "application/json", "Prefer": "respond-async"},
+                    ),
+                )
+                async with stream:
+                    if how == "shutdown":
+                        await stream.send_eof()  # a half-close: the server sees it go
+            await wait_for(app, lambda: gate.stats().completed == sessions)
+            stats = gate.stats()
+            assert (stats.admitted, stats.cancelled, stats.active, stats.queued) == (
+                sessions, 0, 0, 0
+            )  # fmt: skip
+            assert not registry.live
+
+
 @pytest.mark.parametrize(
     ("where", "after"),
     [

@@ -374,7 +374,14 @@ class Service:
             self._sessions.start_soon(self._session_task, record)
             return
         try:
-            await self._sessions.start(self._session_task, record)
+            # Shielded: a request cancelled meanwhile (its client closed at once, as
+            # wrk does at the end of a run) would have Trio leave the task where it
+            # was started, in the cancelled request, instead of moving it to the
+            # sessions nursery; the asynchronous session must outlive its request (an
+            # outside review: such sessions never ran and stayed "queued" for good).
+            # The shield covers only the task's first step, up to ``started()``.
+            with trio.CancelScope(shield=True):
+                await self._sessions.start(self._session_task, record)
         except BaseException:
             self.gate.withdraw(record.arrival)  # idempotent: the task may have entered
             raise
@@ -431,6 +438,11 @@ class Service:
             await self._run_session(record, task_status)
         except BaseException as error:
             if is_cancellation(error):
+                if not record.ended:
+                    # Cancelled from outside its own scope (the sessions nursery): it
+                    # still ends, once, so nothing is left "live" for good.
+                    reason = record.cancel_reason or "shutting_down"
+                    self._end(record, CANCELLED, error=_error(reason))
                 raise
             log.exception("session %s: internal error", record.id)
             if not record.ended:

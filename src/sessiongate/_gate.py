@@ -214,6 +214,9 @@ class Gate:
         self._closed = False
         # Wait scopes of this process's queued tickets, so a drain can end them.
         self._waiting: dict[Ticket, trio.CancelScope] = {}
+        # Tickets entering (waiting, or taking a slot), with or without a wait scope:
+        # one handed a slot is busy until it has entered or handed the slot on.
+        self._entering: set[Ticket] = set()
         self._local_active = 0
         self._idle: trio.Event | None = None
         self._admitted = 0
@@ -434,9 +437,10 @@ class Gate:
         self._note_idle()
 
     def _busy(self) -> bool:
-        """Whether a session of this gate holds a slot, or was handed one and has not
-        entered yet (its task runs a scheduler pass after the hand-off)."""
-        return self._local_active > 0 or any(t.admitted_at is not None for t in self._waiting)
+        """Whether a session of this gate holds a slot, or was given one and has not
+        entered yet (its task runs a scheduler pass after a hand-off, after the fast
+        path's slot, after a Redis grant)."""
+        return self._local_active > 0 or any(t.admitted_at is not None for t in self._entering)
 
     def _note_idle(self) -> None:
         """Wake a drain waiting for the last slot back, if that was it."""
@@ -580,6 +584,7 @@ class _Session:
             gate._waiting[ticket] = wait_scope
         hold = gate._backend.hold(ticket, deadline_scope=wait_scope, max_queue=gate.max_queue)
         entered = False
+        gate._entering.add(ticket)
         try:
             if wait_scope is not None and wait_scope.deadline <= trio.current_time():
                 # Its wait was used up before it entered (stamped max_wait ago or more:
@@ -604,6 +609,7 @@ class _Session:
             raise
         finally:
             gate._waiting.pop(ticket, None)  # admitted or not, it waits no more
+            gate._entering.discard(ticket)
             if not entered:
                 ticket.wait_ended_at = trio.current_time()
                 gate._note_idle()  # a slot handed over at a deadline went straight on

@@ -185,6 +185,9 @@ class _Hold:
             # Uncontended: nobody waits and a slot is free.
             await trio.lowlevel.checkpoint_if_cancelled()
             backend._limiter.acquire_on_behalf_of_nowait(ticket)
+            # Stamped now: through the pass below a drain (``aclose``) must see that it
+            # holds a slot (an outside review: aclose returned while it then ran).
+            ticket.admitted_at = trio.current_time()
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         scope = self._scope

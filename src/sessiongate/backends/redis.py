@@ -367,10 +367,12 @@ class RedisBackend:
             waiter.grant_seen_at = trio.current_time()
             waiter.granted.set()
             ticket = waiter.ticket
-            if ticket is not None and ticket.queued and ticket.admitted_at is None:
+            if ticket is not None and ticket.admitted_at is None:
                 # Stamped now, in the order Redis granted (one change can hand over
-                # several slots), not as Trio happens to run the woken tasks.
-                ticket.handed_over()
+                # several slots), not as Trio happens to run the woken tasks; a grant
+                # at once too, so that a drain (``aclose``) waits for its slot to come
+                # back (an outside review: aclose returned with its release on the way).
+                ticket.handed_over(counted=ticket.queued)
 
     def _note_deadline(self, redis_ms: int) -> None:
         if redis_ms < 0:

@@ -95,6 +95,18 @@ async def put_backend_down(client: Any, app: Any) -> Any:
     return await put(b'{"capacity": 3}')(client, app)
 
 
+def stalled_body(method: str, path: str) -> Scenario:
+    """A request whose body stops arriving: Quart's BODY_TIMEOUT (60 s) answers it."""
+
+    async def scenario(client: Any, app: Any) -> Any:
+        headers = {**AUTH, **JSON, "Content-Length": "100"}
+        async with client.request(path, method=method, headers=headers) as connection:
+            await connection.send(b'{"capacity": ')
+            return await connection.as_response()
+
+    return scenario
+
+
 def post(body: bytes, headers: dict[str, str] | None = None) -> Scenario:
     async def scenario(client: Any, app: Any) -> Any:
         return await client.post("/sessions", data=body, headers=headers or JSON)
@@ -117,6 +129,7 @@ SCENARIOS: dict[tuple[str, str, str], tuple[dict[str, Any], Scenario]] = {
     ("/sessions", "post", "200"): (BASE, post(b'{"duration": 0}')),
     ("/sessions", "post", "202"): (BASE, post(b"{}", {**JSON, **ASYNC})),
     ("/sessions", "post", "400"): (BASE, post(b"{nope")),
+    ("/sessions", "post", "408"): (BASE, stalled_body("POST", "/sessions")),
     ("/sessions", "post", "409"): ({"capacity": 1}, sync_cancelled),
     ("/sessions", "post", "413"): (BASE, post(b"[" * 70_000)),
     ("/sessions", "post", "415"): (BASE, post(b"{}", {"Content-Type": "text/plain"})),
@@ -136,6 +149,7 @@ SCENARIOS: dict[tuple[str, str, str], tuple[dict[str, Any], Scenario]] = {
     ("/sessions/{session_id}/events", "get", "404"): (BASE, get("/sessions/x/events")),
     ("/admin/capacity", "put", "200"): (BASE, put(b'{"capacity": 3}')),
     ("/admin/capacity", "put", "400"): (BASE, put(b"{")),
+    ("/admin/capacity", "put", "408"): (BASE, stalled_body("PUT", "/admin/capacity")),
     ("/admin/capacity", "put", "401"): (BASE, put(b"{}", {"Authorization": "Bearer no"})),
     ("/admin/capacity", "put", "403"): (NO_TOKEN, put(b'{"capacity": 3}')),
     ("/admin/capacity", "put", "413"): (BASE, put(b" " * 70_000)),
@@ -190,8 +204,12 @@ async def test_documented_status_is_what_the_app_answers(
         assert str(response.status_code) == status
         document = await (await app.test_client().get("/openapi.json")).get_json()
         assert status in document["paths"][path][method]["responses"]
+        documented_answer = document["paths"][path][method]["responses"][status]
+        # Every header the document names is sent.
+        for header in documented_answer.get("headers", {}):
+            assert header in response.headers, header
         # The body is what the document says it is (a fresh gate's /stats included).
-        content = document["paths"][path][method]["responses"][status].get("content", {})
+        content = documented_answer.get("content", {})
         if "application/json" in content and method != "head":
             schema = {**content["application/json"]["schema"], "components": document["components"]}
             jsonschema.Draft202012Validator(schema).validate(await response.get_json())

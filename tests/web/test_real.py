@@ -1090,3 +1090,27 @@ async def test_head_of_an_event_stream_has_a_gets_headers() -> None:
     assert response.status_code == 200
     assert "content-length" not in response.headers
     assert response.headers["cache-control"] == "no-cache"
+
+
+async def test_a_stalled_body_is_answered_408_and_its_connection_closed() -> None:
+    """A body that stops arriving is answered ``408 request_timeout`` (JSON) after
+    Quart's ``BODY_TIMEOUT`` (60 s; 1 s here) and its connection is closed: it costs
+    no slot, and does not hold the connection for ever."""
+    with trio.fail_after(10):
+        async with real_server(capacity=1) as (app, base):
+            app.config["BODY_TIMEOUT"] = 1
+            head = (
+                b"POST /sessions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n"
+            )
+            start = trio.current_time()
+            async with await raw_request(port_of(base), head + b'{"duration": ') as stream:
+                status, _, body = await read_response(stream)
+                took = trio.current_time() - start
+                assert status == 408
+                assert json.loads(body)["error"] == "request_timeout"
+                assert 1 <= took < 3
+                with trio.fail_after(2):
+                    assert await stream.receive_some() == b""  # closed
+            stats = app.service.gate.stats()
+            assert (stats.admitted, stats.rejected, stats.active) == (0, 0, 0)

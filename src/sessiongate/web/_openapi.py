@@ -49,11 +49,18 @@ def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
 
 
 _ADMIN = {
-    "401": _error("unauthorized: a wrong or missing admin token"),
+    "401": {
+        **_error("unauthorized: a wrong or missing admin token"),
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+    },
     "403": _error("forbidden: no admin token is configured"),
 }
 _BODY_ERRORS = {
     "400": _error("invalid_json: the body is not JSON"),
+    "408": _error(
+        "request_timeout: the body did not arrive in whole within 60 s (the connection "
+        "is then closed)"
+    ),
     "413": _error("body_too_large: the body is over --max-body"),
     "415": _error("unsupported_media_type: a non-empty body that is not JSON"),
     "422": _error("invalid_request: JSON of the wrong shape, or a value out of range"),
@@ -75,14 +82,21 @@ def openapi_document(refusal_status: int = 503) -> dict[str, Any]:
         "200": _json(_SESSION, "the session ended completed (synchronous)"),
         "202": {
             **_json(_SESSION, "accepted (Prefer: respond-async); the session runs on"),
-            "headers": {"Location": {"schema": {"type": "string"}}},
+            "headers": {
+                "Location": {"schema": {"type": "string"}, "description": "/sessions/{id}"},
+                "Preference-Applied": {
+                    "schema": {"type": "string"},
+                    "description": "respond-async",
+                },
+            },
         },
         **_BODY_ERRORS,
         "409": _error("cancelled: the session was cancelled by DELETE (synchronous)"),
         "500": _error("session_failed: the handler raised (synchronous)"),
         refusal: _error(
             "queue_timeout (body adds waited_s), queue_full, shutting_down, "
-            "backend_unavailable or lease_lost",
+            "backend_unavailable or lease_lost"
+            + ("; or request_timeout (see 408 above)" if refusal == "408" else ""),
             retry_after=True,
         ),
     }
@@ -191,7 +205,9 @@ def openapi_document(refusal_status: int = 503) -> dict[str, Any]:
                     **_ADMIN,
                     **_BODY_ERRORS,
                     refusal: _error(
-                        "backend_unavailable: Redis mode, Redis unreachable (nothing changed)",
+                        "backend_unavailable: Redis mode, Redis did not answer in time; if "
+                        "it was only slow, the change may still apply (read /stats)"
+                        + ("; or request_timeout (see 408 above)" if refusal == "408" else ""),
                         retry_after=True,
                     ),
                 },
@@ -209,13 +225,36 @@ def openapi_document(refusal_status: int = 503) -> dict[str, Any]:
             }
         },
         "/healthz": {
-            "get": {"responses": {"200": _json({"type": "object"}, "the process serves")}}
+            "get": {
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["status", "draining"],
+                            "properties": {
+                                "status": {"const": "ok"},
+                                "draining": {"type": "boolean"},
+                            },
+                        },
+                        "the process serves (draining included)",
+                    )
+                }
+            }
         },
         "/readyz": {
             "get": {
                 "responses": {
-                    "200": _json({"type": "object"}, "ready for sessions"),
-                    "503": _error("shutting_down (draining) or backend_unavailable"),
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "properties": {"status": {"const": "ready"}},
+                        },
+                        "ready for sessions",
+                    ),
+                    "503": _error(
+                        "shutting_down (draining) or backend_unavailable", retry_after=True
+                    ),
                 }
             }
         },

@@ -965,6 +965,27 @@ async def test_run_keeps_start_order_with_arrivals(autojump_clock: trio.testing.
     assert order == list(range(10))
 
 
+async def test_reserved_arrivals_keep_start_order_with_free_slots(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The library guide's example: places taken with ``arrive(reserve=True)`` before
+    the tasks start keep start order even while slots are free (without ``reserve``
+    whichever task Trio runs first takes a free slot: an outside review of the docs)."""
+
+    async def work(order: list[int], i: int) -> None:
+        order.append(i)
+        await trio.sleep(1)
+
+    for _ in range(20):
+        gate = Gate(capacity=1)  # a free slot: the first job's, reserved
+        order: list[int] = []
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                place = gate.arrive(reserve=True)
+                nursery.start_soon(functools.partial(gate.run, work, order, i, arrival=place))
+        assert order == list(range(6))
+
+
 async def test_a_drain_waits_for_a_session_handed_its_slot_a_moment_ago(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

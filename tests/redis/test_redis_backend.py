@@ -840,3 +840,19 @@ async def test_a_late_enqueue_keeps_its_arrivals_place(open_backend, monkeypatch
                 await wait_until(lambda: slow_gate.queued == 2 and quick_gate.queued == 2)
                 release.set()
             assert admitted == ["first", "second"]
+
+
+async def test_a_resize_right_after_opening_is_taken(  # type: ignore[no-untyped-def]
+    open_backend,
+) -> None:
+    """``gate.capacity = n`` right after the backend opens, Redis up: taken, not refused
+    because the hand-off listener has not subscribed yet (an outside review)."""
+    with trio.fail_after(10):
+        async with open_backend(capacity=2, lease_ttl=5.0) as backend:
+            gate = sessiongate.Gate(max_wait=1, backend=backend)
+            gate.capacity = 4
+            assert gate.capacity == 4
+            await backend.wait_healthy()
+            await wait_until(lambda: backend._ver >= 0 and backend.capacity == 4)
+            await gate.resize(4)  # confirmed by Redis
+            assert backend.capacity == 4

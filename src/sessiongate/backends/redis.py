@@ -201,11 +201,15 @@ class RedisBackend:
         """Resize globally in the background; the cached figure changes at once.
 
         Raises:
-            BackendUnavailable: Redis is unreachable now (nothing changes). A resize
-                that fails later, in the background, is logged and the cached figure
-                goes back to the one before; ``await resize()`` tells for sure.
+            BackendUnavailable: Redis did not answer the latest call (nothing changes).
+                A resize that fails later, in the background, is logged and the cached
+                figure goes back to the one before; ``await resize()`` tells for sure.
         """
-        if not self.healthy:
+        # Redis's latest answer, not :attr:`healthy`: the hand-off listener's
+        # subscription has nothing to do with a resize, and right after the backend
+        # opens it is not subscribed yet (an outside review: a resize just after
+        # opening was refused as "Redis unreachable" with Redis up).
+        if not self._healthy:
             raise BackendUnavailable("Redis unreachable: the capacity was not changed")
         before, self._capacity = self._capacity, capacity
         self._capacity_set_at = self._ver

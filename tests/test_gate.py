@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import math
+import time
 import warnings
 
 import pytest
@@ -1281,3 +1283,70 @@ async def test_a_session_whose_wait_is_used_up_expires_as_it_enters(
     gate.max_wait = 0
     async with gate.session(arrival=gate.arrive(at=-1.0)):
         assert gate.active == 1
+
+
+async def test_a_wait_ends_by_the_max_wait_it_entered_with(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # max_wait applies to sessions entering from then on: a session's expiry and how its
+    # end is told come from its own (an outside review: a drain after lowering max_wait
+    # was told as an expiry, and a raised max_wait was named in an expiry at the old one).
+    gate = Gate(capacity=1, max_wait=5)
+    outcomes: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            async with gate.session():
+                raise AssertionError("admitted")
+        except (QueueTimeout, GateClosed) as error:
+            outcomes.append(error)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run, trio.sleep, 100)
+        await settle()
+        nursery.start_soon(waiter)  # with max_wait 5
+        await settle()
+        gate.max_wait = 100
+        await trio.sleep(10)
+        (expired,) = outcomes
+        assert isinstance(expired, QueueTimeout)
+        assert (expired.max_wait, expired.waited) == (5, 5)
+        nursery.start_soon(waiter)  # with max_wait 100
+        await trio.sleep(10)
+        gate.max_wait = 1
+        await gate.aclose()
+    assert isinstance(outcomes[1], GateClosed)
+    assert (gate.stats().expired, gate.stats().rejected) == (1, 1)
+
+
+async def test_misused_arguments_are_refused_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Each of these failed later, or not at all (an outside review).
+    with pytest.raises(TypeError, match="backend must be a sessiongate backend"):
+        Gate(backend="redis://localhost:6379/0")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_wait is too large"):
+        Gate(max_wait=10**400)
+    gate = Gate(capacity=1)
+    with pytest.raises(ValueError, match="max_wait is too large"):
+        gate.max_wait = 10**400
+    with pytest.raises(ValueError, match="give id to arrive"):
+        gate.session(arrival=gate.arrive(), id="mine")
+    with pytest.raises(TypeError, match="needs an async function"):
+        await gate.run(time.sleep, 0)  # type: ignore[arg-type]
+    stats = gate.stats()
+    assert (stats.admitted, stats.failed, stats.active) == (0, 0, 0)
+
+
+async def test_a_refused_run_leaves_no_unawaited_coroutine(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1, max_wait=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine ... was never awaited" would fail
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gate.run, trio.sleep, 10)
+            await settle()
+            with pytest.raises(QueueTimeout):
+                await gate.run(trio.sleep, 1)
+        gc.collect()

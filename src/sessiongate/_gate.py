@@ -28,6 +28,7 @@ No slot or queue place is released by hand: each is owned by a scope.
 
 from __future__ import annotations
 
+import inspect
 import math
 import secrets
 import warnings
@@ -204,6 +205,13 @@ class Gate:
         self.max_queue = max_queue
         if backend is None:
             backend = MemoryBackend(DEFAULT_CAPACITY if capacity is None else capacity)
+        elif not isinstance(backend, Backend):
+            # A URL string is an easy mistake (the CLI's --backend takes one); it failed
+            # only at the first session, as an AttributeError.
+            raise TypeError(
+                f"backend must be a sessiongate backend (MemoryBackend, or "
+                f"open_redis_backend(...)'s), not {type(backend).__name__}"
+            )
         elif capacity is not None and capacity != backend.capacity:
             warnings.warn(
                 f"Gate(capacity={capacity}) is ignored: its backend's capacity "
@@ -411,6 +419,8 @@ class Gate:
             RuntimeError: ``arrival`` has entered already, or was withdrawn.
             ValueError: ``arrival`` was taken at another gate.
         """
+        if arrival is not None and id is not None:
+            raise ValueError("give id to arrive(), not with an arrival: its id is taken")
         return _Session(self, arrival, id)
 
     def _on_admitted(self, ticket: Ticket) -> None:
@@ -447,14 +457,16 @@ class Gate:
         if self._idle is not None and not self._busy():
             self._idle.set()
 
-    def _wait_ended(self, ticket: Ticket) -> AdmissionError:
-        """The error for a wait that ended without a slot: drained, or timed out."""
+    def _wait_ended(self, ticket: Ticket, max_wait: float) -> AdmissionError:
+        """The error for a wait that ended without a slot: drained, or timed out.
+        ``max_wait`` is the one the session entered with (a change since applies to
+        later sessions only)."""
         waited = trio.current_time() - ticket.arrived_at
-        if self._closed and waited < self.max_wait:
+        if self._closed and waited < max_wait:
             self._rejected += 1
             return GateClosed("the gate closed while this session waited")
         self._expired += 1
-        return QueueTimeout(waited, self.max_wait)
+        return QueueTimeout(waited, max_wait)
 
     async def run(
         self,
@@ -474,8 +486,21 @@ class Gate:
                 they were started in; to admit them in start order, take each one's
                 place with ``arrive()`` before starting its task and pass it here.
         """
-        async with self.session(arrival=arrival):
-            return await async_fn(*args)
+        # Called first, as Trio's start_soon does: a plain function is refused before it
+        # takes a slot (it ran on the event loop under the slot, then failed to await).
+        body = async_fn(*args)
+        if not inspect.isawaitable(body):
+            name = getattr(async_fn, "__qualname__", repr(async_fn))
+            raise TypeError(
+                f"gate.run() needs an async function; {name} returned "
+                f"{type(body).__name__}, not an awaitable"
+            )
+        try:
+            async with self.session(arrival=arrival):
+                return await body
+        finally:
+            if inspect.iscoroutine(body) and body.cr_frame is not None and not body.cr_running:
+                body.close()  # never admitted: no "never awaited" warning
 
     # -- figures ------------------------------------------------------------------------
 
@@ -574,10 +599,9 @@ class _Session:
         # The queue deadline: a cancel scope the backend enters around the wait only.
         # max_wait == 0 asks the backend not to wait at all (a deadline scope that is
         # already due would cancel even an admission into a free slot).
+        max_wait = gate.max_wait  # this session's, whatever the gate's becomes
         wait_scope = (
-            trio.CancelScope(deadline=ticket.arrived_at + gate.max_wait)
-            if gate.max_wait > 0
-            else None
+            trio.CancelScope(deadline=ticket.arrived_at + max_wait) if max_wait > 0 else None
         )
         if wait_scope is not None:
             # Registered so that a drain can end the wait; admission unregisters.
@@ -597,7 +621,7 @@ class _Session:
             await hold.__aenter__()
             entered = True
         except (trio.TooSlowError, trio.WouldBlock):
-            raise gate._wait_ended(ticket) from None
+            raise gate._wait_ended(ticket, max_wait) from None
         except trio.Cancelled:
             gate._cancelled += 1  # the caller went away while queued
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 #: The largest capacity a gate takes. Far beyond any real gate, and exact where a
 #: capacity travels as a float (Prometheus gauges, Redis's Lua numbers): a 400-digit
@@ -39,6 +40,29 @@ def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if math.isnan(value) or value < 0 or (positive and value == 0):
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        raise ValueError(f"{name} is too large for seconds (beyond a float)") from None
+    if math.isnan(seconds) or seconds < 0 or (positive and seconds == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
-    return float(value)
+    return seconds
+
+
+#: A gate's name: what Redis keys and the CLI's ``--gate-name`` take.
+GATE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_gate_name(value: object) -> str:
+    """A gate's name: letters, digits, ``_``, ``.`` and ``-`` (it goes into Redis keys,
+    inside a cluster hash tag: braces or an empty name would break the tag).
+
+    Raises:
+        TypeError: not a str.
+        ValueError: empty, or another character.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"gate_name must be a str, not {type(value).__name__}")
+    if GATE_NAME.fullmatch(value) is None:
+        raise ValueError(f"gate_name must match [A-Za-z0-9_.-]+, got {value!r}")
+    return value

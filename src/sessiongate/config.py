@@ -18,14 +18,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import attrs
 
-from ._limits import MAX_CAPACITY
+from ._limits import GATE_NAME, MAX_CAPACITY
 
 ENV_PREFIX = "SESSIONGATE_"
 #: Variables with the prefix that are not settings: the test suite's switch for its
 #: Redis tests, and the redis-server binary it may use.
 _OTHER_VARIABLES = frozenset({"SESSIONGATE_TEST_REDIS", "SESSIONGATE_REDIS_SERVER"})
 REFUSAL_STATUSES = (503, 429, 408)
-_GATE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _HANDLER_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 
 
@@ -87,7 +86,7 @@ def _refusal_status(text: str) -> int:
 
 def _gate_name(text: str) -> str:
     name = text.strip()  # whitespace around a value is ignored, as for every setting
-    if not _GATE_NAME.fullmatch(name):
+    if not GATE_NAME.fullmatch(name):
         raise ValueError(f"must match [A-Za-z0-9_.-]+, got {text!r}")
     return name
 

@@ -856,3 +856,18 @@ async def test_a_resize_right_after_opening_is_taken(  # type: ignore[no-untyped
             await wait_until(lambda: backend._ver >= 0 and backend.capacity == 4)
             await gate.resize(4)  # confirmed by Redis
             assert backend.capacity == 4
+
+
+@pytest.mark.parametrize(
+    ("gate_name", "error"), [("", ValueError), ("a}b{", ValueError), (None, TypeError)]
+)
+async def test_a_bad_gate_name_is_refused_before_connecting(gate_name: Any, error: type) -> None:
+    """The CLI's rule for --gate-name holds for the library too: an empty name or braces
+    would break the keys' cluster hash tag, None made keys named "None" (outside review)."""
+    from sessiongate.backends.redis import open_redis_backend
+
+    with pytest.raises(error, match="gate_name"):
+        async with open_redis_backend(
+            "redis://127.0.0.1:1/0", gate_name=gate_name, capacity=1, lease_ttl=1.0
+        ):
+            raise AssertionError("opened")

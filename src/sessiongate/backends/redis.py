@@ -60,7 +60,7 @@ from coredis.retry import ConstantRetryPolicy, NoRetryPolicy
 from sortedcontainers import SortedDict
 
 from .._errors import BackendUnavailable, LeaseLost, QueueFull
-from .._limits import check_capacity, check_seconds
+from .._limits import check_capacity, check_gate_name, check_seconds
 from .._stats import HandoffRate
 from ._redis_scripts import GATE_LUA
 from ._redis_state import ClockBound, Figures, Grant, Lease, QueueMirror, Waiter
@@ -130,7 +130,7 @@ class RedisBackend:
         capacity: int,
         lease_ttl: float,
     ) -> None:
-        _check_arguments(capacity, lease_ttl)
+        _check_arguments(gate_name, capacity, lease_ttl)
         self._client = client
         self._nursery = nursery
         self.gate_name = gate_name
@@ -171,6 +171,9 @@ class RedisBackend:
         # An outage is logged once as it starts and once as it ends, never per retry.
         self._down_since: float | None = None
         self._subscribed = False
+        # The listener's connection dropped (and is not back): Redis is likely down,
+        # often before any call has failed.
+        self._listener_lost = False
         # Set while ``healthy`` holds; replaced by a fresh one when it stops holding.
         self._healthy_now = trio.Event()
         self._reap_at = math.inf
@@ -205,11 +208,11 @@ class RedisBackend:
                 A resize that fails later, in the background, is logged and the cached
                 figure goes back to the one before; ``await resize()`` tells for sure.
         """
-        # Redis's latest answer, not :attr:`healthy`: the hand-off listener's
-        # subscription has nothing to do with a resize, and right after the backend
-        # opens it is not subscribed yet (an outside review: a resize just after
-        # opening was refused as "Redis unreachable" with Redis up).
-        if not self._healthy:
+        # Not :attr:`healthy`, which also needs the hand-off listener subscribed: right
+        # after the backend opens it is not yet (an outside review: a resize just after
+        # opening was refused as "Redis unreachable" with Redis up). A listener that
+        # lost its connection, though, is the first sign of Redis going down.
+        if not self._healthy or self._listener_lost:
             raise BackendUnavailable("Redis unreachable: the capacity was not changed")
         before, self._capacity = self._capacity, capacity
         self._capacity_set_at = self._ver
@@ -709,6 +712,7 @@ class RedisBackend:
                     # Subscribed: anything published from now on reaches us, so a
                     # snapshot taken now plus the messages after it is complete.
                     self._subscribed = True
+                    self._listener_lost = False
                     self._health_moved()
                     self._resync_wanted.set()
                     self._renew_queue_now.set()
@@ -719,6 +723,7 @@ class RedisBackend:
             except Exception as exc:  # any failure: reconnect (Cancelled passes through)
                 if self._subscribed:
                     logger.warning("hand-off listener lost Redis: %r", exc)
+                    self._listener_lost = True
             self._subscribed = False
             self._health_moved()
             self._mirror.ok = False
@@ -852,7 +857,7 @@ async def open_redis_backend(
             ``decode_responses=True`` (e.g. ``Sentinel(...).primary_for(name)``); it is
             entered here, once, for the backend's lifetime.
     """
-    _check_arguments(capacity, lease_ttl)
+    _check_arguments(gate_name, capacity, lease_ttl)
     if client is None:
         if url is None:
             raise ValueError("open_redis_backend needs a url or a client")
@@ -915,7 +920,8 @@ def _same(exc: BaseException, inner: BaseException) -> bool:
     )
 
 
-def _check_arguments(capacity: int, lease_ttl: float) -> None:
+def _check_arguments(gate_name: str, capacity: int, lease_ttl: float) -> None:
+    check_gate_name(gate_name)
     check_capacity(capacity)
     check_seconds("lease_ttl", lease_ttl, positive=True)
     if math.isinf(lease_ttl):

@@ -42,14 +42,23 @@ class ConfigError(ValueError):
 
 #: Plain decimal digits, optionally negative (refused below as out of range): int()
 #: would also take "1_000" and other Python spellings.
-_WHOLE_NUMBER = re.compile(r"\s*-?[0-9]{1,18}\s*")
+_WHOLE_NUMBER = re.compile(r"\s*-?([0-9]+)\s*")
+#: Most digits a number setting is read with: past any setting's range, and far
+#: below int()'s 4300-digit limit.
+_MAX_DIGITS = 18
+
+
+def _too_long(text: str) -> ValueError:
+    return ValueError(f"must have at most {_MAX_DIGITS} digits, got {text[:30]!r}")
 
 
 def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def convert(text: str) -> int:
-        # At most 18 digits: past any setting's range, and int()'s 4300-digit limit.
-        if not _WHOLE_NUMBER.fullmatch(text):
+        match = _WHOLE_NUMBER.fullmatch(text)
+        if match is None:
             raise ValueError(f"must be a whole number >= {minimum}, got {text[:30]!r}")
+        if len(match[1]) > _MAX_DIGITS:
+            raise _too_long(text)
         value = int(text, 10)
         if value < minimum:
             raise ValueError(f"must be >= {minimum}, got {value}")
@@ -62,13 +71,16 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
 
 #: A plain decimal number, optionally negative (refused below as out of range): float()
 #: would also take "1_0", "+5", "1e3", "inf" and non-ASCII digits.
-_DECIMAL = re.compile(r"\s*-?(?:[0-9]{1,18}(?:\.[0-9]*)?|\.[0-9]+)\s*")
+_DECIMAL = re.compile(r"\s*-?(?:([0-9]+)(?:\.[0-9]*)?|\.[0-9]+)\s*")
 
 
 def _seconds(minimum: float) -> Callable[[str], float]:
     def convert(text: str) -> float:
-        if not _DECIMAL.fullmatch(text):
+        match = _DECIMAL.fullmatch(text)
+        if match is None:
             raise ValueError(f"must be a number of seconds >= {minimum:g}, got {text[:30]!r}")
+        if match[1] is not None and len(match[1]) > _MAX_DIGITS:
+            raise _too_long(text)
         value = float(text)  # finite: the pattern has no exponent, inf or nan
         if value < minimum:
             raise ValueError(f"must be >= {minimum:g} seconds, got {value:g}")
@@ -205,7 +217,7 @@ class _Option:
 
 
 _OPTIONS = (
-    _Option("bind", _bind, "address to listen on, HOST:PORT"),
+    _Option("bind", _bind, "address to listen on: HOST:PORT, unix:PATH or fd://N"),
     _Option("capacity", _int(1, MAX_CAPACITY), "most sessions active at once"),
     _Option("max_wait", _seconds(0), "most seconds a session waits for a slot (0: never)"),
     _Option("max_queue", _int(0), "most sessions waiting at once (0: no queue)"),

@@ -168,6 +168,10 @@ def test_whole_numbers_are_digits_within_range() -> None:
     assert (settings.capacity, settings.max_queue) == (1_000_000_000, 7)
     with pytest.raises(ConfigError, match="<= 1000000000"):
         Settings.from_args(["--capacity", "1000000001"], {})
+    # More than 18 digits is out of range, and said so (it said "must be a whole number").
+    for flag, value in [("--max-queue", "1" * 19), ("--max-wait", "1" * 19 + ".5")]:
+        with pytest.raises(ConfigError, match="at most 18 digits"):
+            Settings.from_args([flag, value], {})
 
 
 def test_a_refused_backend_url_does_not_show_its_password() -> None:

@@ -307,7 +307,9 @@ class RedisBackend:
                 raw: object = await self._script(keys=self._keys, args=argv)
         except _REDIS_ERRORS as exc:
             if self._down_since is None:
-                self._down_since = trio.current_time()
+                # From when the unanswered call went out, not from when it timed out
+                # (a 0.5 s stall was logged as "unreachable for 0.0 s").
+                self._down_since = sent
                 logger.warning(
                     "Redis unreachable for gate %r (%s: %r); retrying", self.gate_name, op, exc
                 )

@@ -420,6 +420,7 @@ class Gate:
             ValueError: ``arrival`` was taken at another gate.
         """
         if arrival is not None and id is not None:
+            self.withdraw(arrival)  # its reservation must not hold the others back
             raise ValueError("give id to arrive(), not with an arrival: its id is taken")
         return _Session(self, arrival, id)
 
@@ -447,10 +448,14 @@ class Gate:
         self._note_idle()
 
     def _busy(self) -> bool:
-        """Whether a session of this gate holds a slot, or was given one and has not
-        entered yet (its task runs a scheduler pass after a hand-off, after the fast
-        path's slot, after a Redis grant)."""
-        return self._local_active > 0 or any(t.admitted_at is not None for t in self._entering)
+        """Whether a session of this gate holds a slot or is still entering. A drain
+        has cancelled every wait it could, so an entering session is one being given
+        a slot (its task resumes a scheduler pass after a hand-off, the fast path's
+        slot, a reserved arrival served as it enters), one whose Redis enqueue is on
+        its way (``max_wait`` 0 has no wait to cancel), or one leaving: each resolves
+        promptly, admitted or not. Looking only for a slot already stamped missed the
+        reserved arrival and the enqueue on its way (an outside review)."""
+        return self._local_active > 0 or bool(self._entering)
 
     def _note_idle(self) -> None:
         """Wake a drain waiting for the last slot back, if that was it."""
@@ -486,21 +491,19 @@ class Gate:
                 they were started in; to admit them in start order, take each one's
                 place with ``arrive()`` before starting its task and pass it here.
         """
-        # Called first, as Trio's start_soon does: a plain function is refused before it
-        # takes a slot (it ran on the event loop under the slot, then failed to await).
-        body = async_fn(*args)
-        if not inspect.isawaitable(body):
-            name = getattr(async_fn, "__qualname__", repr(async_fn))
-            raise TypeError(
-                f"gate.run() needs an async function; {name} returned "
-                f"{type(body).__name__}, not an awaitable"
-            )
-        try:
-            async with self.session(arrival=arrival):
-                return await body
-        finally:
-            if inspect.iscoroutine(body) and body.cr_frame is not None and not body.cr_running:
-                body.close()  # never admitted: no "never awaited" warning
+        async with self.session(arrival=arrival):
+            # Called once admitted, as the session's body: calling it first (to refuse a
+            # plain function before it took a slot) ran a plain function with no slot at
+            # all, and a call that raised left a reserved arrival holding its slot for
+            # good (an outside review). A plain function is told apart afterwards.
+            body = async_fn(*args)
+            if not inspect.isawaitable(body):
+                name = getattr(async_fn, "__qualname__", repr(async_fn))
+                raise TypeError(
+                    f"gate.run() needs an async function; {name} returned "
+                    f"{type(body).__name__}, not an awaitable (and ran as a plain call)"
+                )
+            return await body
 
     # -- figures ------------------------------------------------------------------------
 

@@ -40,11 +40,13 @@ def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
     try:
         seconds = float(value)
     except OverflowError:  # an int too large for a float (10**400)
         raise ValueError(f"{name} is too large for seconds (beyond a float)") from None
-    if math.isnan(seconds) or seconds < 0 or (positive and seconds == 0):
+    if math.isnan(seconds) or (positive and seconds == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
     return seconds
 

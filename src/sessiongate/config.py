@@ -57,7 +57,7 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         match = _WHOLE_NUMBER.fullmatch(text)
         if match is None:
             raise ValueError(f"must be a whole number >= {minimum}, got {text[:30]!r}")
-        if len(match[1]) > _MAX_DIGITS:
+        if len(match[1].lstrip("0")) > _MAX_DIGITS:
             raise _too_long(text)
         value = int(text, 10)
         if value < minimum:
@@ -79,7 +79,7 @@ def _seconds(minimum: float) -> Callable[[str], float]:
         match = _DECIMAL.fullmatch(text)
         if match is None:
             raise ValueError(f"must be a number of seconds >= {minimum:g}, got {text[:30]!r}")
-        if match[1] is not None and len(match[1]) > _MAX_DIGITS:
+        if match[1] is not None and len(match[1].lstrip("0")) > _MAX_DIGITS:
             raise _too_long(text)
         value = float(text)  # finite: the pattern has no exponent, inf or nan
         if value < minimum:

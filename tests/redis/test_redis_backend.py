@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 import sessiongate
 from sessiongate.backends.redis import RedisBackend
@@ -871,3 +873,31 @@ async def test_a_bad_gate_name_is_refused_before_connecting(gate_name: Any, erro
             "redis://127.0.0.1:1/0", gate_name=gate_name, capacity=1, lease_ttl=1.0
         ):
             raise AssertionError("opened")
+
+
+async def test_a_drain_waits_for_an_enqueue_on_its_way_with_max_wait_0(  # type: ignore[no-untyped-def]
+    open_backend, redis_server, gate_name
+) -> None:
+    """max_wait 0: a session whose enqueue is on its way has no wait for the drain to
+    cancel; aclose() returned, and the grant then came and the body ran in the closed
+    gate (an outside review: 8 of 20)."""
+
+    async def session(gate: sessiongate.Gate, log: list[str]) -> None:
+        with contextlib.suppress(sessiongate.AdmissionError):
+            async with gate.session():
+                log.append("ran")
+                await trio.sleep(0.05)
+                log.append("done")
+
+    with trio.fail_after(30):
+        async with open_backend(capacity=2, lease_ttl=5.0) as backend:
+            await backend.wait_healthy()
+            for _ in range(10):
+                gate = sessiongate.Gate(max_wait=0, backend=backend)
+                log: list[str] = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(session, gate, log)
+                    await trio.lowlevel.checkpoint()  # its enqueue goes out
+                    await gate.aclose()
+                    log.append("drained")
+                assert log in (["drained"], ["ran", "done", "drained"]), log

@@ -81,8 +81,11 @@ FAIL_FAST: Final = 0.45
 #: a burst's requests reach the backend one by one, up to a few hundred milliseconds
 #: after their stamps, and an outside review saw refusals take up to 1.32 s.
 ANSWER_BY: Final = 0.75
-#: Seconds an arrival may always wait for Redis, however late it reached the backend.
-ANSWER_AT_LEAST: Final = 0.15
+#: Seconds an arrival may always wait for Redis, however late it reached the backend (a
+#: request whose body came slowly, a place taken with ``arrive()`` long before it
+#: enters): one call's whole timeout. With 0.15 s a Redis pausing 0.3 s, healthy,
+#: refused such arrivals (an outside review).
+ANSWER_AT_LEAST: Final = FAIL_FAST
 #: Seconds the forgetter keeps trying (the tombstones it leaves outlive any lease).
 FORGET_FOR: Final = 60.0
 #: Most seconds an arrival stamp may predate its enqueue (a place is kept by arrival).
@@ -227,6 +230,10 @@ class RedisBackend:
                 self._capacity = before
 
     async def resize(self, capacity: int) -> None:
+        if not self._epoch:
+            # Resized before the first answer from the gate: the capacity that answer
+            # brings back is this one, not one stored by another server.
+            self._configured_capacity = capacity
         try:
             await self._call("resize", [str(capacity)], limit=CLEANUP_GRACE)
         except _Unreachable as exc:

@@ -15,6 +15,7 @@ from sessiongate.web._sse import session_events
 from .conftest import running
 
 ASYNC = {"Prefer": "respond-async"}
+AUTH = {"Authorization": "Bearer t"}
 SESSION_KEYS = [
     "id",
     "state",
@@ -1022,3 +1023,32 @@ async def test_a_session_task_cancelled_from_outside_its_scope_still_ends(
         assert (record.state, record.error["error"]) == ("cancelled", "shutting_down")
         assert record.id not in service.registry.live
         assert service.gate.stats().active == 0
+
+
+async def test_a_session_between_two_states_is_not_shown_queued_without_a_place(
+    autojump_clock: Any,
+) -> None:
+    """A session registered but not yet in the queue (its task has not run; one about
+    to be refused queue_full is such) is not listed as queued, and a GET of it answers
+    once it has its place: it said "queued" with position null (outside chaos test)."""
+    async with running(capacity=1, max_queue=5, admin_token="t") as app:
+        client, service = app.test_client(), app.service
+        await post(client, {"duration": 100}, ASYNC)  # the slot
+        _, queued = await post(client, {"duration": 1}, ASYNC)  # a real place
+        record = service.new_session(service.arrive(), {"duration": 1})
+        service.registry.add(record)  # registered; its task not started yet
+        assert record.settling
+        listed = await (await client.get("/sessions?state=queued", headers=AUTH)).get_json()
+        assert [s["id"] for s in listed["sessions"]] == [queued["id"]]
+        answers: list[Any] = []
+
+        async def get_it() -> None:
+            answers.append(await (await client.get(f"/sessions/{record.id}")).get_json())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get_it)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not answers  # it waits for the session to settle
+            await service.start_session(record)
+        (seen,) = answers
+        assert (seen["state"], seen["position"]) == ("queued", 2)

@@ -7,6 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import trio
 from quart import Quart, Response, request
 
 from .._errors import AdmissionError
@@ -16,12 +17,14 @@ from ._body import read_json_object
 from ._errors import ApiError, error_response, json_response
 from ._openapi import openapi_document
 from ._service import Service
-from ._sessions import ACTIVE, COMPLETED, EXPIRED, QUEUED, EndedSession, Session
+from ._sessions import ACTIVE, COMPLETED, EXPIRED, QUEUED, EndedSession, Session, SessionRecord
 from ._sse import session_events
 
 MAX_LIST = 1000
 _DIGITS = re.compile(r"[0-9]{1,4}")
 DEFAULT_LIST = 100
+#: Most seconds ``GET /sessions/{id}`` waits for a session between two states to settle.
+SETTLE_WAIT = 0.25
 
 
 def wants_async(prefer_headers: list[str]) -> bool:
@@ -173,7 +176,14 @@ def register(app: Quart, service: Service) -> None:
     async def get_session(session_id: str) -> Response:
         if (forwarded := await on_its_worker(session_id)) is not None:
             return forwarded
-        return json_response(find(session_id).encode(service.gate))
+        record = find(session_id)
+        if isinstance(record, SessionRecord) and record.settling:
+            # Between two states: answer once it has settled (its place taken, or its
+            # end recorded; moments), not "queued" with no position.
+            with trio.move_on_after(SETTLE_WAIT):
+                while record.settling:
+                    await service.registry.pulse.wait()
+        return json_response(record.encode(service.gate))
 
     @app.delete("/sessions/<session_id>")
     async def delete_session(session_id: str) -> Response:

@@ -126,6 +126,15 @@ class SessionRecord:
     def position(self) -> int | None:
         return self.arrival.position if self.state == QUEUED else None
 
+    @property
+    def settling(self) -> bool:
+        """Queued, yet not in the queue: still taking its place (a Redis enqueue on its
+        way, a task that has not run yet), or leaving it (expired, cancelled or refused,
+        its task not run yet). For a few milliseconds its object would say ``queued``
+        with no position (an outside chaos test), and one about to be refused
+        ``queue_full`` was listed as queued."""
+        return self.state == QUEUED and self.arrival.admitted_at is None and self.position() is None
+
     def cancel(self, reason: str) -> bool:
         """Cancel the session's task (queued or active); False if it already ended.
 
@@ -266,7 +275,8 @@ class Registry:
         records: Iterator[SessionRecord] = iter(self.live.values())
         if state is not None:
             records = (r for r in records if r.shown_state == state)
-        return sorted(records, key=lambda r: r.arrival.place)[:limit]
+        # A settling session is not in the queue at this instant (see ``settling``).
+        return sorted((r for r in records if not r.settling), key=lambda r: r.arrival.place)[:limit]
 
     def _evict(self) -> None:
         ended = self.ended

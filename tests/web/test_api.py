@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from contextlib import aclosing
 from typing import Any
 
 import pytest
@@ -1045,10 +1047,16 @@ async def test_a_session_between_two_states_is_not_shown_queued_without_a_place(
         async def get_it() -> None:
             answers.append(await (await client.get(f"/sessions/{record.id}")).get_json())
 
+        async def first_event() -> None:
+            async with aclosing(session_events(service, record)) as events:
+                async for event in events:
+                    answers.append(json.loads(event.split(b"data: ", 1)[1]))
+                    return
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(get_it)
+            nursery.start_soon(first_event)
             await trio.testing.wait_all_tasks_blocked()
-            assert not answers  # it waits for the session to settle
+            assert not answers  # both wait for the session to settle
             await service.start_session(record)
-        (seen,) = answers
-        assert (seen["state"], seen["position"]) == ("queued", 2)
+        assert [(seen["state"], seen["position"]) for seen in answers] == [("queued", 2)] * 2

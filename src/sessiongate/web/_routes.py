@@ -7,7 +7,6 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import trio
 from quart import Quart, Response, request
 
 from .._errors import AdmissionError
@@ -23,8 +22,6 @@ from ._sse import session_events
 MAX_LIST = 1000
 _DIGITS = re.compile(r"[0-9]{1,4}")
 DEFAULT_LIST = 100
-#: Most seconds ``GET /sessions/{id}`` waits for a session between two states to settle.
-SETTLE_WAIT = 0.25
 
 
 def wants_async(prefer_headers: list[str]) -> bool:
@@ -177,12 +174,8 @@ def register(app: Quart, service: Service) -> None:
         if (forwarded := await on_its_worker(session_id)) is not None:
             return forwarded
         record = find(session_id)
-        if isinstance(record, SessionRecord) and record.settling:
-            # Between two states: answer once it has settled (its place taken, or its
-            # end recorded; moments), not "queued" with no position.
-            with trio.move_on_after(SETTLE_WAIT):
-                while record.settling:
-                    await service.registry.pulse.wait()
+        if isinstance(record, SessionRecord):
+            await service.settled(record)  # not "queued" with no position
         return json_response(record.encode(service.gate))
 
     @app.delete("/sessions/<session_id>")

@@ -61,6 +61,9 @@ ANSWER_BOUND = 1.0
 STARTUP_HEALTH_WAIT = 2.0
 #: How long an asynchronous request waits for a shared backend to queue or refuse it.
 SETTLE_BOUND = 1.0
+#: Most seconds a GET or an event stream's first event waits for a session between two
+#: states (taking its queue place, or leaving it) to settle.
+SETTLE_WAIT = 0.25
 
 
 def is_cancellation(error: BaseException) -> bool:
@@ -408,6 +411,15 @@ class Service:
     def _on_backend_change(self) -> None:
         if self._registry is not None:
             self._registry.poke()
+
+    async def settled(self, record: SessionRecord) -> None:
+        """Return once ``record`` is not between two states (``settling``), or after
+        :data:`SETTLE_WAIT` seconds: what a GET and an event stream's first event show
+        must not be "queued" with no position (an outside chaos test)."""
+        if record.settling:
+            with trio.move_on_after(SETTLE_WAIT):
+                while record.settling:
+                    await self.registry.pulse.wait()
 
     async def wait_sync(self, record: SessionRecord) -> None:
         """Wait for a synchronous caller's session to end."""

@@ -53,6 +53,7 @@ async def session_events(service: Service, record: Session) -> AsyncIterator[byt
 
 async def _events(service: Service, record: SessionRecord) -> AsyncGenerator[bytes, None]:
     gate, registry = service.gate, service.registry
+    await service.settled(record)  # a first event "queued" with no position is no use
     seen = len(record.transitions)
     snapshot = record.to_json(gate)
     yield _event(snapshot)

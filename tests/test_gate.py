@@ -1328,6 +1328,8 @@ async def test_misused_arguments_are_refused_at_once(
         Gate(backend="redis://localhost:6379/0")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_wait is too large"):
         Gate(max_wait=10**400)
+    with pytest.raises(ValueError, match="max_wait must be >= 0, got a huge int"):
+        Gate(max_wait=-(10**5000))  # named, and short (its digits overflowed str())
     gate = Gate(capacity=1)
     with pytest.raises(ValueError, match="max_wait is too large"):
         gate.max_wait = 10**400

@@ -417,7 +417,8 @@ class Gate:
             QueueTimeout: no slot within ``max_wait`` seconds of arrival.
             GateClosed: the gate is draining, before or while this session waited.
             RuntimeError: ``arrival`` has entered already, or was withdrawn.
-            ValueError: ``arrival`` was taken at another gate.
+            ValueError: ``arrival`` was taken at another gate; or both ``arrival`` and
+                ``id`` were given (the arrival is then withdrawn: it cannot enter).
         """
         if arrival is not None and id is not None:
             self.withdraw(arrival)  # its reservation must not hold the others back

@@ -41,7 +41,8 @@ def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
+        shown = value if isinstance(value, float) or value.bit_length() < 64 else "a huge int"
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {shown}")
     try:
         seconds = float(value)
     except OverflowError:  # an int too large for a float (10**400)

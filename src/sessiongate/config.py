@@ -57,9 +57,10 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         match = _WHOLE_NUMBER.fullmatch(text)
         if match is None:
             raise ValueError(f"must be a whole number >= {minimum}, got {text[:30]!r}")
-        if len(match[1].lstrip("0")) > _MAX_DIGITS:
+        digits = match[1].lstrip("0") or "0"
+        if len(digits) > _MAX_DIGITS:
             raise _too_long(text)
-        value = int(text, 10)
+        value = -int(digits) if text.strip().startswith("-") else int(digits)
         if value < minimum:
             raise ValueError(f"must be >= {minimum}, got {value}")
         if maximum is not None and value > maximum:

@@ -1060,3 +1060,28 @@ async def test_a_session_between_two_states_is_not_shown_queued_without_a_place(
             assert not answers  # both wait for the session to settle
             await service.start_session(record)
         assert [(seen["state"], seen["position"]) for seen in answers] == [("queued", 2)] * 2
+
+
+async def test_a_get_waiting_on_an_arrival_then_refused_at_once_is_404(
+    autojump_clock: Any,
+) -> None:
+    """A GET waiting for a session to settle whose arrival is then refused at once
+    (queue_full) answers 404: no object is kept for such an arrival (SPEC). It answered
+    200 with the refused object (an outside review)."""
+    async with running(capacity=1, max_queue=1) as app:
+        client, service = app.test_client(), app.service
+        await post(client, {"duration": 100}, ASYNC)  # the slot
+        await post(client, {"duration": 1}, ASYNC)  # the one queue place
+        record = service.new_session(service.arrive(), {"duration": 1})
+        service.registry.add(record)  # registered, its task not started yet
+        statuses: list[int] = []
+
+        async def get_it() -> None:
+            statuses.append((await client.get(f"/sessions/{record.id}")).status_code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get_it)
+            await trio.testing.wait_all_tasks_blocked()
+            await service.start_session(record)  # refused at once: queue_full
+        assert record.refused_at_once
+        assert statuses == [404]

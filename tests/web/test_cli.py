@@ -168,6 +168,8 @@ def test_whole_numbers_are_digits_within_range() -> None:
     assert (settings.capacity, settings.max_queue) == (1_000_000_000, 7)
     with pytest.raises(ConfigError, match="<= 1000000000"):
         Settings.from_args(["--capacity", "1000000001"], {})
+    # Leading zeros are no digits of the number (5001 digits reached int()'s limit).
+    assert Settings.from_args(["--capacity", "0" * 5000 + "5"], {}).capacity == 5
     # More than 18 digits is out of range, and said so (it said "must be a whole number").
     for flag, value in [("--max-queue", "1" * 19), ("--max-wait", "1" * 19 + ".5")]:
         with pytest.raises(ConfigError, match="at most 18 digits"):

@@ -174,8 +174,10 @@ def register(app: Quart, service: Service) -> None:
         if (forwarded := await on_its_worker(session_id)) is not None:
             return forwarded
         record = find(session_id)
-        if isinstance(record, SessionRecord):
+        if isinstance(record, SessionRecord) and record.settling:
             await service.settled(record)  # not "queued" with no position
+            # Looked up again: one refused at once meanwhile keeps no object (404).
+            record = find(session_id)
         return json_response(record.encode(service.gate))
 
     @app.delete("/sessions/<session_id>")

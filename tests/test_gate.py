@@ -1421,3 +1421,25 @@ async def test_a_drain_waits_for_a_reserved_arrival_served_as_it_enters(
         assert log in (["drained"], ["A ran", "A done", "drained"]), log
         orders.add(tuple(log))
     assert len(orders) == 2  # both orders of the batch were tried
+
+
+async def test_a_run_with_the_wrong_arguments_fails_before_it_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # On a full gate it waited for a slot first, or timed out and hid the mistake (an
+    # outside review). Checked against the function's signature; nothing is counted.
+    async def job(x: int) -> int:
+        return x
+
+    run: Any = Gate.run
+    gate = Gate(capacity=1, max_wait=5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run, trio.sleep, 3)
+        await settle()
+        start = trio.current_time()
+        with pytest.raises(TypeError):
+            await run(gate, job, 1, 2)
+        assert trio.current_time() == start
+        assert await gate.run(job, 7) == 7  # a right call still waits its turn
+    stats = gate.stats()
+    assert (stats.admitted, stats.failed, stats.expired) == (2, 0, 0)

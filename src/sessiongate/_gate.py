@@ -492,6 +492,19 @@ class Gate:
                 they were started in; to admit them in start order, take each one's
                 place with ``arrive()`` before starting its task and pass it here.
         """
+        try:
+            signature = inspect.signature(async_fn)
+        except (TypeError, ValueError):  # no signature to check (some builtins)
+            signature = None
+        if signature is not None:
+            try:
+                # A call with the wrong arguments fails now, not once it has waited for
+                # a slot (or timed out waiting, hiding the mistake: an outside review).
+                signature.bind(*args)
+            except TypeError:
+                if arrival is not None:
+                    self.withdraw(arrival)  # its reservation must not hold others back
+                raise
         async with self.session(arrival=arrival):
             # Called once admitted, as the session's body: calling it first (to refuse a
             # plain function before it took a slot) ran a plain function with no slot at

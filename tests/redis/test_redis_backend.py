@@ -901,3 +901,37 @@ async def test_a_drain_waits_for_an_enqueue_on_its_way_with_max_wait_0(  # type:
                     await gate.aclose()
                     log.append("drained")
                 assert log in (["drained"], ["ran", "done", "drained"]), log
+
+
+async def test_waiters_missing_from_a_stale_mirror_get_distinct_positions(  # type: ignore[no-untyped-def]
+    open_backend,
+) -> None:
+    """The queue mirror misses published changes (a lost subscription, a stall; rebuilt
+    later): this process's own waiters are mirrored from their enqueue answers, so two
+    of them are not both told position 1 (an outside chaos test: [1, 1] and
+    [3, 3, 4, 5, 5, ...] in the admin list right after a fault)."""
+    with trio.fail_after(10):
+        async with open_backend(capacity=1, lease_ttl=5.0) as backend:
+            await backend.wait_healthy()
+            gate = sessiongate.Gate(max_wait=30, backend=backend)
+            release = trio.Event()
+            tickets: list[sessiongate.Ticket] = []
+
+            async def hold() -> None:
+                async with gate.session():
+                    await release.wait()
+
+            async def wait(arrival: sessiongate.Ticket) -> None:
+                async with gate.session(arrival=arrival):
+                    pass
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold)
+                await wait_until(lambda: gate.local_active == 1)
+                backend._mirror.ok = False  # published changes are not taken in now
+                for _ in range(2):
+                    tickets.append(gate.arrive())
+                    nursery.start_soon(wait, tickets[-1])
+                    await wait_until(lambda: tickets[-1].position is not None)
+                assert [t.position for t in tickets] == [1, 2]
+                release.set()

@@ -647,6 +647,10 @@ class RedisBackend:
                 waiter.requeue = False
                 if status == "Q":
                     waiter.seq = str(a)
+                    if waiter.member in self._waiters and not waiter.granted.is_set():
+                        # Still waiting (not granted or gone by a change taken in
+                        # before this answer): mirrored now (see note_entered).
+                        self._mirror.note_entered(waiter.member, int(a))
                 elif status == "G":
                     self._deliver(waiter.member, Grant(int(a), int(b)))
                 if not waiter.answered.is_set():

@@ -1441,5 +1441,18 @@ async def test_a_run_with_the_wrong_arguments_fails_before_it_waits(
             await run(gate, job, 1, 2)
         assert trio.current_time() == start
         assert await gate.run(job, 7) == 7  # a right call still waits its turn
+
+    def injecting(fn: Any) -> Any:  # a decorator that supplies the first argument
+        @functools.wraps(fn)
+        async def wrapper(*args: Any) -> Any:
+            return await fn(100, *args)
+
+        return wrapper
+
+    @injecting
+    async def add(base: int, x: int) -> int:
+        return base + x
+
+    assert await run(gate, add, 5) == 105  # checked against the wrapper, not add
     stats = gate.stats()
-    assert (stats.admitted, stats.failed, stats.expired) == (2, 0, 0)
+    assert (stats.admitted, stats.failed, stats.expired) == (3, 0, 0)

@@ -493,7 +493,9 @@ class Gate:
                 place with ``arrive()`` before starting its task and pass it here.
         """
         try:
-            signature = inspect.signature(async_fn)
+            # Its own signature, not a wrapped function's: a decorator made with
+            # functools.wraps may take other arguments than the function it wraps.
+            signature = inspect.signature(async_fn, follow_wrapped=False)
         except (TypeError, ValueError):  # no signature to check (some builtins)
             signature = None
         if signature is not None:

@@ -1456,3 +1456,28 @@ async def test_a_run_with_the_wrong_arguments_fails_before_it_waits(
     assert await run(gate, add, 5) == 105  # checked against the wrapper, not add
     stats = gate.stats()
     assert (stats.admitted, stats.failed, stats.expired) == (3, 0, 0)
+
+
+async def test_a_run_of_a_callable_with_no_signature_to_check_still_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A proxy whose attribute lookup raises (not AttributeError) made inspect.signature
+    # fail, and gate.run failed before its session started (an outside review).
+    class Proxy:
+        def __init__(self, fn: Any) -> None:
+            self._fn = fn
+
+        def __getattr__(self, name: str) -> Any:
+            raise KeyError(name)
+
+        def __call__(self, *args: Any) -> Any:
+            return self._fn(*args)
+
+    async def job(x: int) -> int:
+        return x
+
+    gate = Gate(capacity=1, max_wait=5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run, trio.sleep, 1)
+        await settle()  # full: the arguments would be checked
+        assert await gate.run(Proxy(job), 3) == 3

@@ -492,21 +492,12 @@ class Gate:
                 they were started in; to admit them in start order, take each one's
                 place with ``arrive()`` before starting its task and pass it here.
         """
-        try:
-            # Its own signature, not a wrapped function's: a decorator made with
-            # functools.wraps may take other arguments than the function it wraps.
-            signature = inspect.signature(async_fn, follow_wrapped=False)
-        except (TypeError, ValueError):  # no signature to check (some builtins)
-            signature = None
-        if signature is not None:
-            try:
-                # A call with the wrong arguments fails now, not once it has waited for
-                # a slot (or timed out waiting, hiding the mistake: an outside review).
-                signature.bind(*args)
-            except TypeError:
-                if arrival is not None:
-                    self.withdraw(arrival)  # its reservation must not hold others back
-                raise
+        if self._backend.queued or self.active >= self.capacity:
+            # It will likely wait: a call with the wrong arguments fails now, not once it
+            # has waited for a slot (or timed out waiting, hiding the mistake: an outside
+            # review). Not checked when a slot is free (the call comes at once, and the
+            # check costs as much as an uncontended run).
+            self._check_call(async_fn, args, arrival)
         async with self.session(arrival=arrival):
             # Called once admitted, as the session's body: calling it first (to refuse a
             # plain function before it took a slot) ran a plain function with no slot at
@@ -520,6 +511,23 @@ class Gate:
                     f"{type(body).__name__}, not an awaitable (and ran as a plain call)"
                 )
             return await body
+
+    def _check_call(
+        self, async_fn: Callable[..., object], args: tuple[object, ...], arrival: Ticket | None
+    ) -> None:
+        """Raise TypeError if ``args`` do not fit ``async_fn``'s own signature (not a
+        wrapped one's: a decorator made with functools.wraps may take other arguments);
+        a reserved ``arrival`` is withdrawn first. No signature, no check."""
+        try:
+            signature = inspect.signature(async_fn, follow_wrapped=False)
+        except Exception:  # none to be had (builtins, odd proxies): no check
+            return
+        try:
+            signature.bind(*args)
+        except TypeError:
+            if arrival is not None and arrival._gate is self:
+                self.withdraw(arrival)  # its reservation must not hold others back
+            raise
 
     # -- figures ------------------------------------------------------------------------
 

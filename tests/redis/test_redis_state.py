@@ -74,3 +74,21 @@ async def test_clock_bound_maps_local_times_onto_redis_microseconds() -> None:
     assert mapped is not None
     # The middle of the bracket, plus half of TIME's truncated millisecond.
     assert mapped == round((50.000 + 0.010 - 0.001 + 0.0005) * 1e6)
+
+
+async def test_an_entry_noted_from_its_answer_is_not_put_back_after_it_left() -> None:
+    # A process's own entry is mirrored from its enqueue answer too; read late (after its
+    # place lapsed and the reaper's D was taken in) it must not come back, and an entry
+    # enqueued again at a new seq moves (an outside review: a stale seq stayed for the
+    # whole wait, and a waiter at the head was told position 2).
+    mirror = QueueMirror()
+    mirror.reset([("other:1", 10)], ver=1)
+    assert mirror.apply(message(2, "E 20 me:1"))
+    assert mirror.apply(message(3, "D me:1"))  # its place lapsed
+    mirror.note_entered("me:1", 20)  # the enqueue's answer, read late
+    assert mirror.rank(30) == 2  # only other:1 ahead
+    assert mirror.apply(message(4, "E 25 me:1"))  # enqueued again, a new seq
+    mirror.note_entered("me:1", 25)
+    assert (mirror.rank(10), mirror.rank(25), mirror.rank(30)) == (1, 2, 3)
+    assert mirror.apply(message(5, "E 5 me:1"))  # moved again by a published change
+    assert (mirror.rank(5), mirror.rank(10), mirror.rank(30)) == (1, 2, 3)

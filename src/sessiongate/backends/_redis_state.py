@@ -7,7 +7,7 @@ to Redis.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -166,6 +166,10 @@ class ClockBound:
         return redis_ms / 1000 - max(s[1] for s in recent)
 
 
+#: How many departed queue entries the mirror remembers (see ``QueueMirror._gone``).
+GONE_KEPT: Final = 4096
+
+
 class QueueMirror:
     """This process's copy of the global queue, for exact positions without a round trip,
     and the global queue's hand-off rate, for every process's ETA.
@@ -182,6 +186,9 @@ class QueueMirror:
         # Member -> (queue sequence number, when it was seen entering: Trio clock).
         self._seq_of: dict[str, tuple[int, float]] = {}
         self._seqs: SortedList = SortedList()
+        # Entries seen leaving (member -> its seq), the latest few thousand: an enqueue
+        # answer read after its entry has already left must not put it back.
+        self._gone: OrderedDict[str, int] = OrderedDict()
         self.ver = -1
         self.ok = False
         self.handoffs = HandoffRate()
@@ -206,15 +213,14 @@ class QueueMirror:
         for parts in figures.lines():
             if parts[0] == "E":
                 seq, member = int(parts[1]), parts[2]
-                if member not in self._seq_of:
-                    self._seq_of[member] = (seq, now)
-                    self._seqs.add(seq)
+                if self._enter(member, seq, now):
                     entered.add(member)
             else:  # 'D' left, 'G' granted: either way out of the queue
                 member = parts[1]
                 gone = self._seq_of.pop(member, None)
                 if gone is not None:
                     self._seqs.remove(gone[0])
+                    self._note_gone(member, gone[0])
                     # A hand-off, unless the entry entered in this same change (it
                     # went through a free slot without waiting).
                     if parts[0] == "G" and member not in entered:
@@ -227,9 +233,25 @@ class QueueMirror:
         the change comes later (or only with the next snapshot), and two waiters of
         this process both missing from the mirror were both told position 1 (an
         outside chaos test)."""
-        if member not in self._seq_of:
-            self._seq_of[member] = (seq, trio.current_time())
-            self._seqs.add(seq)
+        if self._gone.get(member) != seq:  # not an entry that has left already
+            self._enter(member, seq, trio.current_time())
+
+    def _enter(self, member: str, seq: int, now: float) -> bool:
+        """Mirror ``member`` at ``seq``; False if it was there already at that seq. A
+        member there at another seq (enqueued again after its place lapsed) moves."""
+        known = self._seq_of.get(member)
+        if known is not None:
+            if known[0] == seq:
+                return False
+            self._seqs.remove(known[0])
+        self._seq_of[member] = (seq, now if known is None else known[1])
+        self._seqs.add(seq)
+        return known is None
+
+    def _note_gone(self, member: str, seq: int) -> None:
+        self._gone[member] = seq
+        if len(self._gone) > GONE_KEPT:
+            self._gone.popitem(last=False)
 
     def rank(self, seq: int) -> int:
         """1 + how many queued entries arrived before ``seq``. O(log n)."""

@@ -122,13 +122,16 @@ class Ticket:
         sequence)."""
         return (self.arrived_at, self.seq)
 
-    def handed_over(self, *, counted: bool = True) -> None:
-        """For backends: a releaser handed this parked ticket a slot, now. Stamps
-        ``admitted_at`` and counts the hand-off at once (unless not ``counted``: a slot
-        that no holder gave back): the ticket's task resumes a scheduler pass later,
-        and whatever reads the ETA meanwhile (an event stream woken by the same
-        release) must already see this hand-off."""
-        now = self.admitted_at = trio.current_time()
+    def handed_over(self, *, counted: bool = True, now: float | None = None) -> None:
+        """For backends: a releaser handed this parked ticket a slot, now (``now``: the
+        clock as the releaser read it to check the ticket's deadline, so that the stamp
+        is the instant of that decision). Stamps ``admitted_at`` and counts the hand-off
+        at once (unless not ``counted``: a slot that no holder gave back): the ticket's
+        task resumes a scheduler pass later, and whatever reads the ETA meanwhile (an
+        event stream woken by the same release) must already see this hand-off."""
+        if now is None:
+            now = trio.current_time()
+        self.admitted_at = now
         gate = self._gate
         if counted and gate._counts_handoffs:
             gate._handoffs.add(now, self.arrived_at)
@@ -347,7 +350,14 @@ class Gate:
         elif not isinstance(at, (int, float)) or isinstance(at, bool):
             raise TypeError(f"at must be a time on the Trio clock, not {at!r}")
         elif _finite(at):
-            arrived_at = max(min(at, now), now - self.max_wait)
+            # No older than max_wait ago; the bound taken so that its deadline
+            # (arrived_at + max_wait, as the session computes it) is not after now: in
+            # floating point now - max_wait + max_wait may be one ulp above now, and a
+            # stamp clamped there was admitted with its wait used up (an outside review).
+            floor = now - self.max_wait
+            while floor + self.max_wait > now:
+                floor = math.nextafter(floor, -math.inf)
+            arrived_at = max(min(at, now), floor)
         else:
             raise ValueError(f"at must be a finite time on the Trio clock, not {at!r}")
         ticket = Ticket(next(_sequence), arrived_at, gate=self, id=id)

@@ -127,7 +127,8 @@ class MemoryBackend:
                 limiter.acquire_on_behalf_of_nowait(waiter.ticket)
                 continue
             scope = waiter._scope
-            if scope is not None and scope.deadline <= trio.current_time():
+            now = trio.current_time()  # one reading: the deadline's check and the stamp
+            if scope is not None and scope.deadline <= now:
                 # Its queue deadline has passed, and Trio delivers the expiry at its next
                 # look at the clock (the loop was busy): it expires then and must not be
                 # admitted now. Handed the slot, it ran though it had waited past
@@ -135,7 +136,7 @@ class MemoryBackend:
                 # past). Out of the queue now; its abort finds it gone.
                 continue
             limiter.acquire_on_behalf_of_nowait(waiter.ticket)
-            waiter.ticket.handed_over(counted=released)  # stamped at the hand-off's instant
+            waiter.ticket.handed_over(counted=released, now=now)  # the hand-off's instant
             released = False  # one slot given back, one hand-off
             trio.lowlevel.reschedule(task)
 
@@ -184,10 +185,20 @@ class _Hold:
         if not queue and backend._free_for(place):
             # Uncontended: nobody waits and a slot is free.
             await trio.lowlevel.checkpoint_if_cancelled()
+            now = trio.current_time()
+            scope = self._scope
+            if scope is not None and scope.deadline <= now:
+                # Its wait ran out between the gate's look at the clock and this one
+                # (microseconds on the real clock): admitted, it would show a wait past
+                # max_wait (an outside review). It expires as it enters.
+                if was_reserved:
+                    backend._hand_on()
+                raise trio.TooSlowError
             backend._limiter.acquire_on_behalf_of_nowait(ticket)
-            # Stamped now: through the pass below a drain (``aclose``) must see that it
-            # holds a slot (an outside review: aclose returned while it then ran).
-            ticket.admitted_at = trio.current_time()
+            # Stamped now, with the clock the deadline was checked against: through the
+            # pass below a drain (``aclose``) must see that it holds a slot (an outside
+            # review: aclose returned while it then ran).
+            ticket.admitted_at = now
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         scope = self._scope

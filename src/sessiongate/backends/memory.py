@@ -123,8 +123,16 @@ class MemoryBackend:
                 return
             del queue[place]
             task = waiter.task
-            if task is None:  # served as it enters, not parked yet
+            if task is None:  # served as it enters, not parked yet (the entering task)
+                now = trio.current_time()  # one reading: the deadline's check and the stamp
+                scope = waiter._scope
+                if scope is not None and scope.deadline <= now:
+                    waiter.expired = True  # its wait ran out just now: it expires
+                    continue
                 limiter.acquire_on_behalf_of_nowait(waiter.ticket)
+                # Stamped at the decision, not a scheduler pass later when its task
+                # resumes (a busy pass made it look admitted past max_wait: a review).
+                waiter.ticket.admitted_at = now
                 continue
             scope = waiter._scope
             now = trio.current_time()  # one reading: the deadline's check and the stamp
@@ -158,7 +166,7 @@ class _Hold:
     the ticket's behalf, by the releaser that hands it over or by the fast path.
     """
 
-    __slots__ = ("_backend", "_max_queue", "_scope", "task", "ticket")
+    __slots__ = ("_backend", "_max_queue", "_scope", "expired", "task", "ticket")
 
     def __init__(
         self,
@@ -172,6 +180,8 @@ class _Hold:
         self._scope = scope
         self._max_queue = max_queue
         self.task: trio.lowlevel.Task | None = None
+        #: Set by the releaser when it found this entering ticket's wait run out.
+        self.expired = False
 
     async def __aenter__(self) -> None:
         backend, ticket = self._backend, self.ticket
@@ -218,6 +228,8 @@ class _Hold:
                 ticket.mark_queued()  # it waits: its admission will be a hand-off
                 self.task = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._abort)
+            elif self.expired:
+                raise trio.TooSlowError  # out of the queue, holding nothing
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         # Handed a slot unless the park was aborted: the abort succeeds only while the

@@ -122,28 +122,25 @@ class MemoryBackend:
             if not self._free_for(place):
                 return
             del queue[place]
-            task = waiter.task
-            if task is None:  # served as it enters, not parked yet (the entering task)
-                now = trio.current_time()  # one reading: the deadline's check and the stamp
-                scope = waiter._scope
-                if scope is not None and scope.deadline <= now:
-                    waiter.expired = True  # its wait ran out just now: it expires
-                    continue
-                limiter.acquire_on_behalf_of_nowait(waiter.ticket)
-                # Stamped at the decision, not a scheduler pass later when its task
-                # resumes (a busy pass made it look admitted past max_wait: a review).
-                waiter.ticket.admitted_at = now
-                continue
+            # One clock reading for the deadline's check and the admission stamp.
+            now = trio.current_time()
             scope = waiter._scope
-            now = trio.current_time()  # one reading: the deadline's check and the stamp
             if scope is not None and scope.deadline <= now:
-                # Its queue deadline has passed, and Trio delivers the expiry at its next
-                # look at the clock (the loop was busy): it expires then and must not be
-                # admitted now. Handed the slot, it ran though it had waited past
-                # max_wait (outside review: 158 sessions under an overload, up to 24 ms
-                # past). Out of the queue now; its abort finds it gone.
+                # Its queue deadline has passed. Parked, Trio delivers the expiry at its
+                # next look at the clock (the loop was busy): it expires then and must
+                # not be admitted now (outside review: 158 sessions under an overload ran
+                # up to 24 ms past it); its abort finds it gone. Entering (this is its
+                # own task), it expires as it enters.
+                waiter.expired = True
                 continue
             limiter.acquire_on_behalf_of_nowait(waiter.ticket)
+            task = waiter.task
+            if task is None:
+                # Served as it enters (its own task, not parked yet): stamped at this
+                # decision, not a scheduler pass later when its task resumes (a busy
+                # pass made it look admitted past max_wait: an outside review).
+                waiter.ticket.admitted_at = now
+                continue
             waiter.ticket.handed_over(counted=released, now=now)  # the hand-off's instant
             released = False  # one slot given back, one hand-off
             trio.lowlevel.reschedule(task)
@@ -180,7 +177,7 @@ class _Hold:
         self._scope = scope
         self._max_queue = max_queue
         self.task: trio.lowlevel.Task | None = None
-        #: Set by the releaser when it found this entering ticket's wait run out.
+        #: Set by the releaser when it found this ticket's wait run out.
         self.expired = False
 
     async def __aenter__(self) -> None:

@@ -707,6 +707,37 @@ async def test_reserved_arrivals_enter_free_slots_in_stamp_order(
     assert admitted[2] == "c"
 
 
+@pytest.mark.parametrize("max_wait", [10.0, 0.0])
+async def test_an_arrival_with_a_free_slot_is_never_refused_for_a_full_queue(
+    autojump_clock: trio.testing.MockClock, max_wait: float
+) -> None:
+    # A burst of two on an idle gate, capacity 1 and one queue place: the later stamp's
+    # task enters first and queues (the free slot is kept for the earlier reservation).
+    # The earlier one, entering next, has that free slot: it was refused queue_full
+    # (the queue looked full) and its slot went to the later one (an outside review).
+    # With max_wait 0 it was refused too (it may not wait, but it need not).
+    gate = Gate(capacity=1, max_wait=10.0, max_queue=1)
+    early, late = gate.arrive(reserve=True), gate.arrive(reserve=True)
+    outcome: dict[str, str] = {}
+
+    async def enter(name: str, arrival: sessiongate.Ticket) -> None:
+        try:
+            async with gate.session(arrival=arrival):
+                outcome[name] = f"admitted at {trio.current_time() - arrival.arrived_at:g}"
+                await trio.sleep(1)
+        except sessiongate.AdmissionError as error:
+            outcome[name] = error.code
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(enter, "late", late)
+        await settle()
+        assert (gate.active, gate.queued) == (0, 1)
+        gate.max_wait = max_wait  # the early session's own max_wait
+        nursery.start_soon(enter, "early", early)
+    assert outcome == {"early": "admitted at 0", "late": "admitted at 1"}
+    assert (gate.stats().rejected, gate.stats().expired) == (0, 0)
+
+
 async def test_withdrawn_reservation_lets_later_arrivals_go(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -10,6 +10,7 @@ prints it and exits with status 2).
 from __future__ import annotations
 
 import argparse
+import decimal
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -340,8 +341,16 @@ class Settings:
             value = getattr(self, option.name)
             if value is None:
                 continue
-            environ[option.env] = repr(value) if isinstance(value, float) else str(value)
+            environ[option.env] = _plain(value) if isinstance(value, float) else str(value)
         return environ
+
+
+def _plain(value: float) -> str:
+    """``value`` as the plain decimal a setting is read from, exactly: its shortest
+    repr's digits without an exponent. repr gave "1e-05" for ``--max-wait 0.00001``,
+    which the workers' own parsing refused, so none of them started (an outside
+    review)."""
+    return format(decimal.Decimal(repr(value)), "f")
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -11,6 +11,7 @@ import trio
 import trio.testing
 from werkzeug.datastructures import Headers
 
+import sessiongate
 from sessiongate.web._sessions import SessionRecord
 from sessiongate.web._sse import session_events
 
@@ -561,6 +562,10 @@ async def test_handler_errors_fail_the_session_cleanly(
     # A trio.Cancelled that no cancellation delivered (outside review: it stopped the
     # service for good, every later session refused as shutting_down).
     names += ("raises_cancelled", "sync_raises_cancelled", "raises_cancelled_group")
+    # A handler's own gate refusing it (QueueFull, QueueTimeout...) is its failure too:
+    # it was reported as this gate's refusal, an async one forgotten (404) after its 202.
+    names += ("own_queue_full", "own_queue_timeout", "own_gate_closed")
+    names += ("own_admission_error", "sync_own_lease_lost")
     for name in names:
         async with running(handler=f"{sample_handlers}:{name}", capacity=1) as app:
             client = app.test_client()
@@ -764,9 +769,20 @@ async def test_head_of_an_event_stream_does_not_follow_the_session(autojump_cloc
 
 
 async def test_a_lost_lease_fails_the_session_with_lease_lost(
-    autojump_clock: Any, sample_handlers: str
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with running(handler=f"{sample_handlers}:lease_lost", refusal_status=429) as app:
+    # A backend that could not keep the slot's lease (Redis: tests/redis) raises
+    # LeaseLost out of the session's exit; simulated here on the in-memory one.
+    from sessiongate.backends import memory
+
+    release = memory._Hold.__aexit__
+
+    async def lose_the_lease(self: Any, *exc_info: Any) -> None:
+        await release(self, *exc_info)
+        raise sessiongate.LeaseLost("the lease lapsed")
+
+    monkeypatch.setattr(memory._Hold, "__aexit__", lose_the_lease)
+    async with running(refusal_status=429) as app:
         client = app.test_client()
         response, body = await post(client, {})
         assert response.status_code == 429 and body["error"] == "lease_lost"

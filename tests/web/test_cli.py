@@ -222,6 +222,14 @@ def test_flags_win_over_variables_and_defaults_hold() -> None:
     assert Settings.from_environ(Settings(capacity=3, lease_ttl=1.5).to_environ()) == Settings(
         capacity=3, lease_ttl=1.5
     )
+    # What a supervisor hands its workers reads back as the same settings, whatever the
+    # floats' size: repr's "1e-05" and "1e+16" were refused, and no worker started.
+    extreme = Settings.from_args(
+        ["--max-wait", "0.00001", "--result-ttl", "10000000000000000", "--lease-ttl", "1.25"],
+        {},
+    )
+    assert extreme.to_environ()["SESSIONGATE_MAX_WAIT"] == "0.00001"
+    assert Settings.from_environ(extreme.to_environ()) == extreme
     redis = Settings.from_args(["--workers", "3", "--backend", "redis://localhost:6379/0"], {})
     assert redis.workers == 3
     with pytest.raises(ConfigError, match="SESSIONGATE_WORKERS"):

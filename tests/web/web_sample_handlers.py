@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from sessiongate import Ticket
+from sessiongate import AdmissionError, GateClosed, LeaseLost, QueueFull, QueueTimeout, Ticket
 
 CALLS: list[str] = []
 #: Called once each (and removed) by ``stall_loop`` just before it blocks the loop.
@@ -107,12 +107,6 @@ async def tracked(body: dict[str, Any], ticket: Ticket) -> Any:
     return ticket.waited
 
 
-async def lease_lost(body: dict[str, Any], ticket: Ticket) -> Any:
-    import sessiongate
-
-    raise sessiongate.LeaseLost("the lease lapsed")
-
-
 def _stray_cancelled() -> trio.Cancelled:
     """A Cancelled that no cancel scope of the session's delivered (kept from elsewhere)."""
     try:
@@ -188,3 +182,27 @@ async def fails_to_start(body: dict[str, Any], ticket: Ticket) -> Any:
 
 
 fails_to_start.lifespan = _fails_to_start  # type: ignore[attr-defined]
+
+
+# A handler guarding a resource with a Gate of its own may raise that gate's refusals:
+# the session failed (500 session_failed), it was not refused by the service's gate.
+async def own_queue_full(body: dict[str, Any], ticket: Ticket) -> Any:
+    await trio.sleep(1)
+    raise QueueFull(0)
+
+
+async def own_queue_timeout(body: dict[str, Any], ticket: Ticket) -> Any:
+    await trio.sleep(1)
+    raise QueueTimeout(0.5, 0.5)
+
+
+async def own_gate_closed(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise GateClosed("secret: the handler's own gate is closing")
+
+
+async def own_admission_error(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise AdmissionError("secret: downstream said no")
+
+
+def sync_own_lease_lost(body: dict[str, Any], ticket: Ticket) -> Any:
+    raise LeaseLost("secret: the handler's own lease")

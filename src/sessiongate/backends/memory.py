@@ -209,18 +209,23 @@ class _Hold:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         scope = self._scope
-        if scope is None or len(queue) >= self._max_queue:
-            # Refused, holding nothing. If its reservation was what held a queued head
-            # back from a free slot, that head may go now.
-            if was_reserved:
-                backend._hand_on()
+        queue[place] = self
+        # This stamp may sort first, or its reservation may have held others back (they
+        # may go now). A slot free for it is its own, however long the queue: refused
+        # queue_full first, a burst's earliest arrival saw its free slot go to a later
+        # one queued before it entered (an outside review).
+        backend._hand_on()
+        if place in queue and (scope is None or len(queue) > self._max_queue):
+            # It would have to wait, and may not: refused, holding nothing. Its place
+            # held nobody back (it was not served, so nobody behind it could be).
+            del queue[place]
             if scope is None:
                 raise trio.WouldBlock
             raise QueueFull(self._max_queue)
+        if scope is None:  # served as it entered (max_wait 0)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
         with scope:
-            queue[place] = self
-            # This stamp may sort first, or its reservation may have held others back.
-            backend._hand_on()
             if place in queue:
                 ticket.mark_queued()  # it waits: its admission will be a hand-off
                 self.task = trio.lowlevel.current_task()

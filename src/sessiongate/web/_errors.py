@@ -86,6 +86,7 @@ def error_response(error: ApiError, refusal_status: int) -> Response:
     elif error.code in REFUSAL_CODES:
         status = refusal_status
     else:
-        status = STATUS[error.code]
+        # An unknown code is a server fault: 500, never a KeyError in the error path.
+        status = STATUS.get(error.code, 500)
     body = {"error": error.code, "detail": error.detail, **error.extra}
     return json_response(body, status, dict(error.headers))

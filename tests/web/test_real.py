@@ -1114,3 +1114,87 @@ async def test_a_stalled_body_is_answered_408_and_its_connection_closed() -> Non
                     assert await stream.receive_some() == b""  # closed
             stats = app.service.gate.stats()
             assert (stats.admitted, stats.rejected, stats.active) == (0, 0, 0)
+
+
+async def _serve_with(config_changes: dict[str, Any], nursery: trio.Nursery) -> int:
+    """``create_app()`` on plain Hypercorn with ``config_changes``; its port."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    from sessiongate.config import Settings
+    from sessiongate.web import create_app
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.errorlog = None
+    for name, value in config_changes.items():
+        setattr(config, name, value)
+    binds = await nursery.start(serve, create_app(Settings()), config)
+    return port_of(binds[0])
+
+
+async def test_the_connection_hypercorn_closes_after_its_last_request_is_closed() -> None:
+    """Hypercorn closes an HTTP/1.1 connection after ``keep_alive_max_requests``
+    answers (1000 by default): that last answer says ``Connection: close``, and the
+    socket must then close. The request's cancellation landed in the close, and the
+    client waited for an EOF that never came (an outside review: 5 runs of 9)."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_with({"keep_alive_max_requests": 2}, nursery)
+            for _ in range(20):
+                stream = await raw_request(port, request_bytes("GET", "/healthz"))
+                async with stream:
+                    assert (await read_response(stream))[0] == 200
+                    await stream.send_all(request_bytes("GET", "/healthz"))
+                    status, headers, _ = await read_response(stream)
+                    assert status == 200 and headers.get("connection") == "close"
+                    with trio.fail_after(2):
+                        assert await stream.receive_some() == b""  # closed
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_http2_connection_answers_past_hypercorns_request_count() -> None:
+    """Past ``keep_alive_max_requests`` on an HTTP/2 connection Hypercorn sent a GOAWAY
+    naming the new stream as taken, and closed the connection's state: the app ran the
+    request (a session took its slot) and its answer was never sent (an outside review,
+    the 1001st request). Every stream is answered; the connection stays usable."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_with({"keep_alive_max_requests": 2}, nursery)
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", port))
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.initiate_connection()
+            body = jbody({"duration": 0})
+            statuses: list[bytes] = []
+            for stream_id in range(1, 11, 2):  # one at a time: 5 requests
+                client.send_headers(
+                    stream_id,
+                    [
+                        (":method", "POST"),
+                        (":path", "/sessions"),
+                        (":scheme", "http"),
+                        (":authority", "test"),
+                        ("content-type", "application/json"),
+                        ("content-length", str(len(body))),
+                    ],
+                )
+                client.send_data(stream_id, body, end_stream=True)
+                await sock.send(client.data_to_send())
+                ended = False
+                while not ended:
+                    data = await sock.recv(65536)
+                    assert data, "the server closed the connection"
+                    for event in client.receive_data(data):
+                        assert not isinstance(event, h2.events.ConnectionTerminated)
+                        if isinstance(event, h2.events.ResponseReceived):
+                            statuses.append(dict(event.headers)[b":status"])
+                        ended = ended or isinstance(event, h2.events.StreamEnded)
+                    await sock.send(client.data_to_send())
+            sock.close()
+            assert statuses == [b"200"] * 5
+            nursery.cancel_scope.cancel()

@@ -1,8 +1,8 @@
 """Fixes to Hypercorn 0.18's Trio connection handler (``TCPServer``'s ``run``,
 ``protocol_send``, ``_idle_timeout`` and ``_read_data``, ``H11Protocol``'s
-``stream_send``, ``_send_error_response`` and ``can_read``, ``H2Protocol``'s streams,
-its WebSocket handshake check and refusals, and h11's reader of a request's head), and
-the kernel's receive time of each request.
+``stream_send``, ``_send_error_response`` and ``can_read``, ``H2Protocol``'s streams
+and request count, its WebSocket handshake check and refusals, and h11's reader of a
+request's head), and the kernel's receive time of each request.
 
 **A race that crashed the server.** Hypercorn closes a connection (``TCPServer._close``:
 ``send_eof``, which checkpoints while it holds the stream's send side, then ``aclose``)
@@ -580,7 +580,12 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
                 await self.send(RawData(data=data))
             return
         if isinstance(event, EndBody):
-            await self.send(RawData(data=held.data + _serialise(self, h11.EndOfMessage())))
+            data = held.data + _serialise(self, h11.EndOfMessage())
+            if self.connection.our_state is h11.MUST_CLOSE:
+                with trio.CancelScope(shield=True):  # see _closing_shielded
+                    await self.send(RawData(data=data))
+                return
+            await self.send(RawData(data=data))
             return
         await self.send(RawData(data=held.data))  # anything else: what is held goes first
     if isinstance(event, Response) and event.status_code >= 200:
@@ -600,10 +605,36 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
         # that closes as soon as it has its answer would be seen closing an unanswered
         # request (a second, status-less access line; an outside review).
         await trio.lowlevel.cancel_shielded_checkpoint()
+        if self.connection.our_state is h11.MUST_CLOSE:
+            with trio.CancelScope(shield=True):  # see _closing_shielded
+                await _original_stream_send(self, event)
+            return
     await _original_stream_send(self, event)
 
 
 _original_stream_send = H11Protocol.stream_send
+
+# _closing_shielded: an answer after which the server closes the connection (h11's
+# MUST_CLOSE) is written and the connection closed shielded from its request's
+# cancellation. The app shields the answers it knows close (the client's or its own
+# ``Connection: close``, see ``_app.py``), but not the one Hypercorn itself closes after,
+# its ``keep_alive_max_requests``-th on the connection (1000): Quart-Trio's cancellation
+# of the finished request then landed in the close, and the socket stayed open with the
+# client waiting for EOF (an outside review: 5 runs of 9, once for 47 s).
+
+
+async def _h2_create_stream(self: H2Protocol, request: Any) -> None:
+    """Hypercorn's ``H2Protocol._create_stream``, not counting towards
+    ``keep_alive_max_requests``. Past that count Hypercorn closed the HTTP/2 connection
+    right after handing the new stream to the app, with a GOAWAY that names that stream
+    as taken: the app ran it (a session took its slot and ran) and its answer could never
+    be sent (an outside review, with the 1001st request on an h2c connection). HTTP/2
+    multiplexes: a connection is not closed for having served many requests."""
+    await _original_h2_create_stream(self, request)
+    self.keep_alive_requests = 0
+
+
+_original_h2_create_stream = H2Protocol._create_stream
 
 
 #: Hypercorn's own answers to requests h11 cannot parse, by the status h11 suggests.
@@ -732,7 +763,7 @@ def _read_request_after_empty_lines(buf: ReceiveBuffer) -> h11.Request | None:
 def apply() -> None:
     """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``,
     ``H11Protocol.stream_send`` and ``_send_error_response``, and ``H2Protocol``'s
-    streams."""
+    streams and request count."""
     _receive_stamps.keep_the_kernel_stamping()
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
     TCPServer._idle_timeout = _idle_timeout  # type: ignore[method-assign]
@@ -741,6 +772,7 @@ def apply() -> None:
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
     H2Protocol.__init__ = _h2_init  # type: ignore[method-assign]
     H2Protocol.handle = _h2_handle  # type: ignore[method-assign]
+    H2Protocol._create_stream = _h2_create_stream  # type: ignore[method-assign]
     TCPServer.run = _run  # type: ignore[method-assign]
     Handshake.is_valid = _every_handshake_reaches_the_app  # type: ignore[method-assign]
     WSStream._send_error_response = _ws_send_error_response  # type: ignore[method-assign]

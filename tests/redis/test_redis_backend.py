@@ -540,6 +540,35 @@ async def test_a_renewal_that_reaches_redis_late_extends_no_lease(  # type: igno
             await backend._call("release", ["m:1"], limit=1)
 
 
+async def test_a_queue_renewal_that_reaches_redis_late_extends_no_place(  # type: ignore[no-untyped-def]
+    open_backend, redis_server: RedisServer, gate_name: str
+) -> None:
+    # As for a slot's renewal: a queue renewal sent while Redis stalled, by a process
+    # killed meanwhile, kept its places (and a slot then handed to one) a whole TTL from
+    # when Redis resumed (an outside review: a live later waiter got the slot 6.5 s after
+    # the dead one's process died, TTL 6 s). It carries the latest expiry it may give.
+    qexp = f"sg:{{{gate_name}}}:qexp"
+    with trio.fail_after(10):
+        async with open_backend(capacity=1, lease_ttl=3.0) as backend:
+            held = await backend._call("enqueue", ["1", "m:1", "1", "10", "0"], limit=1)
+            queued = await backend._call("enqueue", ["1", "m:2", "1", "10", "0"], limit=1)
+            assert (held[0], queued[0]) == ("G", "Q")
+            now = int(held[2]) - 3_000
+            redis_server.command("ZADD", qexp, str(now + 200), "m:2")  # lapses soon
+            # Sent 2.5 s ago: a TTL from then is now + 0.5 s, not now + 3 s.
+            late = await backend._call("renew_queue", [str(now + 500), "m:2"], limit=1)
+            assert late[0] == "Q"
+            assert now + 200 < zscore(redis_server, qexp, "m:2") <= now + 500
+            # A bound below the place's lease never shortens it.
+            await backend._call("renew_queue", [str(now + 300), "m:2"], limit=1)
+            assert zscore(redis_server, qexp, "m:2") > now + 300
+            # Sent more than a TTL ago: too late, the place lapses now.
+            stale = await backend._call("renew_queue", [str(now - 10), "m:2"], limit=1)
+            assert stale[0] == "M"
+            assert zcard(redis_server, f"sg:{{{gate_name}}}:queue") == 0
+            await backend._call("release", ["m:1"], limit=1)
+
+
 async def test_slots_left_to_the_forgetter_are_given_back_on_the_way_out(  # type: ignore[no-untyped-def]
     open_backend, redis_server: RedisServer, gate_name: str
 ) -> None:

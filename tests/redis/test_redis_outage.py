@@ -83,6 +83,33 @@ async def test_redis_down_fails_fast_then_recovers(own_redis: RedisServer, gate_
             assert watch.most == 1
 
 
+async def test_a_body_that_outlived_its_lease_unaware_fails_with_lease_lost(
+    own_redis: RedisServer, gate_name: str
+) -> None:
+    """A body busy where the lease's cancellation cannot reach it (shielded here; a
+    thread or a CPU stretch alike) that returns normally after the lease was lost has
+    run on a slot another process may hold by then: LeaseLost, counted failed, never
+    completed (an outside review: "1 completed, 0 failed")."""
+    ttl = 1.0
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=ttl
+        ) as backend:
+            gate = sessiongate.Gate(1, max_wait=10, backend=backend)
+            await wait_until(lambda: backend.healthy)
+
+            async def unaware() -> None:
+                async with gate.session():
+                    own_redis.kill()
+                    with trio.CancelScope(shield=True):
+                        await trio.sleep(ttl * 1.5)  # the lease is lost meanwhile
+
+            with pytest.raises(sessiongate.LeaseLost):
+                await unaware()
+            stats = gate.stats()
+            assert (stats.completed, stats.failed, gate.local_active) == (0, 1, 0)
+
+
 async def test_redis_restarted_empty_rebuilds_from_live_holders(
     own_redis: RedisServer, gate_name: str
 ) -> None:
@@ -243,6 +270,37 @@ async def test_stalled_redis_leaves_no_ghost_in_the_queue(
             with trio.fail_after(1):
                 async with gate.session() as ticket:
                     assert ticket.waited < 0.5
+
+
+async def test_a_short_max_wait_with_redis_stalled_is_refused_not_expired(
+    own_redis: RedisServer, gate_name: str
+) -> None:
+    """An arrival whose max_wait (0.3 s) runs out before a Redis known to be unreachable
+    ever answered was never queued: backend_unavailable, not queue_timeout (an outside
+    review counted every such arrival expired)."""
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=2, lease_ttl=5.0
+        ) as backend:
+            gate = sessiongate.Gate(2, max_wait=10, backend=backend)
+            await wait_until(lambda: backend.healthy)
+            own_redis.pause()
+            try:
+                with pytest.raises(sessiongate.BackendUnavailable):
+                    async with gate.session():
+                        raise AssertionError("admitted by a stalled Redis")
+                assert not backend.healthy
+                gate.max_wait = 0.3
+                for _ in range(3):
+                    start = trio.current_time()
+                    with pytest.raises(sessiongate.BackendUnavailable):
+                        async with gate.session():
+                            raise AssertionError("admitted by a stalled Redis")
+                    assert trio.current_time() - start < 0.35
+            finally:
+                own_redis.resume()
+            stats = gate.stats()
+            assert (stats.rejected, stats.expired) == (4, 0)
 
 
 async def test_a_stalled_redis_refuses_within_1_s_of_the_arrival_stamp(

@@ -290,16 +290,31 @@ elseif op == 'renew' then
   admit()
 
 elseif op == 'renew_queue' then
-  -- ARGV 7...: this process's waiters. Results per member: 'Q' (lease extended) |
-  -- 'G' fence exp (a hand-off this process has not heard of) | 'M' (missing: its
-  -- lease lapsed, or Redis lost the gate; the process enqueues it again). Never
-  -- inserts anything, so a renewal that runs late cannot leave a ghost.
+  -- ARGV 7: the latest expiry it may give (as for 'renew': a TTL after the latest
+  -- instant the process can have sent it; '' for none). ARGV 8...: this process's
+  -- waiters. Results per member: 'Q' (lease extended) | 'G' fence exp (a hand-off
+  -- this process has not heard of) | 'M' (missing: its lease lapsed, or Redis lost the
+  -- gate; the process enqueues it again). Never inserts anything, so a renewal that
+  -- runs late cannot leave a ghost; bounded, it cannot keep a dead process's places
+  -- (and a slot handed to one) a TTL from when Redis resumed either.
   local exp = now + ttl
-  for i = 7, #ARGV do
+  if ARGV[7] ~= '' then
+    exp = math.min(exp, tonumber(ARGV[7]))
+  end
+  for i = 8, #ARGV do
     local m = ARGV[i]
     local slot = held(m)
-    if redis.call('ZSCORE', K_QUEUE, m) then
-      redis.call('ZADD', K_QEXP, 'XX', exp, m)
+    local seq = redis.call('ZSCORE', K_QUEUE, m)
+    if seq and exp <= now then
+      -- Too late to renew: the place lapses here and now (the reaper's way out).
+      redis.call('ZREM', K_QUEUE, m)
+      redis.call('ZREM', K_QEXP, m)
+      events[#events + 1] = 'D ' .. m
+      changed = true
+      extra[#extra + 1] = 'M'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
+    elseif seq then
+      local current = tonumber(redis.call('ZSCORE', K_QEXP, m) or '0')
+      redis.call('ZADD', K_QEXP, 'XX', math.max(exp, current), m)  -- never shortened
       extra[#extra + 1] = 'Q'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
     elseif slot then
       extra[#extra + 1] = 'G'; extra[#extra + 1] = slot[1]; extra[#extra + 1] = slot[2]

@@ -428,6 +428,16 @@ class RedisBackend:
                 with deadline_scope:
                     await self._wait_for_grant(waiter, ticket)
                 if deadline_scope.cancel_called:
+                    if (
+                        waiter.status in ("", "sent", "error")
+                        and not self._healthy
+                        and deadline_scope.deadline <= trio.current_time()
+                    ):
+                        # Its max_wait (under the 1 s answer bound) ran out before Redis,
+                        # known unreachable, ever answered: never queued, it is refused
+                        # as unavailable, not expired (an outside review: a stalled Redis
+                        # and max_wait 0.3 counted every arrival expired).
+                        raise BackendUnavailable(_unavailable_detail(waiter.error))
                     # The wait ended (deadline or drain), perhaps at the very instant a
                     # slot came: leaving _place hands any such slot straight on.
                     raise trio.TooSlowError
@@ -447,7 +457,11 @@ class RedisBackend:
                 self._renewing(lease, body_scope),
             ):
                 yield
-        if body_scope.cancelled_caught:
+        # cancel_called, not cancelled_caught: a body that could not be cancelled when the
+        # lease went (a shielded clean-up, a thread, a CPU stretch) and then returned
+        # without a checkpoint ran on a slot another process may hold by now; it
+        # counted as completed (an outside review).
+        if body_scope.cancel_called:
             raise LeaseLost(
                 f"the slot lease of gate {self.gate_name!r} could not be kept "
                 f"(fencing token {lease.fence})"
@@ -813,8 +827,13 @@ class RedisBackend:
             ]
             if not waiting:
                 continue
+            # Bounded as a slot's renewal is (``_renewing``): a TTL from when it was sent.
+            sent_at_most = self._clock.redis_at_most(trio.current_time())
+            bound = "" if sent_at_most is None else str(sent_at_most + self._ttl_ms)
             try:
-                answer = await self._call("renew_queue", [w.member for w in waiting], limit=every)
+                answer = await self._call(
+                    "renew_queue", [bound, *(w.member for w in waiting)], limit=every
+                )
             except _Unreachable:
                 wait = min(every, 0.1)  # try again soon: two misses and the places lapse
                 continue

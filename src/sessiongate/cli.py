@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
 
+from . import __version__
 from .config import ConfigError, Settings, serve_help
 
 if TYPE_CHECKING:
@@ -38,7 +39,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sessiongate.cli")
 
-USAGE = "usage: sessiongate serve [options]   (sessiongate serve --help for the options)"
+USAGE = (
+    "usage: sessiongate serve [options]   "
+    "(sessiongate serve --help for the options; sessiongate --version)"
+)
 #: After the grace, how long a worker may take to exit before it is killed (a worker's
 #: stop takes the grace, then at most PEER_DRAIN_MARGIN + ANSWERS_MIN).
 KILL_MARGIN = 10.0
@@ -64,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
+    if args[0] == "--version":
+        print(f"sessiongate {__version__}")
+        return 0
     if args[0] != "serve":
         return _fail(f"unknown command {args[0]!r}; {USAGE}")
     if any(arg in ("-h", "--help") for arg in args[1:]):
@@ -73,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_args(args[1:], os.environ)
     except ConfigError as error:
         return _fail(str(error))
+    # The server's parts come with extras: without them, one line (not an ImportError's
+    # traceback) says which to install.
+    missing = _missing_extra(settings)
+    if missing is not None:
+        return _fail(missing)
     # Like hypercorn and gunicorn: a --handler module in the working directory imports.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -84,8 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HandlerLoadError as error:
         # Named as given, like every other setting.
         return _fail(f"invalid {Settings.source_of('handler', args[1:], os.environ)}: {error}")
-    if settings.redis and importlib.util.find_spec("sessiongate.backends.redis") is None:
-        return _fail("invalid --backend: the redis backend is not available in this build")
     configure_logging()
     for name in Settings.unknown_variables(os.environ):
         log.warning("ignoring %s: no setting has this name (see sessiongate serve --help)", name)
@@ -103,6 +113,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(f"cannot serve on {settings.bind}: {_leaf(matched)}", 1)
     return 0
+
+
+#: The modules each extra brings, by extra: what ``sessiongate serve`` cannot run without.
+EXTRA_MODULES: Final = {
+    "web": ("quart", "quart_trio", "hypercorn", "prometheus_client", "httpx"),
+    "redis": ("coredis",),
+}
+
+
+def _missing_extra(settings: Settings) -> str | None:
+    """Why ``serve`` cannot run with these settings in this environment, if it cannot:
+    an extra not installed (without ``web``, ``serve`` died with a ModuleNotFoundError;
+    without ``redis``, a Redis backend with a 128-line lifespan traceback: an outside
+    review)."""
+    needed = ["web", "redis"] if settings.redis else ["web"]
+    for extra in needed:
+        absent = [m for m in EXTRA_MODULES[extra] if importlib.util.find_spec(m) is None]
+        if absent:
+            what = "a redis:// --backend" if extra == "redis" else "sessiongate serve"
+            return (
+                f"{what} needs the {extra!r} extra (missing: {', '.join(absent)}): "
+                f"pip install 'sessiongate[{extra}]', or '.[{extra}]' from a checkout"
+            )
+    return None
 
 
 #: Allocations between young collections (CPython's default is 700). Every request

@@ -360,10 +360,31 @@ class _OneLineParser(argparse.ArgumentParser):
         raise ConfigError("arguments", message)
 
 
+#: The end of ``sessiongate serve --help``.
+_EPILOG = (
+    "Every option can also be set by its SESSIONGATE_* variable (shown with each); a "
+    "flag wins over its variable. An invalid value stops start-up with one line naming "
+    "the setting (exit status 2)."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="sessiongate serve", add_help=True, allow_abbrev=False)
+    parser = _OneLineParser(
+        prog="sessiongate serve", add_help=True, allow_abbrev=False, epilog=_EPILOG
+    )
+    defaults = attrs.fields_dict(Settings)
     for option in _OPTIONS:
-        parser.add_argument(option.flag, dest=option.name, default=None, help=option.help)
+        default = defaults[option.name].default
+        shown = (
+            "none" if default is None else f"{default:g}" if isinstance(default, float) else default
+        )
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            default=None,
+            metavar=option.name.split("_")[-1].upper(),
+            help=f"{option.help} (default: {shown}; {option.env})",
+        )
     return parser
 
 

@@ -569,6 +569,19 @@ async def test_a_queue_renewal_that_reaches_redis_late_extends_no_place(  # type
             await backend._call("release", ["m:1"], limit=1)
 
 
+async def test_a_session_right_after_the_gate_opens_gives_its_slot_back_at_once(  # type: ignore[no-untyped-def]
+    open_backend,
+) -> None:
+    # Before the hand-off listener has subscribed (healthy is still False), Redis answers
+    # already: the release is made and waited for, so the figures read 0 at the exit.
+    with trio.fail_after(10):
+        async with open_backend(capacity=2, lease_ttl=10.0) as backend:
+            gate = sessiongate.Gate(2, max_wait=5, backend=backend)
+            async with gate.session():
+                assert gate.stats().active == 1
+            assert (gate.stats().active, backend.active) == (0, 0)
+
+
 async def test_slots_left_to_the_forgetter_are_given_back_on_the_way_out(  # type: ignore[no-untyped-def]
     open_backend, redis_server: RedisServer, gate_name: str
 ) -> None:

@@ -16,10 +16,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
 
+import sessiongate
 from sessiongate.cli import main
 from sessiongate.config import ConfigError, Settings
 
@@ -100,6 +102,50 @@ def test_invalid_flags_stop_with_one_line_and_status_2(
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1 and setting in err
+
+
+def test_help_shows_every_default_and_variable_and_version_is_known(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A warning about a misspelt variable points at serve --help: it must list them.
+    assert main(["serve", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, field in attrs.fields_dict(Settings).items():
+        env = "SESSIONGATE_" + name.upper()
+        assert env in text, env
+        default = field.default
+        shown = (
+            "none" if default is None else f"{default:g}" if isinstance(default, float) else default
+        )
+        assert f"(default: {shown}; {env})" in text
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"sessiongate {sessiongate.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("absent", "args", "extra"),
+    [("quart_trio", [], "web"), ("coredis", ["--backend", "redis://127.0.0.1:1/0"], "redis")],
+)
+def test_a_missing_extra_stops_with_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    absent: str,
+    args: list[str],
+    extra: str,
+) -> None:
+    # Without the extra's packages, serve died with an ImportError's traceback (or a
+    # 128-line lifespan failure for coredis): an outside review.
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == absent else find_spec(name, *a),
+    )
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"'{extra}' extra" in err and absent in err
 
 
 @pytest.mark.parametrize(

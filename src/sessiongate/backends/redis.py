@@ -490,8 +490,11 @@ class RedisBackend:
             # or slow to answer, the forgetter gives it back once Redis answers (or the
             # lease lapses), and the session's end does not wait: a lost lease's
             # session read "active" ~1 s after its body was cancelled, and a DELETE took
-            # 1 s with Redis stalled (outside review).
-            if self.healthy:
+            # 1 s with Redis stalled (outside review). Redis answering is what counts
+            # here, not the hand-off listener: before it had subscribed (a gate just
+            # opened), a release went to the forgetter and ``active`` read 1 for up to
+            # 0.5 s after the session (an outside review).
+            if self._healthy:
                 try:
                     await self._call("release", [waiter.member], limit=RELEASE_WAIT)
                 except _Unreachable:

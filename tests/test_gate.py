@@ -738,6 +738,36 @@ async def test_an_arrival_with_a_free_slot_is_never_refused_for_a_full_queue(
     assert (gate.stats().rejected, gate.stats().expired) == (0, 0)
 
 
+async def test_an_earlier_reserved_arrival_keeps_its_queue_place_from_a_later_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The queue holds one; the slot is held. A reserved arrival, then a later one whose
+    # task enters first: the later one took the last queue place, and the earlier one,
+    # entering next, was refused queue_full (an outside review). The reservation
+    # claims its queue place as it claims a free slot: the later one is refused.
+    gate = Gate(capacity=1, max_wait=60.0, max_queue=1)
+    outcome: dict[str, str] = {}
+
+    async def enter(name: str, arrival: sessiongate.Ticket | None) -> None:
+        try:
+            async with gate.session(arrival=arrival):
+                outcome[name] = f"admitted at {trio.current_time():g}"
+                await trio.sleep(1)
+        except sessiongate.AdmissionError as error:
+            outcome[name] = error.code
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(enter, "holder", None)
+        await settle()
+        early, late = gate.arrive(reserve=True), gate.arrive()
+        nursery.start_soon(enter, "late", late)
+        await settle()
+        assert outcome == {"holder": "admitted at 0", "late": "queue_full"}
+        nursery.start_soon(enter, "early", early)
+    assert outcome["early"] == "admitted at 1"
+    assert (gate.stats().rejected, gate.stats().admitted) == (1, 2)
+
+
 async def test_withdrawn_reservation_lets_later_arrivals_go(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -84,6 +84,11 @@ def _seconds(minimum: float) -> Callable[[str], float]:
         if match[1] is not None and len(match[1].lstrip("0")) > _MAX_DIGITS:
             raise _too_long(text)
         value = float(text)  # finite: the pattern has no exponent, inf or nan
+        if value >= 10**_MAX_DIGITS:
+            # 999999999999999999 is 1e18 as a float: 19 digits, which the workers (who
+            # read it back from the variable it is handed on in) refused (an outside
+            # review).
+            raise _too_long(text)
         if value < minimum:
             raise ValueError(f"must be >= {minimum:g} seconds, got {value:g}")
         return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -106,8 +107,15 @@ async def test_a_body_that_outlived_its_lease_unaware_fails_with_lease_lost(
 
             with pytest.raises(sessiongate.LeaseLost):
                 await unaware()
+            # Busy without a checkpoint at all (a CPU stretch, a blocking call): Trio
+            # never cancelled the body's scope, and it counted as completed.
+            own_redis.start()
+            await wait_until(lambda: backend.healthy)
+            with pytest.raises(sessiongate.LeaseLost):
+                async with gate.session():
+                    time.sleep(ttl * 1.2)  # noqa: ASYNC251 - the point of the test
             stats = gate.stats()
-            assert (stats.completed, stats.failed, gate.local_active) == (0, 1, 0)
+            assert (stats.completed, stats.failed, gate.local_active) == (0, 2, 0)
 
 
 async def test_redis_restarted_empty_rebuilds_from_live_holders(

@@ -276,6 +276,10 @@ def test_flags_win_over_variables_and_defaults_hold() -> None:
     )
     assert extreme.to_environ()["SESSIONGATE_MAX_WAIT"] == "0.00001"
     assert Settings.from_environ(extreme.to_environ()) == extreme
+    # 18 nines are 1e18 as a float, 19 digits: refused at once, not by every worker.
+    with pytest.raises(ConfigError, match="at most 18 digits"):
+        Settings.from_args(["--max-wait", "999999999999999999"], {})
+    assert Settings.from_args(["--max-wait", "99999999999999999"], {}).max_wait == 1e17
     redis = Settings.from_args(["--workers", "3", "--backend", "redis://localhost:6379/0"], {})
     assert redis.workers == 3
     with pytest.raises(ConfigError, match="SESSIONGATE_WORKERS"):

@@ -304,15 +304,9 @@ elseif op == 'renew_queue' then
   for i = 8, #ARGV do
     local m = ARGV[i]
     local slot = held(m)
-    local seq = redis.call('ZSCORE', K_QUEUE, m)
-    if seq and exp <= now then
-      -- Too late to renew: the place lapses here and now (the reaper's way out).
-      redis.call('ZREM', K_QUEUE, m)
-      redis.call('ZREM', K_QEXP, m)
-      events[#events + 1] = 'D ' .. m
-      changed = true
-      extra[#extra + 1] = 'M'; extra[#extra + 1] = ''; extra[#extra + 1] = ''
-    elseif seq then
+    -- A place whose lease has lapsed is gone already (reap): one still here is valid,
+    -- and a renewal that comes too late (its bound past) leaves it as it is.
+    if redis.call('ZSCORE', K_QUEUE, m) then
       local current = tonumber(redis.call('ZSCORE', K_QEXP, m) or '0')
       redis.call('ZADD', K_QEXP, 'XX', math.max(exp, current), m)  -- never shortened
       extra[#extra + 1] = 'Q'; extra[#extra + 1] = ''; extra[#extra + 1] = ''

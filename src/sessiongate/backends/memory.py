@@ -107,6 +107,16 @@ class MemoryBackend:
         free = limiter.total_tokens - limiter.borrowed_tokens
         return free > 0 and free > self._reserved.bisect_left(place)
 
+    def _waiting_ahead(self, place: tuple[float, int]) -> int:
+        """How many would wait with ``place`` queued (itself included): the queue, and
+        the earlier reserved places still to enter that no free slot will take. Those
+        claim their queue places first, as they claim free slots: a later arrival whose
+        task entered first took the last place, and the earlier one was refused
+        queue_full (an outside review)."""
+        limiter = self._limiter
+        free = max(0, limiter.total_tokens - limiter.borrowed_tokens)
+        return len(self._queue) + max(0, int(self._reserved.bisect_left(place)) - int(free))
+
     def _hand_on(self, *, released: bool = False) -> None:
         """Hand every free slot to the queue's heads, oldest stamp first.
 
@@ -215,7 +225,7 @@ class _Hold:
         # queue_full first, a burst's earliest arrival saw its free slot go to a later
         # one queued before it entered (an outside review).
         backend._hand_on()
-        if place in queue and (scope is None or len(queue) > self._max_queue):
+        if place in queue and (scope is None or backend._waiting_ahead(place) > self._max_queue):
             # It would have to wait, and may not: refused, holding nothing. Its place
             # held nobody back (it was not served, so nobody behind it could be).
             del queue[place]

@@ -456,7 +456,15 @@ class RedisBackend:
                 trio.CancelScope(deadline=lease.valid_until) as body_scope,
                 self._renewing(lease, body_scope),
             ):
-                yield
+                try:
+                    yield
+                finally:
+                    # A body that never gave Trio the loop (a CPU stretch, a blocking
+                    # call) past its lease's deadline was never told; it must not count
+                    # as completed (an outside review). Checked here, before the
+                    # release's round trip, which must not count against the lease.
+                    if trio.current_time() >= body_scope.deadline:
+                        body_scope.cancel()
         # cancel_called, not cancelled_caught: a body that could not be cancelled when the
         # lease went (a shielded clean-up, a thread, a CPU stretch) and then returned
         # without a checkpoint ran on a slot another process may hold by now; it

@@ -606,8 +606,15 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
         # request (a second, status-less access line; an outside review).
         await trio.lowlevel.cancel_shielded_checkpoint()
         if self.connection.our_state is h11.MUST_CLOSE:
-            with trio.CancelScope(shield=True):  # see _closing_shielded
-                await _original_stream_send(self, event)
+            # Hypercorn's _maybe_recycle for a connection that closes, with only the
+            # close shielded (see _closing_shielded): telling the app its stream closed
+            # can wait on the app, which a shield would let block for ever.
+            try:
+                await self._close_stream()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.can_read.set()
+                    await self.send(Closed())
             return
     await _original_stream_send(self, event)
 

@@ -707,6 +707,19 @@ async def test_reserved_arrivals_enter_free_slots_in_stamp_order(
     assert admitted[2] == "c"
 
 
+async def enter_for_a_second(
+    gate: Gate, outcome: dict[str, str], name: str, arrival: sessiongate.Ticket
+) -> None:
+    """Enter ``arrival`` and hold the slot 1 s; note when it was admitted (seconds
+    after its stamp), or its refusal's code, under ``name``."""
+    try:
+        async with gate.session(arrival=arrival):
+            outcome[name] = f"admitted at {trio.current_time() - arrival.arrived_at:g}"
+            await trio.sleep(1)
+    except sessiongate.AdmissionError as error:
+        outcome[name] = error.code
+
+
 @pytest.mark.parametrize("max_wait", [10.0, 0.0])
 async def test_an_arrival_with_a_free_slot_is_never_refused_for_a_full_queue(
     autojump_clock: trio.testing.MockClock, max_wait: float
@@ -719,14 +732,7 @@ async def test_an_arrival_with_a_free_slot_is_never_refused_for_a_full_queue(
     gate = Gate(capacity=1, max_wait=10.0, max_queue=1)
     early, late = gate.arrive(reserve=True), gate.arrive(reserve=True)
     outcome: dict[str, str] = {}
-
-    async def enter(name: str, arrival: sessiongate.Ticket) -> None:
-        try:
-            async with gate.session(arrival=arrival):
-                outcome[name] = f"admitted at {trio.current_time() - arrival.arrived_at:g}"
-                await trio.sleep(1)
-        except sessiongate.AdmissionError as error:
-            outcome[name] = error.code
+    enter = functools.partial(enter_for_a_second, gate, outcome)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(enter, "late", late)
@@ -747,17 +753,10 @@ async def test_an_earlier_reserved_arrival_keeps_its_queue_place_from_a_later_on
     # claims its queue place as it claims a free slot: the later one is refused.
     gate = Gate(capacity=1, max_wait=60.0, max_queue=1)
     outcome: dict[str, str] = {}
-
-    async def enter(name: str, arrival: sessiongate.Ticket | None) -> None:
-        try:
-            async with gate.session(arrival=arrival):
-                outcome[name] = f"admitted at {trio.current_time():g}"
-                await trio.sleep(1)
-        except sessiongate.AdmissionError as error:
-            outcome[name] = error.code
+    enter = functools.partial(enter_for_a_second, gate, outcome)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(enter, "holder", None)
+        nursery.start_soon(enter, "holder", gate.arrive())
         await settle()
         early, late = gate.arrive(reserve=True), gate.arrive()
         nursery.start_soon(enter, "late", late)

@@ -1012,6 +1012,22 @@ async def test_a_burst_read_late_is_admitted_in_the_order_it_reached_the_host(
     assert admitted == sorted(admitted)
 
 
+def h2_post(client: Any, stream_id: int, body: bytes) -> None:
+    """Queue ``POST /sessions`` with a JSON ``body`` on an h2 client connection."""
+    client.send_headers(
+        stream_id,
+        [
+            (":method", "POST"),
+            (":path", "/sessions"),
+            (":scheme", "http"),
+            (":authority", "test"),
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+        ],
+    )
+    client.send_data(stream_id, body, end_stream=True)
+
+
 async def test_a_dropped_http2_connection_admits_none_of_its_queued_sessions() -> None:
     """Twenty synchronous sessions on one HTTP/2 connection, capacity 2, then the
     connection drops: the queued ones leave the queue before the active ones free their
@@ -1029,18 +1045,7 @@ async def test_a_dropped_http2_connection_admits_none_of_its_queued_sessions() -
             client.initiate_connection()
             body = jbody({"duration": 60})
             for stream_id in range(1, 41, 2):
-                client.send_headers(
-                    stream_id,
-                    [
-                        (":method", "POST"),
-                        (":path", "/sessions"),
-                        (":scheme", "http"),
-                        (":authority", "test"),
-                        ("content-type", "application/json"),
-                        ("content-length", str(len(body))),
-                    ],
-                )
-                client.send_data(stream_id, body, end_stream=True)
+                h2_post(client, stream_id, body)
             await sock.send(client.data_to_send())
             gate, registry = app.service.gate, app.service.registry
             await wait_for(app, lambda: len(registry.live) == 20 and gate.queued == 18)
@@ -1172,18 +1177,7 @@ async def test_an_http2_connection_answers_past_hypercorns_request_count() -> No
             body = jbody({"duration": 0})
             statuses: list[bytes] = []
             for stream_id in range(1, 11, 2):  # one at a time: 5 requests
-                client.send_headers(
-                    stream_id,
-                    [
-                        (":method", "POST"),
-                        (":path", "/sessions"),
-                        (":scheme", "http"),
-                        (":authority", "test"),
-                        ("content-type", "application/json"),
-                        ("content-length", str(len(body))),
-                    ],
-                )
-                client.send_data(stream_id, body, end_stream=True)
+                h2_post(client, stream_id, body)
                 await sock.send(client.data_to_send())
                 ended = False
                 while not ended:

@@ -767,6 +767,31 @@ async def test_an_earlier_reserved_arrival_keeps_its_queue_place_from_a_later_on
     assert (gate.stats().rejected, gate.stats().admitted) == (1, 2)
 
 
+async def test_waits_that_ran_out_during_a_stall_do_not_fill_the_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The loop stalls past a waiter's deadline (CPU-bound work; a jump of the clock
+    # here): Trio delivers its expiry only at its next look at the clock. An arrival in
+    # between saw the queue full of it and was refused queue_full (an outside review).
+    gate = Gate(capacity=1, max_wait=1.0, max_queue=1)
+    outcome: dict[str, str] = {}
+    enter = functools.partial(enter_for_a_second, gate, outcome)
+
+    async def holder() -> None:
+        async with gate.session():
+            await trio.sleep(1.6)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder)
+        await settle()
+        nursery.start_soon(enter, "waiter", gate.arrive())
+        await settle()
+        autojump_clock.jump(1.5)  # the stall: the waiter's deadline (t=1) passes unseen
+        await enter("late", gate.arrive())
+    assert outcome == {"waiter": "queue_timeout", "late": "admitted at 0.1"}
+    assert (gate.stats().rejected, gate.stats().expired) == (0, 1)
+
+
 async def test_withdrawn_reservation_lets_later_arrivals_go(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

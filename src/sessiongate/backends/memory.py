@@ -117,6 +117,23 @@ class MemoryBackend:
         free = max(0, limiter.total_tokens - limiter.borrowed_tokens)
         return len(self._queue) + max(0, int(self._reserved.bisect_left(place)) - int(free))
 
+    def _drop_lapsed_heads(self) -> None:
+        """Take out of the queue the heads whose wait has run out but whose expiry Trio
+        has not delivered yet (the loop was busy past their deadline): as when a slot is
+        handed on, each expires at Trio's next look at the clock and its abort finds it
+        gone. Counted as waiting, they had an arrival refused queue_full with nobody
+        really waiting (an outside review). Heads only: deadlines follow the queue's
+        order while max_wait stays the same."""
+        queue = self._queue
+        now = trio.current_time()
+        while queue:
+            waiter = queue.peekitem(0)[1]
+            scope = waiter._scope
+            if scope is None or scope.deadline > now:
+                return
+            del queue[waiter.ticket.place]
+            waiter.expired = True
+
     def _hand_on(self, *, released: bool = False) -> None:
         """Hand every free slot to the queue's heads, oldest stamp first.
 
@@ -225,6 +242,8 @@ class _Hold:
         # queue_full first, a burst's earliest arrival saw its free slot go to a later
         # one queued before it entered (an outside review).
         backend._hand_on()
+        if place in queue and scope is not None and backend._waiting_ahead(place) > self._max_queue:
+            backend._drop_lapsed_heads()  # waits that ran out unseen (a busy loop) fill nothing
         if place in queue and (scope is None or backend._waiting_ahead(place) > self._max_queue):
             # It would have to wait, and may not: refused, holding nothing. Its place
             # held nobody back (it was not served, so nobody behind it could be).

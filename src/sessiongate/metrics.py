@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE_LATEST
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from ._stats import GateStats
@@ -105,10 +106,17 @@ class Metrics:
         if child is not None:
             child.inc()
 
-    def render(self, stats: GateStats, *, local_active: int, local_queued: int) -> bytes:
+    def render(
+        self, stats: GateStats, *, local_active: int, local_queued: int, accept: str = ""
+    ) -> tuple[bytes, str]:
+        """The metrics and their content type, in the format the scraper's ``Accept``
+        asks for (prometheus-client's own choice: the classic text format 0.0.4 unless
+        it asks for OpenMetrics or text 1.0.0; the library's default answered 1.0.0 to
+        every scraper, one asking for 0.0.4 included: an outside review)."""
         self.capacity.set(stats.capacity)
         self.active.set(stats.active)
         self.queued.set(stats.queued)
         self.local_active.set(local_active)
         self.local_queued.set(local_queued)
-        return generate_latest(self.registry)
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type

@@ -655,6 +655,18 @@ async def test_stats_and_metrics(autojump_clock: Any) -> None:
         # No prometheus-client "_created" series: gauges of a Unix time under the
         # counters' help text, read as counts (outside review).
         assert "_created" not in text
+        # The format the scraper asks for: the classic text format unless it asks for
+        # another (every answer said version=1.0.0, one asking for 0.0.4 included).
+        for accept, kind in [
+            ("", "text/plain; version=0.0.4"),
+            ("text/plain;version=0.0.4", "text/plain; version=0.0.4"),
+            ("application/openmetrics-text;version=1.0.0", "application/openmetrics-text"),
+        ]:
+            answer = await client.get("/metrics", headers={"Accept": accept} if accept else {})
+            assert answer.headers["Content-Type"].startswith(kind), accept
+            body = (await answer.get_data()).decode()
+            assert "sessiongate_capacity 3" in body
+            assert body.endswith("# EOF\n") == kind.startswith("application/openmetrics")
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/readyz")).status_code == 200
         # The queue wait is observed at admission, as /stats counts it: a session still

@@ -218,8 +218,14 @@ def openapi_document(refusal_status: int = 503) -> dict[str, Any]:
             "get": {
                 "responses": {
                     "200": {
-                        "description": "Prometheus text format",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                        "description": (
+                            "Prometheus text format (0.0.4 unless Accept asks for text "
+                            "1.0.0 or OpenMetrics)"
+                        ),
+                        "content": {
+                            "text/plain": {"schema": {"type": "string"}},
+                            "application/openmetrics-text": {"schema": {"type": "string"}},
+                        },
                     }
                 }
             }

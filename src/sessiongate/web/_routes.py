@@ -11,7 +11,6 @@ from quart import Quart, Response, request
 
 from .._errors import AdmissionError
 from .._limits import MAX_CAPACITY
-from ..metrics import CONTENT_TYPE_LATEST
 from ._body import read_json_object
 from ._errors import ApiError, error_response, json_response
 from ._openapi import openapi_document
@@ -234,10 +233,13 @@ def register(app: Quart, service: Service) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         gate = service.gate
-        data = service.metrics.render(
-            gate.stats(), local_active=gate.local_active, local_queued=gate.local_queued
+        data, content_type = service.metrics.render(
+            gate.stats(),
+            local_active=gate.local_active,
+            local_queued=gate.local_queued,
+            accept=request.headers.get("Accept", ""),
         )
-        return Response(data, status=200, content_type=CONTENT_TYPE_LATEST)
+        return Response(data, status=200, content_type=content_type)
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -229,6 +229,10 @@ class Gate:
         # one handed a slot is busy until it has entered or handed the slot on.
         self._entering: set[Ticket] = set()
         self._local_active = 0
+        #: Sessions giving their slot back (a Redis release is a round trip): no longer
+        #: counted in ``local_active`` (their successor may hold the slot already, in
+        #: another process), but a drain still waits for them.
+        self._releasing = 0
         self._idle: trio.Event | None = None
         self._admitted = 0
         self._completed = 0
@@ -455,7 +459,7 @@ class Gate:
 
     def _on_released(self) -> None:
         """An admitted session has given its slot back (the backend's release done)."""
-        self._local_active -= 1
+        self._releasing -= 1
         self._note_idle()
 
     def _busy(self) -> bool:
@@ -466,7 +470,7 @@ class Gate:
         its way (``max_wait`` 0 has no wait to cancel), or one leaving: each resolves
         promptly, admitted or not. Looking only for a slot already stamped missed the
         reserved arrival and the enqueue on its way (an outside review)."""
-        return self._local_active > 0 or bool(self._entering)
+        return self._local_active > 0 or self._releasing > 0 or bool(self._entering)
 
     def _note_idle(self) -> None:
         """Wake a drain waiting for the last slot back, if that was it."""
@@ -691,9 +695,13 @@ class _Session:
         ticket.released_at = trio.current_time()
         # The outcome is classified once ``hold`` has exited, so that what the backend
         # made of the body's exit counts (a Redis lease lost mid-session turns the
-        # body's cancellation into LeaseLost: a failure, not a cancellation). The
-        # session counts as active until then: a drain (``aclose``) returns only once
-        # every slot is back with the backend (a Redis release is a round trip).
+        # body's cancellation into LeaseLost: a failure, not a cancellation). A drain
+        # (``aclose``) returns only once every slot is back with the backend (a Redis
+        # release is a round trip); ``local_active`` no longer counts it meanwhile: Redis
+        # may have handed the slot to another process's session already, and two
+        # processes' shares added up to more than the cap (an outside test).
+        gate._local_active -= 1
+        gate._releasing += 1
         try:
             suppressed = bool(await hold.__aexit__(exc_type, exc, tb))
         except BaseException as raised:

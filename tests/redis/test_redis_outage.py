@@ -118,6 +118,62 @@ async def test_a_body_that_outlived_its_lease_unaware_fails_with_lease_lost(
             assert (stats.completed, stats.failed, gate.local_active) == (0, 2, 0)
 
 
+async def test_a_slot_on_its_way_back_is_no_longer_counted_locally(
+    own_redis: RedisServer, gate_name: str
+) -> None:
+    """While a session's release is on its way to Redis, Redis may have handed the slot
+    to another process already: counted by both, two servers' ``local_active`` added up
+    to more than the cap (an outside test). It is not counted; a drain still waits."""
+    with trio.fail_after(20):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=5.0
+        ) as backend:
+            gate = sessiongate.Gate(1, max_wait=5, backend=backend)
+            await wait_until(lambda: backend.healthy)
+            entered, proceed, left = trio.Event(), trio.Event(), trio.Event()
+
+            async def session() -> None:
+                async with gate.session():
+                    entered.set()
+                    await proceed.wait()
+                    own_redis.pause()  # the release will wait for Redis
+                left.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session)
+                await entered.wait()
+                assert gate.local_active == 1
+                proceed.set()
+                await wait_until(lambda: gate.local_active == 0 or left.is_set())
+                assert not left.is_set()  # its release is still on its way
+                with trio.move_on_after(0.05):
+                    await gate.aclose()  # waits for the release, not for local_active
+                assert not left.is_set()
+                own_redis.resume()
+            await gate.aclose()
+
+
+async def test_an_idle_process_sees_a_stalled_redis_within_about_a_second(
+    own_redis: RedisServer, gate_name: str
+) -> None:
+    """With no traffic, ``healthy`` (``/readyz``) turned false up to 2.2 s into a Redis
+    stall, while arrivals were refused from 0.46 s (an outside review)."""
+    with trio.fail_after(30):
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=5.0
+        ) as backend:
+            for _ in range(3):
+                await wait_until(lambda: backend.healthy)
+                await trio.sleep(0.3)
+                own_redis.pause()
+                start = trio.current_time()
+                try:
+                    await wait_until(lambda: not backend.healthy)
+                    assert trio.current_time() - start < 1.3
+                finally:
+                    own_redis.resume()
+
+
 async def test_redis_restarted_empty_rebuilds_from_live_holders(
     own_redis: RedisServer, gate_name: str
 ) -> None:

@@ -118,5 +118,44 @@ class Metrics:
         self.queued.set(stats.queued)
         self.local_active.set(local_active)
         self.local_queued.set(local_queued)
-        encoder, content_type = choose_encoder(accept)
+        try:
+            encoder, content_type = choose_encoder(_preferred(accept))
+        except (TypeError, ValueError):
+            # prometheus-client compares a "version=" it cannot read as a number and
+            # raised (a 500 for "version=abc": an outside review): the default format.
+            encoder, content_type = choose_encoder("")
         return encoder(self.registry), content_type
+
+
+#: Media ranges a scrape may ask for that this server can answer (the wildcards with the
+#: classic text format).
+_SERVED = {"application/openmetrics-text", "text/plain", "text/*", "*/*"}
+
+
+def _preferred(accept: str) -> str:
+    """The media range of ``accept`` to answer, by its ``q`` (highest first, ties in
+    the order given; ``q=0`` refuses), for prometheus-client's ``choose_encoder``: given
+    the whole header it took the first OpenMetrics range listed, a refused one or one
+    the scraper liked less than the classic format included (an outside review)."""
+    ranges: list[tuple[float, int, str]] = []
+    for index, part in enumerate(accept.split(",")):
+        media, *params = part.split(";")
+        weight = 1.0
+        kept = [media.strip()]
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+            else:
+                kept.append(param.strip())
+        if weight > 0 and kept[0].lower() in _SERVED:  # NaN is not > 0 either
+            ranges.append((-weight, index, ";".join(kept)))
+    if not ranges:
+        return ""  # nothing it asks for is served: the classic format, as with no header
+    best = min(ranges)[2]
+    return (
+        best if best.split(";")[0].lower() in ("application/openmetrics-text", "text/plain") else ""
+    )

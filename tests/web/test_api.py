@@ -661,6 +661,15 @@ async def test_stats_and_metrics(autojump_clock: Any) -> None:
             ("", "text/plain; version=0.0.4"),
             ("text/plain;version=0.0.4", "text/plain; version=0.0.4"),
             ("application/openmetrics-text;version=1.0.0", "application/openmetrics-text"),
+            # Refused (q=0), or liked less: the classic format (it took the OpenMetrics).
+            ("application/openmetrics-text;q=0, text/plain", "text/plain; version=0.0.4"),
+            (
+                "text/plain;version=0.0.4;q=1, application/openmetrics-text;version=1.0.0;q=0.1",
+                "text/plain; version=0.0.4",
+            ),
+            # A version that is no number: the classic format, not a 500 (it raised).
+            ("application/openmetrics-text; version=abc", "text/plain; version=0.0.4"),
+            ("text/plain; version=1.x", "text/plain; version=0.0.4"),
         ]:
             answer = await client.get("/metrics", headers={"Accept": accept} if accept else {})
             assert answer.headers["Content-Type"].startswith(kind), accept

@@ -8,7 +8,7 @@ two apps in one process (tests) from clashing over global metric names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE_LATEST
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -107,7 +107,12 @@ class Metrics:
             child.inc()
 
     def render(
-        self, stats: GateStats, *, local_active: int, local_queued: int, accept: str = ""
+        self,
+        stats: GateStats,
+        *,
+        local_active: int,
+        local_queued: int,
+        accept: Iterable[tuple[str, float]] = (),
     ) -> tuple[bytes, str]:
         """The metrics and their content type, in the format the scraper's ``Accept``
         asks for (prometheus-client's own choice: the classic text format 0.0.4 unless
@@ -127,35 +132,20 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
-#: Media ranges a scrape may ask for that this server can answer (the wildcards with the
-#: classic text format).
+#: Media types a scrape may ask for that this server can answer (the wildcards with the
+#: classic text format), and those that choose a format of their own.
 _SERVED = {"application/openmetrics-text", "text/plain", "text/*", "*/*"}
+_FORMATS = {"application/openmetrics-text", "text/plain"}
 
 
-def _preferred(accept: str) -> str:
-    """The media range of ``accept`` to answer, by its ``q`` (highest first, ties in
-    the order given; ``q=0`` refuses), for prometheus-client's ``choose_encoder``: given
-    the whole header it took the first OpenMetrics range listed, a refused one or one
-    the scraper liked less than the classic format included (an outside review)."""
-    ranges: list[tuple[float, int, str]] = []
-    for index, part in enumerate(accept.split(",")):
-        media, *params = part.split(";")
-        weight = 1.0
-        kept = [media.strip()]
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    weight = float(value)
-                except ValueError:
-                    weight = 0.0
-            else:
-                kept.append(param.strip())
-        if weight > 0 and kept[0].lower() in _SERVED:  # NaN is not > 0 either
-            ranges.append((-weight, index, ";".join(kept)))
-    if not ranges:
-        return ""  # nothing it asks for is served: the classic format, as with no header
-    best = min(ranges)[2]
-    return (
-        best if best.split(";")[0].lower() in ("application/openmetrics-text", "text/plain") else ""
-    )
+def _preferred(accepted: Iterable[tuple[str, float]]) -> str:
+    """The media range to answer, for prometheus-client's ``choose_encoder``, from the
+    scraper's ``Accept`` as werkzeug parses it (``request.accept_mimetypes``: highest
+    quality first; ``q=0`` refuses). Given the whole header, ``choose_encoder`` took the
+    first OpenMetrics range listed, a refused one or one the scraper liked less than
+    the classic format included (an outside review)."""
+    for value, quality in accepted:
+        media = value.split(";")[0].strip().lower()
+        if quality > 0 and media in _SERVED:
+            return value if media in _FORMATS else ""
+    return ""  # nothing it asks for is served: the classic format, as with no header

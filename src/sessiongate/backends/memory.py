@@ -107,15 +107,20 @@ class MemoryBackend:
         free = limiter.total_tokens - limiter.borrowed_tokens
         return free > 0 and free > self._reserved.bisect_left(place)
 
-    def _waiting_ahead(self, place: tuple[float, int]) -> int:
-        """How many would wait with ``place`` queued (itself included): the queue, and
-        the earlier reserved places still to enter that no free slot will take. Those
-        claim their queue places first, as they claim free slots: a later arrival whose
-        task entered first took the last place, and the earlier one was refused
-        queue_full (an outside review)."""
+    def _over_max_queue(self, place: tuple[float, int], max_queue: int) -> bool:
+        """Whether more than ``max_queue`` would wait with ``place`` queued (itself
+        included): the queue, and the earlier reserved places still to enter that no
+        free slot will take. Those claim their queue places first, as they claim free
+        slots: a later arrival whose task entered first took the last place, and the
+        earlier one was refused queue_full (an outside review). Waits that ran out
+        unseen (a busy loop) fill nothing: dropped before a refusal."""
         limiter = self._limiter
         free = max(0, limiter.total_tokens - limiter.borrowed_tokens)
-        return len(self._queue) + max(0, int(self._reserved.bisect_left(place)) - int(free))
+        claimed = max(0, int(self._reserved.bisect_left(place)) - int(free))
+        if len(self._queue) + claimed <= max_queue:
+            return False
+        self._drop_lapsed_heads()
+        return len(self._queue) + claimed > max_queue
 
     def _drop_lapsed_heads(self) -> None:
         """Take out of the queue the heads whose wait has run out but whose expiry Trio
@@ -242,9 +247,7 @@ class _Hold:
         # queue_full first, a burst's earliest arrival saw its free slot go to a later
         # one queued before it entered (an outside review).
         backend._hand_on()
-        if place in queue and scope is not None and backend._waiting_ahead(place) > self._max_queue:
-            backend._drop_lapsed_heads()  # waits that ran out unseen (a busy loop) fill nothing
-        if place in queue and (scope is None or backend._waiting_ahead(place) > self._max_queue):
+        if place in queue and (scope is None or backend._over_max_queue(place, self._max_queue)):
             # It would have to wait, and may not: refused, holding nothing. Its place
             # held nobody back (it was not served, so nobody behind it could be).
             del queue[place]

@@ -569,7 +569,15 @@ def _serialise(self: H11Protocol, event: h11.Response | h11.Data | h11.EndOfMess
 
 
 async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
-    """Hypercorn's ``H11Protocol.stream_send``, writing a sized answer in one piece."""
+    """Hypercorn's ``H11Protocol.stream_send``, writing a sized answer in one piece.
+
+    An answer after which the server closes the connection (h11's MUST_CLOSE) is written,
+    and the connection closed, shielded from its request's cancellation. The app
+    shields the answers it knows close (the client's or its own ``Connection: close``,
+    see ``_app.py``), but not the one Hypercorn itself closes after, its
+    ``keep_alive_max_requests``-th on the connection (1000): Quart-Trio's cancellation of
+    the finished request then landed in the close, and the socket stayed open with the
+    client waiting for EOF (an outside review: 5 runs of 9, once for 47 s)."""
     held = _held.pop(self, None)
     if held is not None:
         if isinstance(event, Body):
@@ -582,7 +590,7 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
         if isinstance(event, EndBody):
             data = held.data + _serialise(self, h11.EndOfMessage())
             if self.connection.our_state is h11.MUST_CLOSE:
-                with trio.CancelScope(shield=True):  # see _closing_shielded
+                with trio.CancelScope(shield=True):  # the connection closes after it
                     await self.send(RawData(data=data))
                 return
             await self.send(RawData(data=data))
@@ -607,8 +615,8 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
         await trio.lowlevel.cancel_shielded_checkpoint()
         if self.connection.our_state is h11.MUST_CLOSE:
             # Hypercorn's _maybe_recycle for a connection that closes, with only the
-            # close shielded (see _closing_shielded): telling the app its stream closed
-            # can wait on the app, which a shield would let block for ever.
+            # close shielded: telling the app its stream closed can wait on the app,
+            # which a shield would let block for ever.
             try:
                 await self._close_stream()
             finally:
@@ -620,14 +628,6 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
 
 
 _original_stream_send = H11Protocol.stream_send
-
-# _closing_shielded: an answer after which the server closes the connection (h11's
-# MUST_CLOSE) is written and the connection closed shielded from its request's
-# cancellation. The app shields the answers it knows close (the client's or its own
-# ``Connection: close``, see ``_app.py``), but not the one Hypercorn itself closes after,
-# its ``keep_alive_max_requests``-th on the connection (1000): Quart-Trio's cancellation
-# of the finished request then landed in the close, and the socket stayed open with the
-# client waiting for EOF (an outside review: 5 runs of 9, once for 47 s).
 
 
 async def _h2_create_stream(self: H2Protocol, request: Any) -> None:

@@ -237,7 +237,7 @@ def register(app: Quart, service: Service) -> None:
             gate.stats(),
             local_active=gate.local_active,
             local_queued=gate.local_queued,
-            accept=request.headers.get("Accept", ""),
+            accept=request.accept_mimetypes,
         )
         return Response(data, status=200, content_type=content_type)
 

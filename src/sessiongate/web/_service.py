@@ -66,6 +66,12 @@ SETTLE_BOUND = 1.0
 SETTLE_WAIT = 0.25
 
 
+class _HandlerFailed(Exception):
+    """What a handler raised (its ``__cause__``), whatever its type. A handler may guard
+    a resource with a Gate of its own: its QueueFull or QueueTimeout is the session
+    failing, not this gate refusing it (an outside review)."""
+
+
 def is_cancellation(error: BaseException) -> bool:
     """Whether ``error`` is a cancellation to pass on: Trio's cancellation (or a group
     carrying one) while the task really is being cancelled.
@@ -467,10 +473,6 @@ class Service:
         state: str | None = None
         error: dict[str, Any] | None = None
         result: Any = None
-        #: What the handler raised, if it did: its failure, whatever its type. A handler
-        #: may guard a resource with a Gate of its own; its QueueFull or QueueTimeout is
-        #: the session failing, not this gate refusing it (an outside review).
-        failure: BaseException | None = None
         with trio.CancelScope() as scope:
             record.scope = scope
             if record.cancel_reason is not None:
@@ -478,23 +480,22 @@ class Service:
             task_status.started()
             closed_at_arrival = gate.closed
             try:
-                try:
-                    async with gate.session(arrival=record.arrival) as ticket:
-                        self._admitted(record)
-                        try:
-                            value = await handler(record.body, ticket)
-                            if handler.fn is not None:  # the sleep demo returns parsed JSON
-                                dumps(value)  # the result must be JSON, or the session failed
-                        except BaseException as exc:
-                            if not is_cancellation(exc):
-                                failure = exc
-                            raise  # through the gate's exit: it counts the session failed
-                        state, result = COMPLETED, value
-                except BaseException as exc:
-                    if failure is None or exc is not failure:
-                        raise  # the gate's own refusal, a lost lease, a cancellation
-                    record.exception = exc  # for the log line, never for the client
-                    state, error = FAILED, _error("session_failed")
+                async with gate.session(arrival=record.arrival) as ticket:
+                    self._admitted(record)
+                    try:
+                        value = await handler(record.body, ticket)
+                        if handler.fn is not None:  # the sleep demo returns parsed JSON
+                            dumps(value)  # the result must be JSON, or the session failed
+                    except BaseException as exc:
+                        if is_cancellation(exc):
+                            raise
+                        # Through the gate's exit (it counts the session failed), told
+                        # apart from the gate's own refusals below.
+                        raise _HandlerFailed from exc
+                    state, result = COMPLETED, value
+            except _HandlerFailed as failed:
+                record.exception = failed.__cause__  # for the log line, never the client
+                state, error = FAILED, _error("session_failed")
             except errors.QueueTimeout as exc:
                 record.waited = exc.waited
                 state, error = EXPIRED, _error("queue_timeout", str(exc))

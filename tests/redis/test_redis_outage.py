@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
 import sessiongate
-from sessiongate.backends.redis import RELEASE_WAIT, open_redis_backend
+from sessiongate.backends.redis import RELEASE_WAIT, RedisBackend, open_redis_backend
 from sessiongate.cli import QUIET_LOGGERS, quiet_library_loggers
 
 from .conftest import RedisServer, _binary, _free_port
@@ -30,6 +31,18 @@ async def sample_holders(server: RedisServer, key: str, cap: int) -> None:
         await trio.sleep(0.01)
 
 
+@asynccontextmanager
+async def redis_gate(
+    server: RedisServer, gate_name: str, *, capacity: int, lease_ttl: float, max_wait: float
+) -> AsyncIterator[tuple[RedisBackend, sessiongate.Gate]]:
+    """A backend on ``server`` and a gate on it, once Redis answers: the tests' setup."""
+    async with open_redis_backend(
+        server.url, gate_name=gate_name, capacity=capacity, lease_ttl=lease_ttl
+    ) as backend:
+        await wait_until(lambda: backend.healthy)
+        yield backend, sessiongate.Gate(capacity, max_wait=max_wait, backend=backend)
+
+
 async def expect_lease_lost(session: Callable[[], Awaitable[None]], ttl: float) -> None:
     start = trio.current_time()
     with pytest.raises(sessiongate.LeaseLost):
@@ -42,11 +55,10 @@ async def test_redis_down_fails_fast_then_recovers(own_redis: RedisServer, gate_
     ttl = 1.0
     watch = CapWatch()
     with trio.fail_after(20):
-        async with open_redis_backend(
-            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=ttl
-        ) as backend:
-            gate = sessiongate.Gate(1, max_wait=10, backend=backend)
-            await wait_until(lambda: backend.healthy)
+        async with redis_gate(own_redis, gate_name, capacity=1, lease_ttl=ttl, max_wait=10) as (
+            backend,
+            gate,
+        ):
 
             async def running() -> None:
                 async with gate.session():
@@ -93,11 +105,10 @@ async def test_a_body_that_outlived_its_lease_unaware_fails_with_lease_lost(
     completed (an outside review: "1 completed, 0 failed")."""
     ttl = 1.0
     with trio.fail_after(20):
-        async with open_redis_backend(
-            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=ttl
-        ) as backend:
-            gate = sessiongate.Gate(1, max_wait=10, backend=backend)
-            await wait_until(lambda: backend.healthy)
+        async with redis_gate(own_redis, gate_name, capacity=1, lease_ttl=ttl, max_wait=10) as (
+            backend,
+            gate,
+        ):
 
             async def unaware() -> None:
                 async with gate.session():
@@ -125,11 +136,10 @@ async def test_a_slot_on_its_way_back_is_no_longer_counted_locally(
     to another process already: counted by both, two servers' ``local_active`` added up
     to more than the cap (an outside test). It is not counted; a drain still waits."""
     with trio.fail_after(20):
-        async with open_redis_backend(
-            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=5.0
-        ) as backend:
-            gate = sessiongate.Gate(1, max_wait=5, backend=backend)
-            await wait_until(lambda: backend.healthy)
+        async with redis_gate(own_redis, gate_name, capacity=1, lease_ttl=5.0, max_wait=5) as (
+            _backend,
+            gate,
+        ):
             entered, proceed, left = trio.Event(), trio.Event(), trio.Event()
 
             async def session() -> None:
@@ -343,11 +353,10 @@ async def test_a_short_max_wait_with_redis_stalled_is_refused_not_expired(
     ever answered was never queued: backend_unavailable, not queue_timeout (an outside
     review counted every such arrival expired)."""
     with trio.fail_after(20):
-        async with open_redis_backend(
-            own_redis.url, gate_name=gate_name, capacity=2, lease_ttl=5.0
-        ) as backend:
-            gate = sessiongate.Gate(2, max_wait=10, backend=backend)
-            await wait_until(lambda: backend.healthy)
+        async with redis_gate(own_redis, gate_name, capacity=2, lease_ttl=5.0, max_wait=10) as (
+            backend,
+            gate,
+        ):
             own_redis.pause()
             try:
                 with pytest.raises(sessiongate.BackendUnavailable):
@@ -376,11 +385,10 @@ async def test_a_stalled_redis_refuses_within_1_s_of_the_arrival_stamp(
     and an outside review saw a burst's refusals take up to 1.32 s."""
     caplog.set_level(logging.INFO, logger="sessiongate.redis")
     with trio.fail_after(20):
-        async with open_redis_backend(
-            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=5.0
-        ) as backend:
-            gate = sessiongate.Gate(1, max_wait=10, backend=backend)
-            await wait_until(lambda: backend.healthy)
+        async with redis_gate(own_redis, gate_name, capacity=1, lease_ttl=5.0, max_wait=10) as (
+            backend,
+            gate,
+        ):
             own_redis.pause()
             refused_after: dict[str, float] = {}
 
@@ -441,11 +449,10 @@ async def test_an_arrival_stamped_long_ago_still_gets_one_call_of_time(
     body came slowly) still waits one call's whole timeout for Redis: Redis pausing
     0.3 s is not unreachable. With 0.15 s it was refused (an outside review)."""
     with trio.fail_after(20):
-        async with open_redis_backend(
-            own_redis.url, gate_name=gate_name, capacity=1, lease_ttl=5.0
-        ) as backend:
-            gate = sessiongate.Gate(1, max_wait=10, backend=backend)
-            await wait_until(lambda: backend.healthy)
+        async with redis_gate(own_redis, gate_name, capacity=1, lease_ttl=5.0, max_wait=10) as (
+            _backend,
+            gate,
+        ):
             place = gate.arrive(at=trio.current_time() - 2.0)
             own_redis.pause()
             try:

@@ -57,6 +57,21 @@ START_WINDOW = 10.0
 START_ATTEMPTS = 3
 
 
+async def _check_redis(settings: Settings) -> None:
+    from .backends.redis import RedisRefused, check_redis
+    from .web import StartRefused
+
+    try:
+        await check_redis(settings.backend, limit=REDIS_CHECK_LIMIT)
+    except RedisRefused as error:
+        raise StartRefused(str(error), setting="backend") from None
+
+
+#: Seconds the start waits for Redis to answer the configuration check; one that does
+#: not answer is an outage, not an error (the service starts, refusing, and recovers).
+REDIS_CHECK_LIMIT: Final = 0.5
+
+
 def _fail(message: str, status: int = 2) -> int:
     print(f"sessiongate: {message}", file=sys.stderr)
     return status
@@ -88,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Like hypercorn and gunicorn: a --handler module in the working directory imports.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    from .web import HandlerLoadError
+    from .web import HandlerLoadError, StartRefused
     from .web._handlers import load
 
     try:
@@ -100,10 +115,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in Settings.unknown_variables(os.environ):
         log.warning("ignoring %s: no setting has this name (see sessiongate serve --help)", name)
     try:
+        if settings.redis:
+            # Before anything serves (or each worker refuses, one line each, and is
+            # restarted to no avail): a Redis that refuses this configuration.
+            trio.run(_check_redis, settings)
         if settings.workers > 1:
             return trio.run(_supervise, settings)
         _tune_gc()
         trio.run(serve, settings)
+    except StartRefused as refused:
+        if refused.setting is None:
+            return _fail(refused.reason, 1)
+        source = Settings.source_of(refused.setting, args[1:], os.environ)
+        return _fail(f"invalid {source}: {refused.reason}")
+
     except OSError as error:
         return _fail(f"cannot serve on {settings.bind}: {error}", 1)
     except BaseExceptionGroup as group:
@@ -416,14 +441,21 @@ async def serve(
                     if answers is not None:
                         answers.deadline = min(answers.deadline, trio.current_time() + ANSWERS_MIN)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(on_signals)
-        lifeline = os.environ.get(LIFELINE_ENV)
-        if lifeline is not None:
-            nursery.start_soon(watch_supervisor, int(lifeline))
-        # Returns once the app's lifespan has shut down (after the drain).
-        await hypercorn_serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(on_signals)
+            lifeline = os.environ.get(LIFELINE_ENV)
+            if lifeline is not None:
+                nursery.start_soon(watch_supervisor, int(lifeline))
+            # Returns once the app's lifespan has shut down (after the drain).
+            await hypercorn_serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
+            nursery.cancel_scope.cancel()
+    except BaseException:
+        # The app refused to start (Hypercorn wraps it as a lifespan failure, in groups):
+        # its one-line reason, not the wrapping's tracebacks.
+        if app.service.start_refused is not None:
+            raise app.service.start_refused from None
+        raise
     if peers is not None:
         # The last worker out removes the directory (the supervisor does too, unless
         # it was killed outright).
@@ -510,9 +542,10 @@ async def _supervise(settings: Settings) -> int:
     given_up = trio.Event()
     processes: dict[int, trio.Process] = {}
     failures = 0
+    refused = False  # a worker refused its settings as it started (exit status 2)
 
     async def worker(index: int) -> None:
-        nonlocal failures
+        nonlocal failures, refused
         failed_starts = 0
         while not stopping.is_set():
             started = trio.current_time()
@@ -538,6 +571,13 @@ async def _supervise(settings: Settings) -> int:
                     failures += 1
                 return
             failed_starts = failed_starts + 1 if trio.current_time() - started < START_WINDOW else 0
+            if failed_starts and status == 2:
+                # A setting refused as the worker started (its line is said): another
+                # start would be refused the same way.
+                log.error("worker %d refused its settings as it started: stopping", index)
+                refused = True
+                given_up.set()
+                return
             if failed_starts >= START_ATTEMPTS:
                 log.error(
                     "worker %d exited with status %s, %d times in a row within %gs of its "
@@ -603,7 +643,7 @@ async def _supervise(settings: Settings) -> int:
     os.close(lifeline_read)
     os.close(lifeline_write)
     shutil.rmtree(peers_dir, ignore_errors=True)
-    return 1 if failures else 0
+    return 2 if refused else 1 if failures else 0
 
 
 if __name__ == "__main__":

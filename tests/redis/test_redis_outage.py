@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -13,7 +14,13 @@ import pytest
 import trio
 
 import sessiongate
-from sessiongate.backends.redis import RELEASE_WAIT, RedisBackend, open_redis_backend
+from sessiongate.backends.redis import (
+    RELEASE_WAIT,
+    RedisBackend,
+    RedisRefused,
+    check_redis,
+    open_redis_backend,
+)
 from sessiongate.cli import QUIET_LOGGERS, quiet_library_loggers
 
 from .conftest import RedisServer, _binary, _free_port
@@ -669,20 +676,37 @@ async def test_a_stalled_redis_does_not_delay_the_end_of_an_active_session(
                 await wait_until(lambda: zcard(own_redis, holders_key) == 0)
 
 
+def _commands(server: RedisServer, *commands: tuple[str, ...]) -> bytes:
+    """Several commands on one connection (the first can authenticate the others)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
+        for args in commands:
+            parts = [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
+            sock.sendall(f"*{len(args)}\r\n{''.join(parts)}".encode())
+        time.sleep(0.1)
+        return sock.recv(1 << 16)
+
+
 async def test_a_redis_that_refuses_is_not_called_silent(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A Redis that wants a password answers at once, with an error: arrivals said "Redis
-    # did not answer in time" (an outside review). They name the kind of refusal now,
-    # never its text; the log has the rest.
+    # A Redis that wants a password (set while the backend runs, its connections then
+    # dropped) answers at once, with an error: arrivals said "Redis did not answer in
+    # time" (an outside review). They name the kind of refusal now, never its text; the
+    # log has the rest.
     server = RedisServer(_binary(), tmp_path)
     server.start()
     try:
-        server.command("CONFIG", "SET", "requirepass", "s3cret")
         with trio.fail_after(10):
             async with open_redis_backend(
                 server.url, gate_name="refusing", capacity=1, lease_ttl=2.0
             ) as backend:
+                await wait_until(lambda: backend.healthy)
+                _commands(
+                    server,
+                    ("CONFIG", "SET", "requirepass", "s3cret"),
+                    ("CLIENT", "KILL", "TYPE", "normal"),
+                    ("CLIENT", "KILL", "TYPE", "pubsub"),
+                )
                 gate = sessiongate.Gate(max_wait=5, backend=backend)
                 with pytest.raises(sessiongate.BackendUnavailable) as refused:
                     async with gate.session():
@@ -692,3 +716,46 @@ async def test_a_redis_that_refuses_is_not_called_silent(
         assert "s3cret" not in detail
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("refusal", ["password", "database"])
+async def test_a_redis_that_refuses_the_configuration_refuses_the_opening(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, refusal: str
+) -> None:
+    """A Redis that answers, refusing the password or the database, is a setting to
+    correct: the opening raises RedisRefused (no outage logged, no retrying). It opened,
+    refused every arrival as backend_unavailable and logged "retrying" for ever."""
+    server = RedisServer(_binary(), tmp_path)
+    server.start()
+    try:
+        url = server.url
+        if refusal == "password":
+            server.command("CONFIG", "SET", "requirepass", "s3cret")
+        else:
+            url = url.rsplit("/", 1)[0] + "/99"  # redis-server has 16 databases
+        caplog.set_level(logging.INFO, logger="sessiongate")
+        with trio.fail_after(10):
+            with pytest.raises(RedisRefused) as raised:
+                async with open_redis_backend(url, gate_name="refusing", capacity=1, lease_ttl=2):
+                    raise AssertionError("opened on a Redis that refuses it")
+            with pytest.raises(RedisRefused) as checked:
+                await check_redis(url)
+        for error in (raised.value, checked.value):
+            assert ("Authentication" if refusal == "password" else "DB index") in str(error)
+            assert "s3cret" not in str(error)
+        assert not [r for r in caplog.records if r.name.startswith("sessiongate")]
+    finally:
+        server.stop()
+
+
+async def test_the_configuration_check_passes_a_redis_that_answers_or_is_down(
+    redis_server: RedisServer,
+) -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with trio.fail_after(5):
+        await check_redis(redis_server.url)
+        start = trio.current_time()
+        await check_redis(f"redis://127.0.0.1:{port}/0", limit=0.5)
+        assert trio.current_time() - start < 1.0

@@ -433,3 +433,73 @@ async def test_a_stream_passed_on_is_cut_when_its_worker_dies(redis_url: str) ->
             assert len(ends[alive]) == 4 and set(ends[alive]) <= {"cut", "cancelled"}
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
+
+
+def _serve_argv(*args: str) -> tuple[list[str], dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
+    here = Path(__file__).parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here / "import_failures"), *sys.path])
+    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0", *args]
+    return argv, env
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_redis_that_refuses_the_configuration_stops_the_start(
+    redis_url: str, workers: str
+) -> None:
+    """A database out of range (or a wrong password) is a setting to correct, not an
+    outage to wait out: one line naming the setting, exit status 2, before anything
+    serves. The service started, answered every request backend_unavailable and logged
+    "Redis unreachable ... retrying" for ever; with --workers, each worker did so."""
+    out_of_range = redis_url.rsplit("/", 1)[0] + "/99"  # redis-server has 16 databases
+    argv, env = _serve_argv("--workers", workers, "--gate-name", gate_name())
+    with trio.fail_after(20):
+        by_flag = await trio.run_process(
+            [*argv, "--backend", out_of_range], env=env, capture_stderr=True, check=False
+        )
+        by_variable = await trio.run_process(
+            argv, env={**env, "SESSIONGATE_BACKEND": out_of_range}, capture_stderr=True, check=False
+        )
+    for result, source in ((by_flag, "--backend"), (by_variable, "SESSIONGATE_BACKEND")):
+        lines = result.stderr.decode().splitlines()
+        assert result.returncode == 2, lines
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"sessiongate: invalid {source}: Redis refused"), lines
+        assert "DB index is out of range" in lines[0]
+
+
+async def test_a_worker_that_refuses_its_settings_stops_the_supervisor_at_once(
+    redis_url: str,
+) -> None:
+    """A worker that exits 2 as it starts (a setting refused) is not restarted three
+    times with growing delays: the supervisor stops at once, with status 2."""
+    argv, env = _serve_argv("--workers", "2", "--backend", redis_url, "--gate-name", gate_name())
+    argv += ["--handler", "fails_in_workers:handler"]
+    with trio.fail_after(30):
+        start = trio.current_time()
+        result = await trio.run_process(argv, env=env, capture_stderr=True, check=False)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert "refused its settings as it started: stopping" in stderr
+    assert "restarting" not in stderr
+    assert trio.current_time() - start < 8
+
+
+async def test_plain_hypercorn_on_a_redis_that_refuses_it_says_one_line(redis_url: str) -> None:
+    """Served by Hypercorn itself, the app's failed start is one line naming the
+    variable, not Hypercorn's lifespan error in exception groups (69 lines)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
+    env["SESSIONGATE_BACKEND"] = redis_url.rsplit("/", 1)[0] + "/99"
+    env["SESSIONGATE_GATE_NAME"] = gate_name()
+    argv = [sys.executable, "-m", "hypercorn", "-k", "trio", "--bind", "127.0.0.1:0"]
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [*argv, "sessiongate.web:create_app()"], env=env, capture_stderr=True, check=False
+        )
+    stderr = result.stderr.decode()
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("sessiongate:")]
+    assert lines == [
+        "sessiongate: invalid SESSIONGATE_BACKEND: Redis refused the gate's connection "
+        "(ResponseError: DB index is out of range)"
+    ], stderr

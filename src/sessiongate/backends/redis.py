@@ -43,7 +43,6 @@ positions are exact and O(log n)) and by every script answer.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -68,7 +67,7 @@ from ._redis_state import ClockBound, Figures, Grant, Lease, QueueMirror, Waiter
 if TYPE_CHECKING:
     from .._gate import Ticket
 
-__all__ = ["FAIL_FAST", "RedisBackend", "open_redis_backend"]
+__all__ = ["FAIL_FAST", "RedisBackend", "RedisRefused", "check_redis", "open_redis_backend"]
 
 logger = logging.getLogger("sessiongate.redis")
 
@@ -108,6 +107,25 @@ _REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError, trio.TooS
 
 class _Unreachable(Exception):
     """A script call failed or timed out."""
+
+
+class RedisRefused(Exception):
+    """Redis answered the backend's first call, refusing its configuration: a password
+    missing or wrong, a user without the rights the gate needs, a database index out of
+    range. Raised by :func:`open_redis_backend` as it opens: retrying would not help (a
+    Redis that does not answer at all is an outage, and not an error at start)."""
+
+
+def _refusal(error: BaseException) -> str | None:
+    """Redis's reason, if ``error`` (a failed call) is a refusal of the configuration
+    rather than an outage or a passing state (LOADING, READONLY during a failover)."""
+    cause = error.__cause__ if isinstance(error, _Unreachable) else error
+    errors = coredis.exceptions
+    if isinstance(cause, (errors.AuthenticationError, errors.AuthorizationError)) or (
+        isinstance(cause, errors.ResponseError) and "DB index" in str(cause)
+    ):
+        return f"{type(cause).__name__}: {cause}"
+    return None
 
 
 def _unavailable_detail(error: BaseException | None) -> str:
@@ -176,6 +194,8 @@ class RedisBackend:
         # When Redis stopped answering (None: it answers, or has not been tried yet).
         # An outage is logged once as it starts and once as it ends, never per retry.
         self._down_since: float | None = None
+        # Until the first call has been tried: a refusal then stops the opening (_start).
+        self._starting = True
         self._subscribed = False
         # The listener's connection dropped (and is not back): Redis is likely down,
         # often before any call has failed.
@@ -316,6 +336,8 @@ class RedisBackend:
             with trio.fail_after(limit):
                 raw: object = await self._script(keys=self._keys, args=argv)
         except _REDIS_ERRORS as exc:
+            if self._starting and _refusal(exc) is not None:
+                raise _Unreachable(op) from exc  # _start refuses it, no outage to log
             if self._down_since is None:
                 # From when the unanswered call went out, not from when it timed out
                 # (a 0.5 s stall was logged as "unreachable for 0.0 s").
@@ -612,8 +634,13 @@ class RedisBackend:
     # -- background tasks ---------------------------------------------------------------
 
     async def _start(self) -> None:
-        with contextlib.suppress(_Unreachable):  # logged by the call; _health retries
+        try:
             await self._call("snapshot", [], limit=1.0)
+        except _Unreachable as error:  # logged by the call; _health retries
+            reason = _refusal(error)
+            if reason is not None:
+                raise RedisRefused(f"Redis refused the gate's connection ({reason})") from None
+        self._starting = False
         for task in (
             self._enqueuer,
             self._listener,
@@ -894,7 +921,8 @@ async def open_redis_backend(
     process that touches it first re-creates it with the last global capacity it knew
     (a resize included), not with its own ``capacity``. Redis being unreachable at
     start is not an error: the backend reports ``healthy == False`` and refuses
-    arrivals with :class:`BackendUnavailable` until Redis answers.
+    arrivals with :class:`BackendUnavailable` until Redis answers. A Redis that answers
+    and refuses the configuration (see :class:`RedisRefused`) is one.
 
     Args:
         url: ``redis://host:port/db`` (``rediss://`` and ``unix://`` work too); ignored
@@ -927,7 +955,11 @@ async def open_redis_backend(
             backend = RedisBackend(
                 client, nursery, gate_name=gate_name, capacity=capacity, lease_ttl=lease_ttl
             )
-            await backend._start()
+            try:
+                await backend._start()
+            except RedisRefused as exc:
+                raised = exc
+                raise
             try:
                 yield backend
             except BaseException as exc:
@@ -943,6 +975,33 @@ async def open_redis_backend(
         if raised is None or not _wraps_only(group, raised):
             raise
         raise raised from raised.__cause__
+
+
+async def check_redis(url: str, *, limit: float = 1.0) -> None:
+    """Raise :class:`RedisRefused` if Redis at ``url`` answers and refuses the
+    connection's configuration; return otherwise, an unreachable Redis (within
+    ``limit`` seconds) included: an outage is not an error at start. A supervisor
+    checks this once before starting workers that would each refuse to start."""
+    client: coredis.Redis[str] = coredis.Redis.from_url(
+        url, decode_responses=True, connect_timeout=CONNECT_TIMEOUT
+    )
+    try:
+        with trio.move_on_after(limit):
+            async with client:
+                await client.ping()
+    except* _REDIS_ERRORS as group:
+        for error in _leaves(group):
+            reason = _refusal(error)
+            if reason is not None:
+                raise RedisRefused(f"Redis refused the connection ({reason})") from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def _wraps_only(group: BaseExceptionGroup[BaseException], inner: BaseException) -> bool:

@@ -7,5 +7,6 @@
 from ._app import SessionGateApp as SessionGateApp
 from ._app import create_app as create_app
 from ._handlers import HandlerLoadError as HandlerLoadError
+from ._service import StartRefused as StartRefused
 
-__all__ = ["HandlerLoadError", "SessionGateApp", "create_app"]
+__all__ = ["HandlerLoadError", "SessionGateApp", "StartRefused", "create_app"]

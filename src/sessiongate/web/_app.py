@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Mapping
+from types import TracebackType
 from typing import Any, cast
 
 import trio
@@ -21,7 +22,7 @@ from ._handlers import HandlerLoadError
 from ._peers import OwnerGone, Peers
 from ._receive_stamps import request_received_at
 from ._routes import admin_refusal, check_admin, register
-from ._service import ARRIVAL_KEY, Service
+from ._service import ARRIVAL_KEY, Service, StartRefused
 
 log = logging.getLogger("sessiongate.web")
 
@@ -197,6 +198,15 @@ class SessionGateApp(QuartTrio):
     asgi_http_class = _Connection
     asgi_websocket_class = _NoWebsockets  # type: ignore[assignment]
     service: Service
+
+    def log_exception(
+        self,
+        exception_info: tuple[type, BaseException, TracebackType] | tuple[None, None, None],
+    ) -> None:
+        # A start-up refused for a reason of one line (a setting to correct) is that
+        # line, said by whoever runs the app (`sessiongate serve`, Hypercorn): no traceback.
+        if not isinstance(exception_info[1], StartRefused):
+            super().log_exception(exception_info)
 
 
 def _hypercorn_workers() -> int | None:
@@ -407,13 +417,23 @@ def _drain_before_hypercorn_stops(app: SessionGateApp) -> None:
         shutdown_trigger: Any = None,
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await serve(
-            served,
-            config,
-            sockets=sockets,
-            shutdown_trigger=shutdown_trigger or drain_on_signals,
-            task_status=task_status,
-        )
+        try:
+            await serve(
+                served,
+                config,
+                sockets=sockets,
+                shutdown_trigger=shutdown_trigger or drain_on_signals,
+                task_status=task_status,
+            )
+        except BaseException:
+            refused = app.service.start_refused
+            if refused is None:
+                raise
+            # One line, as for a bad setting (create_app), not Hypercorn's lifespan
+            # error in exception groups around the app's own traceback.
+            named = f"invalid SESSIONGATE_{refused.setting.upper()}: " if refused.setting else ""
+            print(f"sessiongate: {named}{refused.reason}", file=sys.stderr)
+            raise SystemExit(2 if refused.setting else 1) from None
 
     drain_first.drains_first = True  # type: ignore[attr-defined]
     hypercorn_run.check_multiprocess_shutdown_event = drain_first  # type: ignore[attr-defined]

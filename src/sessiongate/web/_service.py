@@ -24,8 +24,8 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import trio
@@ -109,23 +109,40 @@ class NotStarted(Exception):
     """The app's lifespan has not started (use ``app.test_app()`` or a server)."""
 
 
-def open_backend(settings: Settings) -> AbstractAsyncContextManager[Any]:
-    """The Redis backend's context manager (imported only in Redis mode).
+class StartRefused(Exception):
+    """The service cannot start, for a reason one line tells (no traceback is logged for
+    it): ``setting`` names the setting at fault (the command line names it as given), or
+    is None when the fault is elsewhere (the handler's own start-up)."""
+
+    def __init__(self, reason: str, *, setting: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.setting = setting
+
+
+@asynccontextmanager
+async def open_backend(settings: Settings) -> AsyncIterator[Any]:
+    """The Redis backend, for the service's lifetime (imported only in Redis mode).
 
     Raises:
         RuntimeError: the Redis backend is not installed in this build.
+        StartRefused: Redis answered and refused the configuration (a password, a
+            database out of range): a setting to correct, not an outage to wait out.
     """
     try:
         module = importlib.import_module("sessiongate.backends.redis")
     except ImportError as error:
         raise RuntimeError(f"the redis backend is not available: {error}") from error
-    manager: AbstractAsyncContextManager[Any] = module.open_redis_backend(
-        settings.backend,
-        gate_name=settings.gate_name,
-        capacity=settings.capacity,
-        lease_ttl=settings.lease_ttl,
-    )
-    return manager
+    try:
+        async with module.open_redis_backend(
+            settings.backend,
+            gate_name=settings.gate_name,
+            capacity=settings.capacity,
+            lease_ttl=settings.lease_ttl,
+        ) as backend:
+            yield backend
+    except module.RedisRefused as error:  # only ever raised as the backend opens
+        raise StartRefused(str(error), setting="backend") from None
 
 
 class Service:
@@ -142,6 +159,8 @@ class Service:
         self._sessions: trio.Nursery | None = None
         self.wall_offset = 0.0
         self.draining = False
+        #: Why the service could not start, if it could not (for the command line).
+        self.start_refused: StartRefused | None = None
         #: Sibling workers of ``serve --workers N`` (None when this is the only one).
         self.peers: Peers | None = None
         self._closed = False
@@ -231,7 +250,16 @@ class Service:
                 )
                 lifespan = self._handler.lifespan()
                 if lifespan is not None:
-                    await stack.enter_async_context(lifespan)
+                    try:
+                        await stack.enter_async_context(lifespan)
+                    except Exception as error:
+                        # The handler's own code: its traceback is worth a look, logged
+                        # once here; the command line then says one line and exits 1.
+                        log.exception("the handler's lifespan failed at start-up")
+                        raise StartRefused(
+                            f"the handler's lifespan failed at start-up: "
+                            f"{type(error).__name__}: {error} (traceback in the log)"
+                        ) from error
                 self.wall_offset = time.time() - trio.current_time()
                 async with trio.open_nursery() as sessions:
                     self._sessions = sessions
@@ -242,6 +270,9 @@ class Service:
                     # Backstop: nothing should be left, but never hang the exit on it.
                     sessions.cancel_scope.deadline = trio.current_time() + CUT_BOUND
                 await self.gate.aclose()
+        except StartRefused as refused:
+            self.start_refused = refused  # for the command line, past Hypercorn's wrapping
+            raise
         finally:
             self._closed = True
             self._stopped.set()

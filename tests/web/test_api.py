@@ -153,6 +153,41 @@ async def test_max_wait_zero_answers_queue_timeout_at_once(
         assert (await stats(client))["expired_total"] == 1
 
 
+@pytest.mark.parametrize("settings", [{"max_queue": 0}, {"max_wait": 0}])
+async def test_retry_after_where_nobody_queues_follows_the_slots_coming_back(
+    autojump_clock: Any, settings: dict[str, Any]
+) -> None:
+    """With no queue (or no waiting) no slot is ever handed on: Retry-After said 1 for
+    ever, and a client that honoured it was refused 3-4 times while a 4 s session held
+    the slot (an outside review). It follows how fast a full gate's slots come back."""
+    async with running(capacity=1, **settings) as app:
+        client = app.test_client()
+        for round_ in range(3):
+            response, body = await post(client, {"duration": 4}, ASYNC)
+            assert response.status_code == 202 and body["state"] == "active"
+            refused, _ = await post(client, {})
+            assert refused.status_code == 503
+            # 1 before any slot came back; then the pace of the sessions: one per 4 s.
+            assert refused.headers["Retry-After"] == ("1" if round_ == 0 else "4")
+            await trio.sleep(4)
+
+
+@pytest.mark.parametrize("refusal_status", [408, 429, 503])
+async def test_a_408_refusal_closes_its_connection(
+    autojump_clock: Any, refusal_status: int
+) -> None:
+    """RFC 9110 (15.5.9): a server sending 408 SHOULD close the connection; clients read
+    it as "the connection timed out" (an outside review: the article's status kept it
+    open). The other refusal statuses keep it."""
+    async with running(capacity=1, max_wait=0, refusal_status=refusal_status) as app:
+        client = app.test_client()
+        await post(client, {"duration": 100}, ASYNC)
+        response, body = await post(client, {})
+        assert response.status_code == refusal_status and body["error"] == "queue_timeout"
+        closes = response.headers.get("Connection") == "close"
+        assert closes == (refusal_status == 408)
+
+
 @pytest.mark.parametrize("headers", [None, ASYNC])
 async def test_full_queue_is_refused_and_keeps_no_session(
     autojump_clock: Any, headers: dict[str, str] | None
@@ -187,6 +222,20 @@ async def test_prefer_respond_async_variants(autojump_clock: Any, prefer: str) -
         response, body = await post(app.test_client(), {"duration": 1}, {"Prefer": prefer})
         assert response.status_code == 202
         assert response.headers["Location"] == "/sessions/" + body["id"]
+
+
+@pytest.mark.parametrize(
+    "prefer",
+    [
+        'handling=lenient; note="a,respond-async;b"',  # inside another's quoted value
+        "respond-asynchronously",
+        "return=minimal",
+    ],
+)
+async def test_no_respond_async_preference_is_synchronous(autojump_clock: Any, prefer: str) -> None:
+    async with running() as app:
+        response, body = await post(app.test_client(), {"duration": 1}, {"Prefer": prefer})
+        assert response.status_code == 200 and body["state"] == "completed"
 
 
 async def test_async_session_outlives_its_request(autojump_clock: Any) -> None:
@@ -363,6 +412,20 @@ async def test_json_media_types_are_accepted(autojump_clock: Any, content_type: 
         assert response.status_code == 200
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    # No name before the +json suffix, a wildcard, no type: no media types at all.
+    ["application/+json", "*/+json", "*/json", "/json", "application/json/x", "text/json"],
+)
+async def test_malformed_json_media_types_are_415(autojump_clock: Any, content_type: str) -> None:
+    async with running() as app:
+        response = await app.test_client().post(
+            "/sessions", data=b'{"duration": 0}', headers={"Content-Type": content_type}
+        )
+        assert response.status_code == 415
+        assert (await response.get_json())["error"] == "unsupported_media_type"
+
+
 async def test_any_json_string_is_echoed_even_one_utf8_cannot_carry(autojump_clock: Any) -> None:
     # A lone surrogate is valid JSON (RFC 8259 §8.2) but not UTF-8: answers are ASCII
     # JSON, so it comes back as the escape it came in as, never as a 500.
@@ -507,6 +570,14 @@ async def test_list_sessions_filters_limits_and_orders(autojump_clock: Any) -> N
             assert status == 422 and body["error"] == "invalid_request", query
         status, body = await listing("?limit=1000")
         assert status == 200
+        # Leading zeros are read as the number, whatever their count (an outside review:
+        # "0001" was taken and "00001" refused, by length).
+        for query in ("?limit=0001", "?limit=00001", "?limit=000000000000000000002"):
+            status, body = await listing(query)
+            assert status == 200 and body["count"] == min(5, int(query[7:])), query
+        for query in ("?limit=01001", "?limit=00000"):
+            status, body = await listing(query)
+            assert status == 422, query
 
 
 async def test_ended_sessions_expire_after_the_result_ttl(autojump_clock: Any) -> None:

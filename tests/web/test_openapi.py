@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,7 +16,7 @@ from sessiongate import BackendUnavailable
 from sessiongate.web import create_app
 from sessiongate.web._openapi import openapi_document
 
-from .conftest import running
+from .conftest import port_of, raw_request, read_response, real_server, running
 
 AUTH = {"Authorization": "Bearer t"}
 ASYNC = {"Prefer": "respond-async"}
@@ -174,6 +175,7 @@ def documented() -> list[tuple[str, str, str]]:
         for method, operation in item.items()
         if method in METHODS
         for status in operation["responses"]
+        if status != "default"  # the HTTP layer's answers: test_the_http_layers_answers...
     ]
 
 
@@ -221,3 +223,41 @@ async def test_the_refusal_status_is_documented_as_configured(autojump_clock: An
         responses = document["paths"]["/sessions"]["post"]["responses"]
         assert "429" in responses and "503" not in responses
         assert document["openapi"].startswith("3.")
+
+
+def test_every_operation_documents_the_http_layers_answers() -> None:
+    """400, 431 and 501 come from the HTTP layer on any route (an outside review found
+    them in the prose only, so a schema-driven client read them as undocumented)."""
+    for item in openapi_document()["paths"].values():
+        for method in METHODS.intersection(item):
+            default = item[method]["responses"]["default"]
+            assert default["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/Error"
+            }
+            assert all(code in default["description"] for code in ("400", "431", "501"))
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /sessions/" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 431),
+        (b"POST /sessions HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n{}", 400),
+        (b"POST /sessions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n{}", 501),
+        (b"NOT HTTP\r\n\r\n", 400),
+    ],
+)  # fmt: skip
+async def test_the_http_layers_answers_are_as_documented(head: bytes, status: int) -> None:
+    document = openapi_document()
+    schema = {"$ref": "#/components/schemas/Error", "components": document["components"]}
+    with trio.fail_after(10):
+        async with real_server(capacity=1) as (app, base):
+            async with await raw_request(port_of(base), head) as stream:
+                answered, headers, body = await read_response(stream)
+                assert answered == status
+                assert headers["content-type"] == "application/json"
+                assert headers["connection"] == "close"
+                jsonschema.Draft202012Validator(schema).validate(json.loads(body))
+                assert json.loads(body)["error"] == "invalid_request"
+            stats = app.service.gate.stats()
+            assert (stats.admitted, stats.rejected) == (0, 0)

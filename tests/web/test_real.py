@@ -1114,7 +1114,9 @@ async def test_a_stalled_body_is_answered_408_and_its_connection_closed() -> Non
                 took = trio.current_time() - start
                 assert status == 408
                 assert json.loads(body)["error"] == "request_timeout"
-                assert 1 <= took < 3
+                # Once: the answer's clean-up waited for the stalled body again (up to
+                # 5 s more; here the whole BODY_TIMEOUT twice), an outside review.
+                assert 1 <= took < 1.5
                 with trio.fail_after(2):
                     assert await stream.receive_some() == b""  # closed
             stats = app.service.gate.stats()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from quart import g, request
@@ -37,15 +38,22 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: A media type as RFC 6838 names them (``restricted-name``), lower-cased: a structured
+#: syntax suffix needs a name before it (``application/+json`` and ``*/+json`` are none).
+_MEDIA_TYPE = re.compile(r"([a-z0-9][a-z0-9!#$&^_.+-]{0,126})/([a-z0-9][a-z0-9!#$&^_.+-]{0,126})")
+
+
 def is_json_media_type(content_type: str | None) -> bool:
     """``application/json`` or any ``+json`` type, parameters allowed."""
     if not content_type:
         return False
-    media = content_type.split(";", 1)[0].strip().lower()
-    kind, _, subtype = media.partition("/")
-    if not kind or not subtype:
+    media = _MEDIA_TYPE.fullmatch(content_type.split(";", 1)[0].strip().lower())
+    if media is None:
         return False
-    return media == "application/json" or subtype.endswith("+json")
+    subtype = media.group(2)
+    return (subtype == "json" and media.group(1) == "application") or (
+        subtype.endswith("+json") and len(subtype) > len("+json")
+    )
 
 
 async def read_body(max_body: int) -> bytes:

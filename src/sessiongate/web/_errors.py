@@ -89,4 +89,9 @@ def error_response(error: ApiError, refusal_status: int) -> Response:
         # An unknown code is a server fault: 500, never a KeyError in the error path.
         status = STATUS.get(error.code, 500)
     body = {"error": error.code, "detail": error.detail, **error.extra}
-    return json_response(body, status, dict(error.headers))
+    headers = dict(error.headers)
+    if status == 408:
+        # RFC 9110, 15.5.9: a server sending 408 SHOULD close the connection (clients
+        # read it as "the connection timed out"); so with --refusal-status 408 too.
+        headers["Connection"] = "close"
+    return json_response(body, status, headers)

@@ -55,8 +55,17 @@ _ADMIN = {
     },
     "403": _error("forbidden: no admin token is configured"),
 }
+_METHODS = frozenset({"get", "put", "post", "delete", "patch", "head", "options"})
+#: Every operation's ``default``: answers of the HTTP layer, before any route runs.
+_HTTP_LAYER = _error(
+    "invalid_request, from the HTTP layer before any route: 400 (a malformed request "
+    "line or header, or both Transfer-Encoding and Content-Length), 431 (a head over "
+    "16 KiB), 501 (a transfer coding other than chunked); the connection is then closed"
+)
 _BODY_ERRORS = {
-    "400": _error("invalid_json: the body is not JSON"),
+    "400": _error(
+        "invalid_json: the body is not JSON (or invalid_request from the HTTP layer: see default)"
+    ),
     "408": _error(
         "request_timeout: the body did not arrive in whole within 60 s (the connection "
         "is then closed)"
@@ -268,6 +277,9 @@ def openapi_document(refusal_status: int = 503) -> dict[str, Any]:
             "get": {"responses": {"200": _json({"type": "object"}, "this document")}}
         },
     }
+    for item in paths.values():
+        for method in _METHODS.intersection(item):
+            item[method]["responses"]["default"] = _HTTP_LAYER
     return {
         "openapi": "3.1.0",
         "info": {

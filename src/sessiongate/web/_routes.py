@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from quart import Quart, Response, request
+from werkzeug.http import parse_list_header
 
 from .._errors import AdmissionError
 from .._limits import MAX_CAPACITY
@@ -24,9 +25,10 @@ DEFAULT_LIST = 100
 
 
 def wants_async(prefer_headers: list[str]) -> bool:
-    """``Prefer: respond-async`` (RFC 7240); other preferences are ignored."""
+    """``Prefer: respond-async`` (RFC 7240); other preferences are ignored, the text of
+    their quoted values too (``note="a,respond-async"`` is no such preference)."""
     for header in prefer_headers:
-        for preference in header.split(","):
+        for preference in parse_list_header(header):  # commas in quoted strings kept
             token = preference.split(";", 1)[0].split("=", 1)[0].strip().lower()
             if token == "respond-async":
                 return True
@@ -161,7 +163,8 @@ def register(app: Quart, service: Service) -> None:
         limit = DEFAULT_LIST
         if text is not None:
             # Plain ASCII digits only (int() would also take "+5", " 5", "5_0", "٥").
-            limit = int(text) if _DIGITS.fullmatch(text) else 0
+            # Leading zeros are no digits of the value ("0001" and "00001" alike).
+            limit = int(text) if _DIGITS.fullmatch(text.lstrip("0") or "0") else 0
             if not 1 <= limit <= MAX_LIST:
                 raise ApiError("invalid_request", f"'limit' must be a whole number 1-{MAX_LIST}")
         records = service.registry.list_live(state, limit)

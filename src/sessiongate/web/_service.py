@@ -32,6 +32,7 @@ import trio
 
 from .. import _errors as errors
 from .._gate import Gate, Ticket, cancellation_pending
+from .._stats import HandoffRate
 from ..backends.memory import MemoryBackend
 from ..config import Settings
 from ..metrics import Metrics
@@ -171,6 +172,8 @@ class Service:
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._sync_waiters = 0
+        # Slots given back by a full gate's sessions: Retry-After where nobody queues.
+        self._full_releases = HandoffRate()
         self._answered = trio.Event()
 
     # -- accessors --------------------------------------------------------------------
@@ -215,7 +218,14 @@ class Service:
         if not self.backend_healthy:
             return "1"
         gate = self.gate
-        return retry_after(gate.estimate_wait(gate.queued + 1))
+        estimate = gate.estimate_wait(gate.queued + 1)
+        if estimate is None and (gate.max_queue == 0 or gate.max_wait == 0):
+            # Nobody can queue, so no slot is ever handed on, and the hand-off rate
+            # would say 1 for ever (an outside review: refused 3-4 times in a row by a
+            # slot busy for 4 s): how soon a slot frees is how fast a full gate's
+            # sessions give theirs back.
+            estimate = self._full_releases.eta(1, trio.current_time(), waiting_since=None)
+        return retry_after(estimate)
 
     # -- the owner task ---------------------------------------------------------------
 
@@ -587,6 +597,10 @@ class Service:
         end = record.ended_at
         waited = (admitted if admitted is not None else end) - record.arrival.arrived_at
         ran = end - admitted if admitted is not None else None
+        if admitted is not None and self._gate is not None:
+            gate = self._gate
+            if gate.active + 1 >= gate.capacity:  # it gave back a slot of a full gate
+                self._full_releases.add(end, admitted)
         self.metrics.session_ended(state, ran)
         log.log(
             logging.ERROR if record.exception is not None else logging.INFO,

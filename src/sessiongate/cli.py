@@ -26,7 +26,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
@@ -91,6 +91,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(arg in ("-h", "--help") for arg in args[1:]):
         print(serve_help())
         return 0
+    with _signals_noted_while_starting():
+        return _serve_command(args)
+
+
+#: SIGTERM/SIGINT received while ``sessiongate serve`` was starting (importing the web
+#: stack, checking Redis), before the server's own handling listens: it drains as soon
+#: as it does (exit 0). Python's defaults ended the process with status 143, or a
+#: KeyboardInterrupt traceback (an outside review).
+_early_signals: list[int] = []
+
+
+@contextlib.contextmanager
+def _signals_noted_while_starting() -> Iterator[None]:
+    def note(signum: int, frame: object) -> None:
+        _early_signals.append(signum)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve_command(args: list[str]) -> int:
     try:
         settings = Settings.from_args(args[1:], os.environ)
     except ConfigError as error:
@@ -423,6 +448,10 @@ async def serve(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             received = 0
+            if _early_signals:
+                received = 1
+                log.info("%s while starting: draining", signal.Signals(_early_signals[0]).name)
+                nursery.start_soon(drain_then_stop)
             async for signum in signals:
                 received += 1
                 if received == 1:
@@ -634,6 +663,9 @@ async def _supervise(settings: Settings) -> int:
                     await stop_all(signal.SIGTERM)
 
             outer.start_soon(relay)
+            if _early_signals:  # before the receiver listened: no worker starts
+                log.info("%s while starting: stopping", signal.Signals(_early_signals[0]).name)
+                stopping.set()
             outer.start_soon(give_up)
             async with trio.open_nursery() as workers:
                 for index in range(settings.workers):

@@ -846,6 +846,29 @@ async def test_a_handler_lifespan_that_fails_to_start_is_one_line_and_status_1()
     )
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+async def test_a_signal_while_starting_stops_with_status_0(signame: str) -> None:
+    """A signal before the server listens for it (here: as the handler module is
+    imported) is noted and the server stops as soon as it listens, exit 0. It ended the
+    process with status 143 (SIGTERM) or a KeyboardInterrupt traceback (an outside review)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
+    here = Path(__file__).parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here / "import_failures"), *sys.path])
+    env["SIGNAL_ON_IMPORT"] = signame
+    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [*argv, "--handler", "signals_itself_on_import:handler"],
+            env=env,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert f"{signame} while starting: draining" in stderr
+    assert "Traceback" not in stderr and "Running on" not in stderr
+
+
 def test_log_lines_read_as_the_standard_formatter_writes_them() -> None:
     """The service's formatter formats the time of day once a second; every line
     still reads exactly as the standard formatter's, across seconds and milliseconds."""

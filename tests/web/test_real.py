@@ -1194,3 +1194,39 @@ async def test_an_http2_connection_answers_past_hypercorns_request_count() -> No
             sock.close()
             assert statuses == [b"200"] * 5
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("slots_taken", [0, 1])
+async def test_a_slow_upload_is_not_time_spent_waiting(slots_taken: int) -> None:
+    """A request whose body takes longer than --max-wait to arrive was refused
+    queue_timeout on an idle gate, where --max-wait 0 admitted it (an outside review):
+    its deadline counted from its head. It counts from when the request was complete;
+    on a full gate it then still waits its whole --max-wait for a slot."""
+    max_wait = 0.6
+    with trio.fail_after(15):
+        async with real_server(capacity=1, max_wait=max_wait) as (app, base):
+            stats = app.service.gate.stats
+            client = httpx.AsyncClient(base_url=base, timeout=10)
+            if slots_taken:
+                holder = await client.post(
+                    "/sessions", json={"duration": 30}, headers={"Prefer": "respond-async"}
+                )
+                assert holder.json()["state"] == "active"
+            body = b'{"duration": 0}'
+            head = request_bytes("POST", "/sessions", body, {"Content-Type": "application/json"})
+            async with await raw_request(port_of(base), head[: -len(body)] + body[:5]) as stream:
+                await trio.sleep(max_wait * 2)  # the client is slow: half the body, then...
+                sent = trio.current_time()
+                await stream.send_all(body[5:])
+                status, _, answer = await read_response(stream)
+                took = trio.current_time() - sent
+            document = json.loads(answer)
+            if slots_taken:
+                assert status == 503 and document["error"] == "queue_timeout"
+                assert max_wait <= took < max_wait + 0.4  # its whole wait, from the body's end
+                assert max_wait <= document["waited_s"] < max_wait + 0.1
+            else:
+                assert status == 200 and document["state"] == "completed", document
+                assert document["queued_s"] < 0.1
+            assert stats().expired == slots_taken
+            await client.aclose()

@@ -503,3 +503,14 @@ async def test_plain_hypercorn_on_a_redis_that_refuses_it_says_one_line(redis_ur
         "sessiongate: invalid SESSIONGATE_BACKEND: Redis refused the gate's connection "
         "(ResponseError: DB index is out of range)"
     ], stderr
+
+
+async def test_a_signal_while_the_supervisor_starts_starts_no_worker(redis_url: str) -> None:
+    argv, env = _serve_argv("--workers", "2", "--backend", redis_url, "--gate-name", gate_name())
+    argv += ["--handler", "signals_itself_on_import:handler"]
+    with trio.fail_after(30):
+        result = await trio.run_process(argv, env=env, capture_stderr=True, check=False)
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert "SIGTERM while starting: stopping" in stderr
+    assert "Running on" not in stderr and "Traceback" not in stderr

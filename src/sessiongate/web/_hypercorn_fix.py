@@ -349,7 +349,8 @@ class _ReadWhilePaused:
                 raise _ClientGone from None
             if not data:
                 raise _ClientGone
-            _receive_stamps.latest_read.set((_receive_stamps.received(ancillary), state))
+            stamp = state.last_read_at = _receive_stamps.received(ancillary)
+            _receive_stamps.latest_read.set((stamp, state))
             connection.receive_data(data)
         # As much as h11 may hold: read no more (back-pressure, as Hypercorn does), but
         # still notice the client going away, which the kernel reports with the
@@ -382,7 +383,8 @@ async def _read_stamped(self: TCPServer, sock: trio.socket.SocketType) -> None:
                 data, ancillary, _, _ = await sock.recvmsg(MAX_RECV, ancillary_size)
         except (OSError, trio.ClosedResourceError, trio.TooSlowError):
             break  # as Hypercorn's: gone (BrokenResourceError there), closed, timed out
-        _receive_stamps.latest_read.set((_receive_stamps.received(ancillary), state))
+        stamp = state.last_read_at = _receive_stamps.received(ancillary)
+        _receive_stamps.latest_read.set((stamp, state))
         try:
             await self.protocol.handle(RawData(data))
         except _ClientGone:
@@ -489,6 +491,8 @@ class _ConnectionState:
     since: float | None
     #: When the connection was last ready for a next request (an answer done).
     recycled_at: float = -math.inf
+    #: When the latest read's bytes reached this host (the kernel's stamp; None: none).
+    last_read_at: float | None = None
     #: Set when the busy connection is idle again (its keep-alive task waits for it).
     idle_again: trio.Event | None = None
 

@@ -33,6 +33,8 @@ class Recyclable(Protocol):
 
     #: When the connection was last ready for a next request (Trio clock).
     recycled_at: float
+    #: When the connection's latest read reached this host (Trio clock; None: no stamp).
+    last_read_at: float | None
 
 
 #: The latest read of the connection the current task serves: when its bytes reached
@@ -58,6 +60,23 @@ def request_received_at() -> float | None:
         return None
     stamp, state = latest
     return None if stamp is None else max(stamp, state.recycled_at)
+
+
+def request_completed_at() -> float | None:
+    """When the request the current task serves had reached this host in whole, once
+    the app has read its body: the kernel's stamp of its connection's latest read (the
+    one that completed the body, or the head's for a request read in one piece); None
+    if unknown. A client's slow upload is then not counted as time spent waiting for a
+    slot (an outside review: a 3 s upload on an idle gate expired with --max-wait 2).
+    Not earlier than :func:`request_received_at`, not later than now."""
+    latest = latest_read.get()
+    if latest is None:
+        return None
+    head, state = latest
+    last = state.last_read_at
+    if head is None or last is None:
+        return None
+    return min(max(head, last, state.recycled_at), trio.current_time())
 
 
 #: ``SO_TIMESTAMPNS`` (Linux): each read also returns when its last segment arrived.

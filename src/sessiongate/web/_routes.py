@@ -11,10 +11,12 @@ from quart import Quart, Response, request
 from werkzeug.http import parse_list_header
 
 from .._errors import AdmissionError
+from .._gate import Ticket
 from .._limits import MAX_CAPACITY
 from ._body import read_json_object
 from ._errors import ApiError, error_response, json_response
 from ._openapi import openapi_document
+from ._receive_stamps import request_completed_at
 from ._service import Service
 from ._sessions import ACTIVE, COMPLETED, EXPIRED, QUEUED, EndedSession, Session, SessionRecord
 from ._sse import session_events
@@ -117,6 +119,18 @@ def register(app: Quart, service: Service) -> None:
             raise ApiError("not_found", "no session with this id (unknown, or ended and evicted)")
         return record
 
+    def arrival_of_whole_request() -> Ticket | None:
+        """The request's arrival stamp, taken as its head reached the host, or, if its
+        body was still arriving then (HTTP/1: one request at a time on a connection),
+        a stamp of when the rest of it did: the client's upload is not time spent
+        waiting for a slot, and a slow uploader queues in the place it completed."""
+        stamp = service.stamp_of(request.scope)
+        if stamp is not None and request.scope.get("http_version", "1.1").startswith("1"):
+            completed = request_completed_at()
+            if completed is not None and completed > stamp.arrived_at:
+                return service.stamp(completed)
+        return stamp
+
     @app.post("/sessions")
     async def create_session() -> Response:
         body = await read_json_object(settings.max_body)
@@ -126,7 +140,7 @@ def register(app: Quart, service: Service) -> None:
         # session's FIFO place and starts its queue deadline. It is reserved only now
         # that the body has been read and checked (a slow upload holds nobody back),
         # until the session's task enters the gate, so no later arrival gets ahead.
-        record = service.new_session(service.arrive(service.stamp_of(request.scope)), body)
+        record = service.new_session(service.arrive(arrival_of_whole_request()), body)
         if respond_async:
             # The session lives on in the sessions nursery, whatever this request does.
             await service.start_session(record, answer_now=True)

@@ -26,7 +26,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
@@ -57,12 +57,28 @@ START_WINDOW = 10.0
 START_ATTEMPTS = 3
 
 
+#: Set by ``serve --workers N`` for its workers: the settings the command line gave as
+#: flags, comma-separated (the workers get every setting as a variable), so that a
+#: worker's one-line refusal names the setting as it was given.
+FLAGS_ENV: Final = "_SESSIONGATE_FLAGS"
+
+
+def _source_of(name: str, argv: Sequence[str]) -> str:
+    """The flag or variable that gave setting ``name`` (a worker's too)."""
+    environ: Mapping[str, str] = os.environ
+    flagged = environ.get(FLAGS_ENV)
+    if flagged:
+        given = {f"SESSIONGATE_{flag.upper()}" for flag in flagged.split(",")}
+        environ = {key: value for key, value in environ.items() if key not in given}
+    return Settings.source_of(name, argv, environ)
+
+
 async def _check_redis(settings: Settings) -> None:
     from .backends.redis import RedisRefused, check_redis
     from .web import StartRefused
 
     try:
-        await check_redis(settings.backend, limit=REDIS_CHECK_LIMIT)
+        await check_redis(settings.backend, gate_name=settings.gate_name, limit=REDIS_CHECK_LIMIT)
     except RedisRefused as error:
         raise StartRefused(str(error), setting="backend") from None
 
@@ -104,9 +120,16 @@ _early_signals: list[int] = []
 
 @contextlib.contextmanager
 def _signals_noted_while_starting() -> Iterator[None]:
+    """The first signal is noted; a second one takes its default action at once (a
+    start that hangs, in a handler module's import say, can still be stopped)."""
+
     def note(signum: int, frame: object) -> None:
+        if _early_signals:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
         _early_signals.append(signum)
 
+    _early_signals.clear()
     previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -135,23 +158,23 @@ def _serve_command(args: list[str]) -> int:
         load(settings.handler)
     except HandlerLoadError as error:
         # Named as given, like every other setting.
-        return _fail(f"invalid {Settings.source_of('handler', args[1:], os.environ)}: {error}")
+        return _fail(f"invalid {_source_of('handler', args[1:])}: {error}")
     configure_logging()
     for name in Settings.unknown_variables(os.environ):
         log.warning("ignoring %s: no setting has this name (see sessiongate serve --help)", name)
     try:
-        if settings.redis:
+        if settings.redis and FLAGS_ENV not in os.environ:  # a worker's supervisor did it
             # Before anything serves (or each worker refuses, one line each, and is
             # restarted to no avail): a Redis that refuses this configuration.
             trio.run(_check_redis, settings)
         if settings.workers > 1:
-            return trio.run(_supervise, settings)
+            return trio.run(_supervise, settings, Settings.flags_given(args[1:]))
         _tune_gc()
         trio.run(serve, settings)
     except StartRefused as refused:
         if refused.setting is None:
             return _fail(refused.reason, 1)
-        source = Settings.source_of(refused.setting, args[1:], os.environ)
+        source = _source_of(refused.setting, args[1:])
         return _fail(f"invalid {source}: {refused.reason}")
 
     except OSError as error:
@@ -538,8 +561,9 @@ def _listen(bind: str) -> socket.socket:
     return sock
 
 
-async def _supervise(settings: Settings) -> int:
-    """Run ``settings.workers`` worker processes on one socket; drain all on a signal."""
+async def _supervise(settings: Settings, flags: frozenset[str] = frozenset()) -> int:
+    """Run ``settings.workers`` worker processes on one socket; drain all on a signal.
+    ``flags``: the settings given as flags (for the workers' error lines)."""
     if settings.bind.startswith(("unix:", "fd://")):
         raise OSError("--workers > 1 needs a HOST:PORT bind")
     from .web._peers import PEERS_ENV, WORKER_ENV
@@ -564,6 +588,7 @@ async def _supervise(settings: Settings) -> int:
     # sessions (web/_peers.py); the directory goes when the supervisor does.
     peers_dir = tempfile.mkdtemp(prefix="sessiongate-workers-")
     env[PEERS_ENV] = peers_dir
+    env[FLAGS_ENV] = ",".join(sorted(flags)) or "-"  # set: the Redis check is done
     command = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", f"fd://{fd}"]
     command += ["--workers", "1"]
     stopping = trio.Event()
@@ -576,6 +601,7 @@ async def _supervise(settings: Settings) -> int:
     async def worker(index: int) -> None:
         nonlocal failures, refused
         failed_starts = 0
+        first = True  # this worker's first start (settings refused show there)
         while not stopping.is_set():
             started = trio.current_time()
             async with spawning:  # the socket is not closed under a spawn (stop_all)
@@ -600,13 +626,16 @@ async def _supervise(settings: Settings) -> int:
                     failures += 1
                 return
             failed_starts = failed_starts + 1 if trio.current_time() - started < START_WINDOW else 0
-            if failed_starts and status == 2:
-                # A setting refused as the worker started (its line is said): another
-                # start would be refused the same way.
+            if first and failed_starts and status == 2:
+                # A setting refused as the worker first started (its line is said):
+                # another start would be refused the same way. Not on a restart: the
+                # others serve, and whatever refused it (a Redis password being
+                # rotated) may pass (an outside review: one restart stopped it all).
                 log.error("worker %d refused its settings as it started: stopping", index)
                 refused = True
                 given_up.set()
                 return
+            first = False
             if failed_starts >= START_ATTEMPTS:
                 log.error(
                     "worker %d exited with status %s, %d times in a row within %gs of its "

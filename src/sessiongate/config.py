@@ -307,6 +307,11 @@ class Settings:
         only shows later, as a handler that does not import)."""
         return _source(name, _flags(argv), environ)
 
+    @staticmethod
+    def flags_given(argv: Sequence[str]) -> frozenset[str]:
+        """The names of the settings ``argv`` (``serve``'s flags) sets."""
+        return frozenset(_flags(argv))
+
     @classmethod
     def _build(cls, flags: Mapping[str, str], environ: Mapping[str, str]) -> Settings:
         values: dict[str, Any] = {}

@@ -718,7 +718,7 @@ async def test_a_redis_that_refuses_is_not_called_silent(
         server.stop()
 
 
-@pytest.mark.parametrize("refusal", ["password", "database"])
+@pytest.mark.parametrize("refusal", ["password", "database", "acl"])
 async def test_a_redis_that_refuses_the_configuration_refuses_the_opening(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, refusal: str
 ) -> None:
@@ -731,6 +731,10 @@ async def test_a_redis_that_refuses_the_configuration_refuses_the_opening(
         url = server.url
         if refusal == "password":
             server.command("CONFIG", "SET", "requirepass", "s3cret")
+        elif refusal == "acl":  # a user that may connect, but not run scripts
+            server.command("ACL", "SETUSER", "noscript", "on", ">s3cret", "~*", "&*", "+@all")
+            server.command("ACL", "SETUSER", "noscript", "-@scripting")
+            url = url.replace("redis://", "redis://noscript:s3cret@")
         else:
             url = url.rsplit("/", 1)[0] + "/99"  # redis-server has 16 databases
         caplog.set_level(logging.INFO, logger="sessiongate")
@@ -739,9 +743,10 @@ async def test_a_redis_that_refuses_the_configuration_refuses_the_opening(
                 async with open_redis_backend(url, gate_name="refusing", capacity=1, lease_ttl=2):
                     raise AssertionError("opened on a Redis that refuses it")
             with pytest.raises(RedisRefused) as checked:
-                await check_redis(url)
+                await check_redis(url, gate_name="refusing")
+        expected = {"password": "Authentication", "database": "DB index", "acl": "Authorization"}
         for error in (raised.value, checked.value):
-            assert ("Authentication" if refusal == "password" else "DB index") in str(error)
+            assert expected[refusal] in str(error)
             assert "s3cret" not in str(error)
         assert not [r for r in caplog.records if r.name.startswith("sessiongate")]
     finally:

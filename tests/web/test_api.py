@@ -572,10 +572,10 @@ async def test_list_sessions_filters_limits_and_orders(autojump_clock: Any) -> N
         assert status == 200
         # Leading zeros are read as the number, whatever their count (an outside review:
         # "0001" was taken and "00001" refused, by length).
-        for query in ("?limit=0001", "?limit=00001", "?limit=000000000000000000002"):
+        for query in ("?limit=0001", "?limit=00001", "?limit=" + "0" * 5000 + "2"):
             status, body = await listing(query)
-            assert status == 200 and body["count"] == min(5, int(query[7:])), query
-        for query in ("?limit=01001", "?limit=00000"):
+            assert status == 200 and body["count"] == min(5, int(query[7:].lstrip("0"))), query
+        for query in ("?limit=01001", "?limit=00000", "?limit=" + "0" * 5000 + "7" * 5000):
             status, body = await listing(query)
             assert status == 422, query
 

@@ -869,6 +869,25 @@ async def test_a_signal_while_starting_stops_with_status_0(signame: str) -> None
     assert "Traceback" not in stderr and "Running on" not in stderr
 
 
+async def test_a_second_signal_while_starting_stops_at_once() -> None:
+    """A start that hangs (a handler module's import, say) can still be stopped: the
+    second signal takes its default action at once (an outside review: two SIGTERMs
+    were ignored until an 8 s import ended)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
+    here = Path(__file__).parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here / "import_failures"), *sys.path])
+    env["SIGNALS_ON_IMPORT"] = "2"
+    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [*argv, "--handler", "signals_itself_on_import:handler"],
+            env=env,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == -signal.SIGTERM, result.stderr.decode()
+
+
 def test_log_lines_read_as_the_standard_formatter_writes_them() -> None:
     """The service's formatter formats the time of day once a second; every line
     still reads exactly as the standard formatter's, across seconds and milliseconds."""

@@ -1230,3 +1230,39 @@ async def test_a_slow_upload_is_not_time_spent_waiting(slots_taken: int) -> None
                 assert document["queued_s"] < 0.1
             assert stats().expired == slots_taken
             await client.aclose()
+
+
+async def test_a_request_is_stamped_by_its_own_body_not_a_later_pipelined_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The arrival stamp of a request whose body came in a read after its head is that
+    read's, not the connection's latest: a request pipelined behind it and read before
+    its view got round to the stamp moved it later (an outside review: 0.15 s later,
+    and a request of another connection got ahead of it)."""
+    from sessiongate.web import _routes
+
+    read_json_object = _routes.read_json_object
+    body_read = trio.Event()
+
+    async def slow_read(max_body: int) -> Any:
+        body = await read_json_object(max_body)
+        body_read.set()
+        await trio.sleep(0.3)  # the server busy elsewhere before the view stamps it
+        return body
+
+    monkeypatch.setattr(_routes, "read_json_object", slow_read)
+    with trio.fail_after(10):
+        async with real_server(capacity=1) as (_app, base):
+            body = b'{"duration": 0}'
+            head = request_bytes("POST", "/sessions", body, {"Content-Type": "application/json"})
+            async with await raw_request(port_of(base), head[: -len(body)]) as stream:
+                await trio.sleep(0.1)  # the body in a read of its own, after the head's
+                sent = time.time()
+                await stream.send_all(body)
+                await body_read.wait()
+                await trio.sleep(0.1)
+                await stream.send_all(request_bytes("GET", "/healthz"))  # pipelined
+                status, _, answer = await read_response(stream)
+            assert status == 200
+            created_at = json.loads(answer)["created_at"]
+            assert abs(created_at - sent) < 0.05, created_at - sent

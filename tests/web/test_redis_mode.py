@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import socket
 import sys
 import uuid
 import warnings
@@ -443,29 +444,45 @@ def _serve_argv(*args: str) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
+def _acl_user_without_scripts(redis_url: str) -> str:
+    """A URL of an ACL user of the test Redis who may connect, not run scripts."""
+    host_port = redis_url.split("//", 1)[1].split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1)
+    command = "ACL SETUSER sg-noscript on >pw ~* &* +@all -@scripting\r\n"
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(command.encode())
+        assert sock.recv(64).startswith(b"+OK")
+    return redis_url.replace("redis://", "redis://sg-noscript:pw@")
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("refusal", ["database", "acl"])
 async def test_a_redis_that_refuses_the_configuration_stops_the_start(
-    redis_url: str, workers: str
+    redis_url: str, workers: str, refusal: str
 ) -> None:
-    """A database out of range (or a wrong password) is a setting to correct, not an
-    outage to wait out: one line naming the setting, exit status 2, before anything
-    serves. The service started, answered every request backend_unavailable and logged
-    "Redis unreachable ... retrying" for ever; with --workers, each worker did so."""
-    out_of_range = redis_url.rsplit("/", 1)[0] + "/99"  # redis-server has 16 databases
+    """A database out of range (or a wrong password, or a user without the rights to
+    run the gate's scripts) is a setting to correct, not an outage to wait out: one line
+    naming the setting, exit status 2, before anything serves. The service started,
+    answered every request backend_unavailable and logged "Redis unreachable ...
+    retrying" for ever; with --workers, each worker did so."""
+    if refusal == "acl":
+        refused, reason = _acl_user_without_scripts(redis_url), "no permissions to run"
+    else:  # redis-server has 16 databases
+        refused, reason = redis_url.rsplit("/", 1)[0] + "/99", "DB index is out of range"
     argv, env = _serve_argv("--workers", workers, "--gate-name", gate_name())
     with trio.fail_after(20):
         by_flag = await trio.run_process(
-            [*argv, "--backend", out_of_range], env=env, capture_stderr=True, check=False
+            [*argv, "--backend", refused], env=env, capture_stderr=True, check=False
         )
         by_variable = await trio.run_process(
-            argv, env={**env, "SESSIONGATE_BACKEND": out_of_range}, capture_stderr=True, check=False
+            argv, env={**env, "SESSIONGATE_BACKEND": refused}, capture_stderr=True, check=False
         )
     for result, source in ((by_flag, "--backend"), (by_variable, "SESSIONGATE_BACKEND")):
         lines = result.stderr.decode().splitlines()
         assert result.returncode == 2, lines
         assert len(lines) == 1, lines
         assert lines[0].startswith(f"sessiongate: invalid {source}: Redis refused"), lines
-        assert "DB index is out of range" in lines[0]
+        assert reason in lines[0] and "pw@" not in lines[0]
 
 
 async def test_a_worker_that_refuses_its_settings_stops_the_supervisor_at_once(
@@ -483,6 +500,48 @@ async def test_a_worker_that_refuses_its_settings_stops_the_supervisor_at_once(
     assert "refused its settings as it started: stopping" in stderr
     assert "restarting" not in stderr
     assert trio.current_time() - start < 8
+    # The worker's line names the setting as it was given: a flag, not the variable
+    # through which the supervisor hands every setting on.
+    assert "sessiongate: invalid --handler: " in stderr, stderr
+    assert "SESSIONGATE_HANDLER" not in stderr
+
+
+async def test_a_restarted_worker_that_refuses_its_settings_is_retried(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Exit status 2 stops the supervisor at once only at a worker's first start: a
+    restart refused (a Redis password being rotated, a resource gone for a moment) is
+    retried while the others serve (an outside review: one restart stopped it all)."""
+    marker = tmp_path / "gone"
+    with trio.fail_after(40):
+        async with serve_process(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--shutdown-grace", "1", "--handler", "fails_on_restart:handler",
+            settings={"FAIL_IMPORT_IF": str(marker)},
+        ) as (process, base):  # fmt: skip
+
+            async def two_workers() -> bool:
+                await trio.lowlevel.checkpoint()
+                return len(_children(process.pid)) == 2
+
+            await until(two_workers)
+            marker.touch()
+            victim = min(_children(process.pid))
+            os.kill(victim, signal.SIGKILL)
+
+            async def one_refused_restart() -> bool:
+                await trio.lowlevel.checkpoint()
+                return victim not in _children(process.pid) and process.returncode is None
+
+            await until(one_refused_restart)
+            await trio.sleep(1.5)  # the restart (after 1 s) is refused: still serving
+            assert process.returncode is None
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                assert (await client.post("/sessions", json={"duration": 0})).status_code == 200
+            marker.unlink()
+            await until(two_workers)  # its next restart imports again
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
 
 
 async def test_plain_hypercorn_on_a_redis_that_refuses_it_says_one_line(redis_url: str) -> None:

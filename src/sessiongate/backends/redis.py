@@ -161,7 +161,7 @@ class RedisBackend:
         self.lease_ttl = float(lease_ttl)
         self._ttl_ms = max(1, round(lease_ttl * 1000))
         self._configured_capacity = capacity
-        prefix = f"sg:{{{gate_name}}}"
+        prefix = _key_prefix(gate_name)
         self._keys = [
             f"{prefix}:{k}" for k in ("meta", "queue", "qexp", "holders", "fences", "gone")
         ]
@@ -977,11 +977,24 @@ async def open_redis_backend(
         raise raised from raised.__cause__
 
 
-async def check_redis(url: str, *, limit: float = 1.0) -> None:
+def _key_prefix(gate_name: str) -> str:
+    """The gate's keys and channel start with this (one cluster hash slot per gate)."""
+    return f"sg:{{{gate_name}}}"
+
+
+#: What the check runs as the gate's scripts would: a script that writes a scratch key
+#: of the gate's (gone a millisecond later) and reads its meta key.
+_CHECK_LUA: Final = "redis.call('SET', KEYS[1], '1', 'PX', 1)\nreturn redis.call('EXISTS', KEYS[2])"
+
+
+async def check_redis(url: str, *, gate_name: str | None = None, limit: float = 1.0) -> None:
     """Raise :class:`RedisRefused` if Redis at ``url`` answers and refuses the
-    connection's configuration; return otherwise, an unreachable Redis (within
-    ``limit`` seconds) included: an outage is not an error at start. A supervisor
-    checks this once before starting workers that would each refuse to start."""
+    connection's configuration (with ``gate_name``: also a script on the gate's keys,
+    as an ACL user without the rights would be refused); return otherwise, an
+    unreachable Redis (within ``limit`` seconds) included: an outage is not an error at
+    start. ``sessiongate serve`` checks this once before it serves."""
+    if gate_name is not None:
+        check_gate_name(gate_name)
     client: coredis.Redis[str] = coredis.Redis.from_url(
         url, decode_responses=True, connect_timeout=CONNECT_TIMEOUT
     )
@@ -989,6 +1002,10 @@ async def check_redis(url: str, *, limit: float = 1.0) -> None:
         with trio.move_on_after(limit):
             async with client:
                 await client.ping()
+                if gate_name is not None:
+                    prefix = _key_prefix(gate_name)
+                    keys = [f"{prefix}:check", f"{prefix}:meta"]
+                    await client.eval(_CHECK_LUA, keys=keys, args=[])
     except* _REDIS_ERRORS as group:
         for error in _leaves(group):
             reason = _refusal(error)

@@ -152,6 +152,7 @@ from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import Handshake, WSStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.typing import Event as HypercornEvent
@@ -349,8 +350,7 @@ class _ReadWhilePaused:
                 raise _ClientGone from None
             if not data:
                 raise _ClientGone
-            stamp = state.last_read_at = _receive_stamps.received(ancillary)
-            _receive_stamps.latest_read.set((stamp, state))
+            _receive_stamps.latest_read.set((_receive_stamps.received(ancillary), state))
             connection.receive_data(data)
         # As much as h11 may hold: read no more (back-pressure, as Hypercorn does), but
         # still notice the client going away, which the kernel reports with the
@@ -383,8 +383,7 @@ async def _read_stamped(self: TCPServer, sock: trio.socket.SocketType) -> None:
                 data, ancillary, _, _ = await sock.recvmsg(MAX_RECV, ancillary_size)
         except (OSError, trio.ClosedResourceError, trio.TooSlowError):
             break  # as Hypercorn's: gone (BrokenResourceError there), closed, timed out
-        stamp = state.last_read_at = _receive_stamps.received(ancillary)
-        _receive_stamps.latest_read.set((stamp, state))
+        _receive_stamps.latest_read.set((_receive_stamps.received(ancillary), state))
         try:
             await self.protocol.handle(RawData(data))
         except _ClientGone:
@@ -491,8 +490,6 @@ class _ConnectionState:
     since: float | None
     #: When the connection was last ready for a next request (an answer done).
     recycled_at: float = -math.inf
-    #: When the latest read's bytes reached this host (the kernel's stamp; None: none).
-    last_read_at: float | None = None
     #: Set when the busy connection is idle again (its keep-alive task waits for it).
     idle_again: trio.Event | None = None
 
@@ -770,11 +767,25 @@ def _read_request_after_empty_lines(buf: ReceiveBuffer) -> h11.Request | None:
     return maybe_read_from_IDLE_client(buf)
 
 
+_stream_handle = HTTPStream.handle
+
+
+async def _stream_handle_stamped(self: HTTPStream, event: StreamEvent) -> None:
+    """Hypercorn's, noting in the request's scope when its body's end reached the host:
+    the receive stamp of the read being handled (each request's own, pipelined or
+    multiplexed alike; the connection's latest read can be a later request's)."""
+    if type(event) is EndBody and self.scope is not None:
+        latest = _receive_stamps.latest_read.get()
+        if latest is not None and latest[0] is not None:
+            self.scope[_receive_stamps.COMPLETED_KEY] = latest[0]  # type: ignore[literal-required]
+    await _stream_handle(self, event)
+
+
 @functools.cache  # once per process, however many apps are made
 def apply() -> None:
     """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``,
-    ``H11Protocol.stream_send`` and ``_send_error_response``, and ``H2Protocol``'s
-    streams and request count."""
+    ``H11Protocol.stream_send`` and ``_send_error_response``, ``H2Protocol``'s
+    streams and request count, and stamp ``HTTPStream``'s body ends."""
     _receive_stamps.keep_the_kernel_stamping()
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
     TCPServer._idle_timeout = _idle_timeout  # type: ignore[method-assign]
@@ -785,6 +796,7 @@ def apply() -> None:
     H2Protocol.handle = _h2_handle  # type: ignore[method-assign]
     H2Protocol._create_stream = _h2_create_stream  # type: ignore[method-assign]
     TCPServer.run = _run  # type: ignore[method-assign]
+    HTTPStream.handle = _stream_handle_stamped  # type: ignore[method-assign]
     Handshake.is_valid = _every_handshake_reaches_the_app  # type: ignore[method-assign]
     WSStream._send_error_response = _ws_send_error_response  # type: ignore[method-assign]
     READERS[(h11.CLIENT, h11.IDLE)] = _read_request_after_empty_lines

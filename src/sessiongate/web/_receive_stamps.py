@@ -21,8 +21,9 @@ import atexit
 import socket
 import struct
 import time
+from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import attrs
 import trio
@@ -33,8 +34,6 @@ class Recyclable(Protocol):
 
     #: When the connection was last ready for a next request (Trio clock).
     recycled_at: float
-    #: When the connection's latest read reached this host (Trio clock; None: no stamp).
-    last_read_at: float | None
 
 
 #: The latest read of the connection the current task serves: when its bytes reached
@@ -62,21 +61,19 @@ def request_received_at() -> float | None:
     return None if stamp is None else max(stamp, state.recycled_at)
 
 
-def request_completed_at() -> float | None:
-    """When the request the current task serves had reached this host in whole, once
-    the app has read its body: the kernel's stamp of its connection's latest read (the
-    one that completed the body, or the head's for a request read in one piece); None
-    if unknown. A client's slow upload is then not counted as time spent waiting for a
-    slot (an outside review: a 3 s upload on an idle gate expired with --max-wait 2).
-    Not earlier than :func:`request_received_at`, not later than now."""
-    latest = latest_read.get()
-    if latest is None:
-        return None
-    head, state = latest
-    last = state.last_read_at
-    if head is None or last is None:
-        return None
-    return min(max(head, last, state.recycled_at), trio.current_time())
+#: The ASGI scope's key for when the request's body's end reached this host (set by
+#: ``_hypercorn_fix`` as Hypercorn hands the body's end to the app).
+COMPLETED_KEY = "sessiongate.completed_at"
+
+
+def request_completed_at(scope: Mapping[str, Any]) -> float | None:
+    """When the request had reached this host in whole, once the app has read its body:
+    the kernel's stamp of the read that brought its body's end (the head's own for a
+    request read in one piece); None if unknown. A client's slow upload is then not
+    counted as time spent waiting for a slot (an outside review: a 3 s upload on an
+    idle gate expired with --max-wait 2). Not later than now."""
+    stamp = scope.get(COMPLETED_KEY)
+    return min(stamp, trio.current_time()) if isinstance(stamp, float) else None
 
 
 #: ``SO_TIMESTAMPNS`` (Linux): each read also returns when its last segment arrived.

@@ -121,12 +121,12 @@ def register(app: Quart, service: Service) -> None:
 
     def arrival_of_whole_request() -> Ticket | None:
         """The request's arrival stamp, taken as its head reached the host, or, if its
-        body was still arriving then (HTTP/1: one request at a time on a connection),
-        a stamp of when the rest of it did: the client's upload is not time spent
-        waiting for a slot, and a slow uploader queues in the place it completed."""
+        body was still arriving then, a stamp of when the rest of it did: the client's
+        upload is not time spent waiting for a slot, and a slow uploader queues in the
+        place it completed."""
         stamp = service.stamp_of(request.scope)
-        if stamp is not None and request.scope.get("http_version", "1.1").startswith("1"):
-            completed = request_completed_at()
+        if stamp is not None:
+            completed = request_completed_at(request.scope)
             if completed is not None and completed > stamp.arrived_at:
                 return service.stamp(completed)
         return stamp
@@ -177,8 +177,10 @@ def register(app: Quart, service: Service) -> None:
         limit = DEFAULT_LIST
         if text is not None:
             # Plain ASCII digits only (int() would also take "+5", " 5", "5_0", "٥").
-            # Leading zeros are no digits of the value ("0001" and "00001" alike).
-            limit = int(text) if _DIGITS.fullmatch(text.lstrip("0") or "0") else 0
+            # Leading zeros are no digits of the value ("0001" and "00001" alike), and
+            # only the rest is converted (int() refuses over 4300 digits: a 500).
+            digits = text.lstrip("0") or "0"
+            limit = int(digits) if _DIGITS.fullmatch(digits) else 0
             if not 1 <= limit <= MAX_LIST:
                 raise ApiError("invalid_request", f"'limit' must be a whole number 1-{MAX_LIST}")
         records = service.registry.list_live(state, limit)

@@ -764,3 +764,22 @@ async def test_the_configuration_check_passes_a_redis_that_answers_or_is_down(
         start = trio.current_time()
         await check_redis(f"redis://127.0.0.1:{port}/0", limit=0.5)
         assert trio.current_time() - start < 1.0
+
+
+async def test_a_read_only_replica_at_the_start_is_an_outage_not_a_refusal(
+    tmp_path: Path,
+) -> None:
+    """A Redis that answers READONLY (a replica, during a failover) is not refused at
+    the start: the backend opens unhealthy and waits for it, as for an outage."""
+    server = RedisServer(_binary(), tmp_path)
+    server.start()
+    try:
+        server.command("REPLICAOF", "127.0.0.1", str(_free_port()))  # a primary that is not there
+        with trio.fail_after(10):
+            await check_redis(server.url, gate_name="replica")  # no RedisRefused
+            async with open_redis_backend(
+                server.url, gate_name="replica", capacity=1, lease_ttl=2.0
+            ) as backend:
+                assert not backend.healthy
+    finally:
+        server.stop()

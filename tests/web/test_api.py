@@ -162,14 +162,26 @@ async def test_retry_after_where_nobody_queues_follows_the_slots_coming_back(
     the slot (an outside review). It follows how fast a full gate's slots come back."""
     async with running(capacity=1, **settings) as app:
         client = app.test_client()
+
+        async def retry_after() -> str:
+            refused, _ = await post(client, {})
+            assert refused.status_code == 503
+            return str(refused.headers["Retry-After"])
+
         for round_ in range(3):
             response, body = await post(client, {"duration": 4}, ASYNC)
             assert response.status_code == 202 and body["state"] == "active"
-            refused, _ = await post(client, {})
-            assert refused.status_code == 503
-            # 1 before any slot came back; then the pace of the sessions: one per 4 s.
-            assert refused.headers["Retry-After"] == ("1" if round_ == 0 else "4")
-            await trio.sleep(4)
+            # 1 before any slot came back; then the pace of the sessions: one per 4 s,
+            # counting down while the slot is held.
+            assert await retry_after() == ("1" if round_ == 0 else "4")
+            await trio.sleep(2)
+            assert await retry_after() == ("1" if round_ == 0 else "2")
+            await trio.sleep(2)
+        # A slot held far longer than the sessions' pace: the estimate slows with it.
+        await post(client, {"duration": 60}, ASYNC)
+        assert await retry_after() == "4"
+        await trio.sleep(30)
+        assert int(await retry_after()) > 4
 
 
 @pytest.mark.parametrize("refusal_status", [408, 429, 503])

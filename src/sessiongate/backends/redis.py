@@ -121,6 +121,7 @@ def _refusal(error: BaseException) -> str | None:
     rather than an outage or a passing state (LOADING, READONLY during a failover)."""
     cause = error.__cause__ if isinstance(error, _Unreachable) else error
     errors = coredis.exceptions
+    # "DB index is out of range" is the server's own wording (Redis 6 and 7: ERR ...).
     if isinstance(cause, (errors.AuthenticationError, errors.AuthorizationError)) or (
         isinstance(cause, errors.ResponseError) and "DB index" in str(cause)
     ):

@@ -174,6 +174,7 @@ class Service:
         self._sync_waiters = 0
         # Slots given back by a full gate's sessions: Retry-After where nobody queues.
         self._full_releases = HandoffRate()
+        self._refused_since: float | None = None
         self._answered = trio.Event()
 
     # -- accessors --------------------------------------------------------------------
@@ -224,7 +225,13 @@ class Service:
             # would say 1 for ever (an outside review: refused 3-4 times in a row by a
             # slot busy for 4 s): how soon a slot frees is how fast a full gate's
             # sessions give theirs back.
-            estimate = self._full_releases.eta(1, trio.current_time(), waiting_since=None)
+            # The first refusal since a slot last came back starts a "wait": the
+            # estimate then counts down, and slows past a typical gap (a slot held far
+            # longer than usual is not promised back at the old pace).
+            now = trio.current_time()
+            if self._refused_since is None:
+                self._refused_since = now
+            estimate = self._full_releases.eta(1, now, waiting_since=self._refused_since)
         return retry_after(estimate)
 
     # -- the owner task ---------------------------------------------------------------
@@ -601,6 +608,7 @@ class Service:
             gate = self._gate
             if gate.active + 1 >= gate.capacity:  # it gave back a slot of a full gate
                 self._full_releases.add(end, admitted)
+                self._refused_since = None
         self.metrics.session_ended(state, ran)
         log.log(
             logging.ERROR if record.exception is not None else logging.INFO,

@@ -822,20 +822,25 @@ async def test_sigterm_while_a_handler_lifespan_starts_exits_0() -> None:
             await process.wait()
 
 
+async def run_serve(*args: str, variables: Mapping[str, str] | None = None) -> Any:
+    """``sessiongate serve --bind 127.0.0.1:0 ARGS`` to its end (a start that fails);
+    the test handlers (``web_sample_handlers``, ``import_failures/``) import, and
+    ``variables`` are its only ``SESSIONGATE_*`` (and test) variables. Its
+    ``CompletedProcess``, stderr captured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
+    env.update(variables or {})
+    here = Path(__file__).parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here / "import_failures"), *sys.path])
+    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0", *args]
+    return await trio.run_process(argv, env=env, capture_stderr=True, check=False)
+
+
 async def test_a_handler_lifespan_that_fails_to_start_is_one_line_and_status_1() -> None:
     """The handler's own start-up failure: its traceback once in the log, then one line
     saying what failed, and exit status 1. It was the traceback twice over (Quart's log,
     then Hypercorn's lifespan error in exception groups: 96 lines for one failure)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *sys.path])
-    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
     with trio.fail_after(30):
-        result = await trio.run_process(
-            [*argv, "--handler", "web_sample_handlers:fails_to_start"],
-            env=env,
-            capture_stderr=True,
-            check=False,
-        )
+        result = await run_serve("--handler", "web_sample_handlers:fails_to_start")
     stderr = result.stderr.decode()
     assert result.returncode == 1, stderr
     assert stderr.count("Traceback") == 1, stderr
@@ -851,17 +856,9 @@ async def test_a_signal_while_starting_stops_with_status_0(signame: str) -> None
     """A signal before the server listens for it (here: as the handler module is
     imported) is noted and the server stops as soon as it listens, exit 0. It ended the
     process with status 143 (SIGTERM) or a KeyboardInterrupt traceback (an outside review)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
-    here = Path(__file__).parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here / "import_failures"), *sys.path])
-    env["SIGNAL_ON_IMPORT"] = signame
-    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
     with trio.fail_after(30):
-        result = await trio.run_process(
-            [*argv, "--handler", "signals_itself_on_import:handler"],
-            env=env,
-            capture_stderr=True,
-            check=False,
+        result = await run_serve(
+            "--handler", "signals_itself_on_import:handler", variables={"SIGNAL_ON_IMPORT": signame}
         )
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
@@ -873,17 +870,9 @@ async def test_a_second_signal_while_starting_stops_at_once() -> None:
     """A start that hangs (a handler module's import, say) can still be stopped: the
     second signal takes its default action at once (an outside review: two SIGTERMs
     were ignored until an 8 s import ended)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
-    here = Path(__file__).parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here / "import_failures"), *sys.path])
-    env["SIGNALS_ON_IMPORT"] = "2"
-    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
     with trio.fail_after(30):
-        result = await trio.run_process(
-            [*argv, "--handler", "signals_itself_on_import:handler"],
-            env=env,
-            capture_stderr=True,
-            check=False,
+        result = await run_serve(
+            "--handler", "signals_itself_on_import:handler", variables={"SIGNALS_ON_IMPORT": "2"}
         )
     assert result.returncode == -signal.SIGTERM, result.stderr.decode()
 

@@ -18,7 +18,13 @@ import pytest
 import trio
 
 from .conftest import real_server
-from .test_cli import plain_hypercorn, serve_process, signal_while_one_session_runs, until
+from .test_cli import (
+    plain_hypercorn,
+    run_serve,
+    serve_process,
+    signal_while_one_session_runs,
+    until,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -161,14 +167,12 @@ async def test_workers_that_cannot_start_stop_the_supervisor_with_status_1(
     three times, with a growing delay, then the supervisor exits 1. It was restarted
     every 1.5 s for ever, the port open and nothing served, and exit 0 on SIGTERM, so
     no process manager saw the failure (outside review)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *sys.path])
-    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
-    argv += ["--workers", "2", "--backend", redis_url, "--gate-name", gate_name()]
-    argv += ["--handler", "web_sample_handlers:fails_to_start"]
     with trio.fail_after(40):
         start = trio.current_time()
-        result = await trio.run_process(argv, env=env, capture_stderr=True, check=False)
+        result = await run_serve(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--handler", "web_sample_handlers:fails_to_start",
+        )  # fmt: skip
     stderr = result.stderr.decode()
     assert result.returncode == 1, stderr
     assert "3 times in a row" in stderr
@@ -436,14 +440,6 @@ async def test_a_stream_passed_on_is_cut_when_its_worker_dies(redis_url: str) ->
             assert await process.wait() == 0
 
 
-def _serve_argv(*args: str) -> tuple[list[str], dict[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
-    here = Path(__file__).parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here / "import_failures"), *sys.path])
-    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0", *args]
-    return argv, env
-
-
 def _acl_user_without_scripts(redis_url: str) -> str:
     """A URL of an ACL user of the test Redis who may connect, not run scripts."""
     host_port = redis_url.split("//", 1)[1].split("/", 1)[0]
@@ -469,14 +465,10 @@ async def test_a_redis_that_refuses_the_configuration_stops_the_start(
         refused, reason = _acl_user_without_scripts(redis_url), "no permissions to run"
     else:  # redis-server has 16 databases
         refused, reason = redis_url.rsplit("/", 1)[0] + "/99", "DB index is out of range"
-    argv, env = _serve_argv("--workers", workers, "--gate-name", gate_name())
+    args = ("--workers", workers, "--gate-name", gate_name())
     with trio.fail_after(20):
-        by_flag = await trio.run_process(
-            [*argv, "--backend", refused], env=env, capture_stderr=True, check=False
-        )
-        by_variable = await trio.run_process(
-            argv, env={**env, "SESSIONGATE_BACKEND": refused}, capture_stderr=True, check=False
-        )
+        by_flag = await run_serve(*args, "--backend", refused)
+        by_variable = await run_serve(*args, variables={"SESSIONGATE_BACKEND": refused})
     for result, source in ((by_flag, "--backend"), (by_variable, "SESSIONGATE_BACKEND")):
         lines = result.stderr.decode().splitlines()
         assert result.returncode == 2, lines
@@ -490,11 +482,12 @@ async def test_a_worker_that_refuses_its_settings_stops_the_supervisor_at_once(
 ) -> None:
     """A worker that exits 2 as it starts (a setting refused) is not restarted three
     times with growing delays: the supervisor stops at once, with status 2."""
-    argv, env = _serve_argv("--workers", "2", "--backend", redis_url, "--gate-name", gate_name())
-    argv += ["--handler", "fails_in_workers:handler"]
     with trio.fail_after(30):
         start = trio.current_time()
-        result = await trio.run_process(argv, env=env, capture_stderr=True, check=False)
+        result = await run_serve(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--handler", "fails_in_workers:handler",
+        )  # fmt: skip
     stderr = result.stderr.decode()
     assert result.returncode == 2, stderr
     assert "refused its settings as it started: stopping" in stderr
@@ -565,10 +558,11 @@ async def test_plain_hypercorn_on_a_redis_that_refuses_it_says_one_line(redis_ur
 
 
 async def test_a_signal_while_the_supervisor_starts_starts_no_worker(redis_url: str) -> None:
-    argv, env = _serve_argv("--workers", "2", "--backend", redis_url, "--gate-name", gate_name())
-    argv += ["--handler", "signals_itself_on_import:handler"]
     with trio.fail_after(30):
-        result = await trio.run_process(argv, env=env, capture_stderr=True, check=False)
+        result = await run_serve(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--handler", "signals_itself_on_import:handler",
+        )  # fmt: skip
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
     assert "SIGTERM while starting: stopping" in stderr

@@ -207,7 +207,7 @@ def _missing_extra(settings: Settings) -> str | None:
             what = "a redis:// --backend" if extra == "redis" else "sessiongate serve"
             return (
                 f"{what} needs the {extra!r} extra (missing: {', '.join(absent)}): "
-                f"pip install 'sessiongate[{extra}]', or '.[{extra}]' from a checkout"
+                f"pip install '.[{extra}]' in a checkout of sessiongate"
             )
     return None
 

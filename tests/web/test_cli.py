@@ -146,6 +146,8 @@ def test_a_missing_extra_stops_with_one_line(
     assert main(["serve", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"'{extra}' extra" in err and absent in err
+    # The way to install it that works: sessiongate is not on PyPI.
+    assert f"pip install '.[{extra}]' in a checkout" in err and "sessiongate[" not in err
 
 
 @pytest.mark.parametrize(

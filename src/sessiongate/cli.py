@@ -73,7 +73,13 @@ def _source_of(name: str, argv: Sequence[str]) -> str:
     return Settings.source_of(name, argv, environ)
 
 
+#: Seconds the start waits for Redis to answer the configuration check; one that does
+#: not answer is an outage, not an error (the service starts, refusing, and recovers).
+REDIS_CHECK_LIMIT: Final = 0.5
+
+
 async def _check_redis(settings: Settings) -> None:
+    """Refuse the start (one line, status 2) if Redis refuses this configuration."""
     from .backends.redis import RedisRefused, check_redis
     from .web import StartRefused
 
@@ -81,11 +87,6 @@ async def _check_redis(settings: Settings) -> None:
         await check_redis(settings.backend, gate_name=settings.gate_name, limit=REDIS_CHECK_LIMIT)
     except RedisRefused as error:
         raise StartRefused(str(error), setting="backend") from None
-
-
-#: Seconds the start waits for Redis to answer the configuration check; one that does
-#: not answer is an outage, not an error (the service starts, refusing, and recovers).
-REDIS_CHECK_LIMIT: Final = 0.5
 
 
 def _fail(message: str, status: int = 2) -> int:
@@ -176,7 +177,6 @@ def _serve_command(args: list[str]) -> int:
             return _fail(refused.reason, 1)
         source = _source_of(refused.setting, args[1:])
         return _fail(f"invalid {source}: {refused.reason}")
-
     except OSError as error:
         return _fail(f"cannot serve on {settings.bind}: {error}", 1)
     except BaseExceptionGroup as group:

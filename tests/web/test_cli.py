@@ -847,6 +847,7 @@ async def test_a_handler_lifespan_that_fails_to_start_is_one_line_and_status_1()
     assert result.returncode == 1, stderr
     assert stderr.count("Traceback") == 1, stderr
     assert "ERROR sessiongate.web: the handler's lifespan failed at start-up" in stderr
+    assert "Running on" not in stderr  # Hypercorn went on to bind and say so
     assert stderr.splitlines()[-1] == (
         "sessiongate: the handler's lifespan failed at start-up: RuntimeError: "
         "the resource this handler needs is not there (traceback in the log)"

@@ -154,9 +154,11 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import Handshake, WSStream
+from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.typing import Event as HypercornEvent
 from hypercorn.typing import ResponseSummary
+from hypercorn.utils import LifespanFailureError
 
 from . import _receive_stamps
 
@@ -767,6 +769,27 @@ def _read_request_after_empty_lines(buf: ReceiveBuffer) -> h11.Request | None:
     return maybe_read_from_IDLE_client(buf)
 
 
+_lifespan_send = Lifespan.asgi_send
+_wait_for_startup = Lifespan.wait_for_startup
+
+
+async def _lifespan_send_noting_failure(self: Lifespan, message: Any) -> None:
+    if message["type"] == "lifespan.startup.failed":
+        _failed_starts.add(self)
+    await _lifespan_send(self, message)
+
+
+async def _wait_for_startup_or_fail(self: Lifespan) -> None:
+    """Hypercorn's, except that a failed start stops here: Hypercorn's lifespan task
+    marks the start done as it fails, and the worker went on to bind its sockets and log
+    "Running on ..." before the failure ended it (an outside review)."""
+    await _wait_for_startup(self)
+    if self in _failed_starts:
+        raise LifespanFailureError("startup", "the app did not start")
+
+
+_failed_starts: weakref.WeakSet[Lifespan] = weakref.WeakSet()
+
 _stream_handle = HTTPStream.handle
 
 
@@ -785,7 +808,8 @@ async def _stream_handle_stamped(self: HTTPStream, event: StreamEvent) -> None:
 def apply() -> None:
     """Replace ``TCPServer.protocol_send``, ``_idle_timeout`` and ``_read_data``,
     ``H11Protocol.stream_send`` and ``_send_error_response``, ``H2Protocol``'s
-    streams and request count, and stamp ``HTTPStream``'s body ends."""
+    streams and request count, stamp ``HTTPStream``'s body ends, and stop a failed
+    lifespan start before serving."""
     _receive_stamps.keep_the_kernel_stamping()
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
     TCPServer._idle_timeout = _idle_timeout  # type: ignore[method-assign]
@@ -797,6 +821,8 @@ def apply() -> None:
     H2Protocol._create_stream = _h2_create_stream  # type: ignore[method-assign]
     TCPServer.run = _run  # type: ignore[method-assign]
     HTTPStream.handle = _stream_handle_stamped  # type: ignore[method-assign]
+    Lifespan.asgi_send = _lifespan_send_noting_failure  # type: ignore[method-assign]
+    Lifespan.wait_for_startup = _wait_for_startup_or_fail  # type: ignore[method-assign]
     Handshake.is_valid = _every_handshake_reaches_the_app  # type: ignore[method-assign]
     WSStream._send_error_response = _ws_send_error_response  # type: ignore[method-assign]
     READERS[(h11.CLIENT, h11.IDLE)] = _read_request_after_empty_lines

@@ -603,6 +603,27 @@ async def test_ended_sessions_expire_after_the_result_ttl(autojump_clock: Any) -
         assert response.status_code == 404
 
 
+async def test_ended_sessions_are_forgotten_on_a_quiet_server_too(autojump_clock: Any) -> None:
+    """Past --result-ttl an ended session's result is freed though nothing reads or ends
+    any more: it went only at the next read or session end, so a server gone quiet held up
+    to --result-max results for ever (an outside soak test)."""
+    async with running(result_ttl=10) as app:
+        client = app.test_client()
+        for duration in (1, 3):
+            await post(client, {"duration": duration}, ASYNC)
+        ended = app.service.registry.ended
+        await trio.sleep(3.5)
+        assert len(ended) == 2
+        await trio.sleep(8)  # t=11.5: the first one's time is up, not the second's
+        assert len(ended) == 1
+        await trio.sleep(2)  # t=13.5
+        assert not ended
+        await post(client, {"duration": 0})  # kept again after the store was empty
+        assert len(ended) == 1
+        await trio.sleep(10.5)
+        assert not ended
+
+
 async def test_at_most_result_max_ended_sessions_are_kept(autojump_clock: Any) -> None:
     async with running(result_max=2) as app:
         client = app.test_client()

@@ -221,6 +221,21 @@ class Registry:
     _pulse_taken: bool = False
     #: Set (and replaced) when the last live session ends.
     idle: trio.Event = attrs.Factory(trio.Event)
+    #: Set when an ended session is kept (the sweeper waits for it with nothing kept).
+    _kept: trio.Event = attrs.Factory(trio.Event)
+
+    async def sweep(self) -> None:
+        """Forget ended sessions as their ``result_ttl`` runs out, on a quiet server too:
+        they went only at the next read or session end, so a server gone quiet held up to
+        ``result_max`` results for ever (an outside soak test; ~1 GB of large ones)."""
+        while True:
+            oldest = next(iter(self.ended.values()), None)
+            if oldest is None:
+                await self._kept.wait()
+                self._kept = trio.Event()
+            else:
+                await trio.sleep_until(oldest.ended_at + self.result_ttl)
+                self._evict()
 
     def add(self, record: SessionRecord) -> None:
         self.live[record.id] = record
@@ -257,6 +272,7 @@ class Registry:
                     record.id, record.state, record.ended_at, document
                 )
                 self._evict()
+                self._kept.set()
         record.done.set()
         self.changed(record)
         if not self.live:

@@ -154,6 +154,7 @@ def _serve_command(args: list[str]) -> int:
         sys.path.insert(0, os.getcwd())
     from .web import HandlerLoadError, StartRefused
     from .web._handlers import load
+    from .web._peers import WORKER_ENV
 
     try:
         load(settings.handler)
@@ -164,7 +165,7 @@ def _serve_command(args: list[str]) -> int:
     for name in Settings.unknown_variables(os.environ):
         log.warning("ignoring %s: no setting has this name (see sessiongate serve --help)", name)
     try:
-        if settings.redis and FLAGS_ENV not in os.environ:  # a worker's supervisor did it
+        if settings.redis and WORKER_ENV not in os.environ:  # a worker's supervisor did it
             # Before anything serves (or each worker refuses, one line each, and is
             # restarted to no avail): a Redis that refuses this configuration.
             trio.run(_check_redis, settings)
@@ -588,7 +589,7 @@ async def _supervise(settings: Settings, flags: frozenset[str] = frozenset()) ->
     # sessions (web/_peers.py); the directory goes when the supervisor does.
     peers_dir = tempfile.mkdtemp(prefix="sessiongate-workers-")
     env[PEERS_ENV] = peers_dir
-    env[FLAGS_ENV] = ",".join(sorted(flags)) or "-"  # set: the Redis check is done
+    env[FLAGS_ENV] = ",".join(sorted(flags))
     command = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", f"fd://{fd}"]
     command += ["--workers", "1"]
     stopping = trio.Event()

@@ -278,17 +278,19 @@ class Service:
                             f"{type(error).__name__}: {error} (traceback in the log)"
                         ) from error
                 self.wall_offset = time.time() - trio.current_time()
-                async with trio.open_nursery() as housekeeping:
-                    housekeeping.start_soon(self._registry.sweep)
-                    async with trio.open_nursery() as sessions:
-                        self._sessions = sessions
-                        task_status.started()
-                        await self._stop.wait()
-                        await self.drain()
-                        self._closed = True
-                        # Backstop: nothing should be left, but never hang the exit on it.
-                        sessions.cancel_scope.deadline = trio.current_time() + CUT_BOUND
-                    housekeeping.cancel_scope.cancel()
+                # The result store's sweeper, outside the sessions (a drain waits for
+                # those); cancelled once they are done, as the service stops.
+                housekeeping = await stack.enter_async_context(trio.open_nursery())
+                housekeeping.start_soon(self._registry.sweep)
+                async with trio.open_nursery() as sessions:
+                    self._sessions = sessions
+                    task_status.started()
+                    await self._stop.wait()
+                    await self.drain()
+                    self._closed = True
+                    # Backstop: nothing should be left, but never hang the exit on it.
+                    sessions.cancel_scope.deadline = trio.current_time() + CUT_BOUND
+                housekeeping.cancel_scope.cancel()
                 await self.gate.aclose()
         except StartRefused as refused:
             self.start_refused = refused  # for the command line, past Hypercorn's wrapping

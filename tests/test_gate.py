@@ -559,6 +559,45 @@ async def test_eta_from_the_handoff_rate(autojump_clock: trio.testing.MockClock)
     assert gate.estimate_wait(2) is not None
 
 
+@pytest.mark.parametrize("limits", [{"max_queue": 0}, {"max_wait": 0.0}])
+async def test_eta_where_nobody_queues_follows_the_slots_coming_back(
+    autojump_clock: trio.testing.MockClock, limits: dict[str, Any]
+) -> None:
+    """With no queue (or no waiting) no slot is ever handed on, so the hand-off rate
+    stays unknown; a refused arrival's wait (``estimate_wait(queued + 1)``, its
+    Retry-After) follows how fast a full gate's slots come back. It was counted in the
+    web layer only, so a library user's estimate stayed None for ever."""
+    gate = Gate(capacity=1, **limits)
+    refusal = QueueFull if "max_queue" in limits else QueueTimeout
+
+    async def refused_estimate() -> float | None:
+        with pytest.raises(refusal):
+            async with gate.session():
+                pytest.fail("admitted past a full gate")
+        return gate.estimate_wait(gate.queued + 1)
+
+    async with trio.open_nursery() as nursery:
+        for round_ in range(3):
+            nursery.start_soon(gate.run, trio.sleep, 4.0)
+            await settle()
+            # None before any slot came back; then one slot per 4 s, counting down
+            # from the refusal while the slot is held.
+            assert await refused_estimate() == (None if round_ == 0 else pytest.approx(4.0))
+            await trio.sleep(2)
+            assert await refused_estimate() == (None if round_ == 0 else pytest.approx(2.0))
+            await trio.sleep(2)
+        # A slot held far longer than the sessions' pace: the estimate slows with it.
+        nursery.start_soon(gate.run, trio.sleep, 60.0)
+        await settle()
+        assert await refused_estimate() == pytest.approx(4.0)
+        await trio.sleep(30)
+        estimate = await refused_estimate()
+        assert estimate is not None and estimate > 4.0
+        nursery.cancel_scope.cancel()
+    # The hand-off rate itself is untouched: nothing was handed on.
+    assert gate.handoff_rate() is None
+
+
 def test_a_quiet_spell_does_not_slow_the_handoff_rate() -> None:
     # Bursts of short sessions handed on at 100/s, with nobody waiting in between:
     # the rate is the bursts' 100/s, not hand-offs over wall time (~8/s here).

@@ -41,7 +41,7 @@ from typing import TypeVar, TypeVarTuple
 import attrs
 import trio
 
-from ._errors import AdmissionError, GateClosed, LeaseLost, QueueTimeout
+from ._errors import AdmissionError, GateClosed, LeaseLost, QueueFull, QueueTimeout
 from ._limits import check_capacity, check_int, check_seconds
 from ._stats import GateStats, HandoffRate, WaitQuantiles
 from .backends._base import Backend
@@ -246,6 +246,12 @@ class Gate:
         shared_rate = getattr(backend, "handoffs", None)
         self._counts_handoffs = not isinstance(shared_rate, HandoffRate)
         self._handoffs = shared_rate if isinstance(shared_rate, HandoffRate) else HandoffRate()
+        # Where nobody can queue (max_queue or max_wait 0) no slot is ever handed on and
+        # the hand-off rate stays unknown: how soon a slot frees is then the pace at
+        # which a full gate's sessions give theirs back (this process's, in Redis mode),
+        # counted from the first refusal since a slot last came back.
+        self._full_releases = HandoffRate()
+        self._refused_since: float | None = None
         #: Called, synchronously, when one of this gate's tickets starts waiting in the
         #: queue (the web layer wakes its event streams and async answers with it).
         #: It must not block or raise, and must not change the gate (resize it, enter or
@@ -486,7 +492,25 @@ class Gate:
             self._rejected += 1
             return GateClosed("the gate closed while this session waited")
         self._expired += 1
+        self._note_refusal()
         return QueueTimeout(waited, max_wait)
+
+    def _nobody_queues(self) -> bool:
+        return self.max_queue == 0 or self.max_wait == 0
+
+    def _note_refusal(self) -> None:
+        """An arrival found the gate full and could not queue: from now until a slot
+        comes back, a newcomer's wait counts down (:meth:`estimate_wait`)."""
+        if self._refused_since is None and self._nobody_queues():
+            self._refused_since = trio.current_time()
+
+    def _note_release(self, ticket: Ticket) -> None:
+        """``ticket`` is giving its slot back (it still counts as active)."""
+        admitted = ticket.admitted_at
+        released = ticket.released_at
+        if admitted is not None and released is not None and self.active >= self.capacity:
+            self._full_releases.add(released, admitted)
+            self._refused_since = None
 
     async def run(
         self,
@@ -546,10 +570,23 @@ class Gate:
     # -- figures ------------------------------------------------------------------------
 
     def estimate_wait(self, position: int) -> float | None:
-        """Seconds a waiter at ``position`` is likely to wait, from the hand-off rate."""
-        return self._handoffs.eta(
-            position, trio.current_time(), waiting_since=self._waiting_since()
-        )
+        """Seconds a waiter at ``position`` is likely to wait, from the hand-off rate,
+        or None before any hand-off. ``estimate_wait(gate.queued + 1)`` is a refused
+        arrival's honest Retry-After.
+
+        Where nobody can queue (``max_queue`` or ``max_wait`` 0) no slot is ever handed
+        on: the estimate then follows the pace at which a full gate's slots come back
+        (None before one has), counting down from the first refusal since the last one
+        came back, and slowing past a typical gap (a slot held far longer than usual is
+        not promised back at the old pace). It said 1 for ever otherwise, and a client
+        honouring it was refused 3-4 times while a 4 s session held the slot (an outside
+        review of the HTTP service).
+        """
+        now = trio.current_time()
+        estimate = self._handoffs.eta(position, now, waiting_since=self._waiting_since())
+        if estimate is None and self._nobody_queues():
+            estimate = self._full_releases.eta(position, now, waiting_since=self._refused_since)
+        return estimate
 
     def handoff_rate(self) -> float | None:
         """Slots handed to waiters per second over the minute of hand-offs up to the
@@ -666,8 +703,10 @@ class _Session:
         except trio.Cancelled:
             gate._cancelled += 1  # the caller went away while queued
             raise
-        except AdmissionError:
+        except AdmissionError as refused:
             gate._rejected += 1  # refused by the backend (queue full, unreachable)
+            if isinstance(refused, QueueFull):
+                gate._note_refusal()
             raise
         except LeaseLost:
             gate._failed += 1  # granted, but the lease lapsed before the body could run
@@ -693,6 +732,7 @@ class _Session:
         # Stamped before the backend hands the slot on, so a successor's admission
         # never precedes this release.
         ticket.released_at = trio.current_time()
+        gate._note_release(ticket)
         # The outcome is classified once ``hold`` has exited, so that what the backend
         # made of the body's exit counts (a Redis lease lost mid-session turns the
         # body's cancellation into LeaseLost: a failure, not a cancellation). A drain

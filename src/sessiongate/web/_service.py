@@ -32,7 +32,6 @@ import trio
 
 from .. import _errors as errors
 from .._gate import Gate, Ticket, cancellation_pending
-from .._stats import HandoffRate
 from ..backends.memory import MemoryBackend
 from ..config import Settings
 from ..metrics import Metrics
@@ -172,9 +171,6 @@ class Service:
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._sync_waiters = 0
-        # Slots given back by a full gate's sessions: Retry-After where nobody queues.
-        self._full_releases = HandoffRate()
-        self._refused_since: float | None = None
         self._answered = trio.Event()
 
     # -- accessors --------------------------------------------------------------------
@@ -209,7 +205,9 @@ class Service:
         return not isinstance(self.backend, MemoryBackend)
 
     def retry_after(self) -> str:
-        """An honest Retry-After: a newcomer's likely wait at the recent hand-off rate.
+        """An honest Retry-After: a newcomer's likely wait at the recent hand-off rate
+        (where nobody can queue, at the pace a full gate's slots come back: the gate's
+        own estimate).
 
         While a shared backend is unreachable the queue's figures are stale (and its
         stall would grow the estimate by the second): 1, since the service takes
@@ -219,20 +217,7 @@ class Service:
         if not self.backend_healthy:
             return "1"
         gate = self.gate
-        estimate = gate.estimate_wait(gate.queued + 1)
-        if estimate is None and (gate.max_queue == 0 or gate.max_wait == 0):
-            # Nobody can queue, so no slot is ever handed on, and the hand-off rate
-            # would say 1 for ever (an outside review: refused 3-4 times in a row by a
-            # slot busy for 4 s): how soon a slot frees is how fast a full gate's
-            # sessions give theirs back.
-            # The first refusal since a slot last came back starts a "wait": the
-            # estimate then counts down, and slows past a typical gap (a slot held far
-            # longer than usual is not promised back at the old pace).
-            now = trio.current_time()
-            if self._refused_since is None:
-                self._refused_since = now
-            estimate = self._full_releases.eta(1, now, waiting_since=self._refused_since)
-        return retry_after(estimate)
+        return retry_after(gate.estimate_wait(gate.queued + 1))
 
     # -- the owner task ---------------------------------------------------------------
 
@@ -609,11 +594,6 @@ class Service:
         end = record.ended_at
         waited = (admitted if admitted is not None else end) - record.arrival.arrived_at
         ran = end - admitted if admitted is not None else None
-        if admitted is not None and self._gate is not None:
-            gate = self._gate
-            if gate.active + 1 >= gate.capacity:  # it gave back a slot of a full gate
-                self._full_releases.add(end, admitted)
-                self._refused_since = None
         self.metrics.session_ended(state, ran)
         log.log(
             logging.ERROR if record.exception is not None else logging.INFO,

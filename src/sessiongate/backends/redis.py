@@ -939,17 +939,7 @@ async def open_redis_backend(
     if client is None:
         if url is None:
             raise ValueError("open_redis_backend needs a url or a client")
-        # Connection attempts must end (as errors) inside every call's own time limit:
-        # a connect cancelled from outside loses coredis 6.9 a pool slot for good. Two
-        # attempts of at most CONNECT_TIMEOUT each fit in FAIL_FAST.
-        client = coredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            connect_timeout=CONNECT_TIMEOUT,
-            retry_policy=ConstantRetryPolicy(
-                (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
-            ),
-        )
+        client = _client_for(url)
     raised: BaseException | None = None  # what the caller's block raised, if anything
     try:
         async with client, trio.open_nursery() as nursery:
@@ -978,6 +968,21 @@ async def open_redis_backend(
         raise raised from raised.__cause__
 
 
+def _client_for(url: str) -> coredis.Redis[str]:
+    """A client for ``url`` as the backend and the start's check use it."""
+    # Connection attempts must end (as errors) inside every call's own time limit: a
+    # connect cancelled from outside loses coredis 6.9 a pool slot for good. Two
+    # attempts of at most CONNECT_TIMEOUT each fit in FAIL_FAST.
+    return coredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        connect_timeout=CONNECT_TIMEOUT,
+        retry_policy=ConstantRetryPolicy(
+            (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
+        ),
+    )
+
+
 def _key_prefix(gate_name: str) -> str:
     """The gate's keys and channel start with this (one cluster hash slot per gate)."""
     return f"sg:{{{gate_name}}}"
@@ -996,9 +1001,7 @@ async def check_redis(url: str, *, gate_name: str | None = None, limit: float = 
     start. ``sessiongate serve`` checks this once before it serves."""
     if gate_name is not None:
         check_gate_name(gate_name)
-    client: coredis.Redis[str] = coredis.Redis.from_url(
-        url, decode_responses=True, connect_timeout=CONNECT_TIMEOUT
-    )
+    client = _client_for(url)
     try:
         with trio.move_on_after(limit):
             async with client:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -206,6 +206,10 @@ class EndedSession:
 Session = SessionRecord | EndedSession
 
 
+#: Seconds the sweeper may free an ended session after its ``result_ttl`` ran out.
+SWEEP_LATENESS: Final = 1.0
+
+
 @attrs.define
 class Registry:
     """Live sessions by id, and ended ones for a while (bounded by TTL and count)."""
@@ -234,7 +238,9 @@ class Registry:
                 await self._kept.wait()
                 self._kept = trio.Event()
             else:
-                await trio.sleep_until(oldest.ended_at + self.result_ttl)
+                # A second late at most: reads stay exact (``get`` evicts first), and a
+                # busy server's sweeper wakes once a second, not at every session's end.
+                await trio.sleep_until(oldest.ended_at + self.result_ttl + SWEEP_LATENESS)
                 self._evict()
 
     def add(self, record: SessionRecord) -> None:

@@ -881,6 +881,57 @@ async def test_threads_are_limited_and_a_cancelled_thread_frees_its_slot(
             assert done["state"] == "completed" and done["result"] == "released"
 
 
+@pytest.mark.parametrize("hold", [1.0, 3.0])
+async def test_delete_of_a_session_that_ignores_cancellation(
+    autojump_clock: Any, sample_handlers: str, hold: float
+) -> None:
+    """DELETE of an active session whose handler holds on (a shielded wait, an
+    uninterruptible thread): it waited for the handler and answered 409 already_ended
+    (completed) once it returned (an outside review). Now the DELETE wins: answered 200
+    cancelled within 1.5 s at most; the slot stays taken until the handler returns, so
+    the cap holds."""
+    async with running(handler=f"{sample_handlers}:ignores_cancellation", capacity=1) as app:
+        client = app.test_client()
+        _, body = await post(client, {"duration": hold}, ASYNC)
+        _, waiting = await post(client, {"duration": 0}, ASYNC)
+        start = trio.current_time()
+        response = await client.delete(f"/sessions/{body['id']}")
+        deleted = await response.get_json()
+        assert response.status_code == 200 and deleted["state"] == "cancelled"
+        assert deleted["error"]["error"] == "cancelled" and deleted["result"] is None
+        assert trio.current_time() - start == pytest.approx(min(hold, 1.5))
+        # Until the handler returns, its slot is taken: the next one still waits.
+        waited = await (await client.get(f"/sessions/{waiting['id']}")).get_json()
+        assert waited["state"] == ("queued" if hold > 1.5 else "completed")
+        await session_ended(app, waiting["id"])
+        assert trio.current_time() - start == pytest.approx(hold)
+        again = await (await client.get(f"/sessions/{body['id']}")).get_json()
+        assert again["state"] == "cancelled" and again["result"] is None  # not overwritten
+        figures = await stats(client)
+        assert figures["cancelled_total"] == 1 and figures["completed_total"] == 1
+        assert figures["active"] == 0
+
+
+async def test_a_synchronous_caller_of_a_session_deleted_while_it_holds_on(
+    autojump_clock: Any, sample_handlers: str
+) -> None:
+    async with running(handler=f"{sample_handlers}:ignores_cancellation", admin_token="t") as app:
+        client = app.test_client()
+        answers: list[Any] = []
+
+        async def caller() -> None:
+            answers.append(await post(client, {"duration": 1}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            await trio.testing.wait_all_tasks_blocked()
+            listed = await client.get("/sessions", headers={"Authorization": "Bearer t"})
+            (live,) = (await listed.get_json())["sessions"]
+            await client.delete(f"/sessions/{live['id']}")
+        ((response, body),) = answers
+        assert response.status_code == 409 and body["error"] == "cancelled"
+
+
 async def test_head_of_an_event_stream_does_not_follow_the_session(autojump_clock: Any) -> None:
     async with running() as app:
         client = app.test_client()

@@ -325,18 +325,21 @@ class Service:
     def _abandon(self, record: SessionRecord) -> None:
         """End a session that is still running ``CUT_BOUND`` after it was cancelled (its
         handler ignores cancellation: a shielded wait, a lifespan that blocks): its
-        caller is answered ``shutting_down`` now, and the process exits without it
-        (``sessiongate serve`` bounds the exit). An outside review saw such a session
-        hold the exit until it returned (30 s with a grace of 2), its caller's
+        caller is answered now, as cancelled with the cancellation's reason; its task
+        keeps its slot until the handler returns, and at a drain the process exits
+        without it (``sessiongate serve`` bounds the exit). An outside review saw such
+        a session hold the exit until it returned (30 s with a grace of 2), its caller's
         connection cut with no answer, and then count as completed."""
+        reason = record.cancel_reason or "shutting_down"
         log.error(
             "session %s still running %gs after it was cancelled (its handler ignores "
-            "cancellation): ended as cancelled (shutting_down), left to the exit",
+            "cancellation): ended as cancelled (%s); its slot stays taken until it returns",
             record.id,
             CUT_BOUND,
+            reason,
         )
         record.abandoned = True  # it ran (and still runs): its admission stays shown
-        self._end(record, CANCELLED, error=_error("shutting_down"))
+        self._end(record, CANCELLED, error=_error(reason))
 
     def cut(self) -> None:
         """End the grace now: cancel every live session (a second SIGTERM). The drain
@@ -477,10 +480,20 @@ class Service:
                 answered.set()
 
     async def cancel(self, record: SessionRecord) -> bool:
-        """DELETE: cancel a live session and wait for it to end; False if it had ended."""
+        """DELETE: cancel a live session and wait for it to end; False if it had ended.
+
+        The wait is bounded: a session still running ``CUT_BOUND`` after it was
+        cancelled (its handler ignores cancellation, or waits for an uninterruptible
+        thread) is ended as cancelled there and answered; it keeps its slot until its
+        handler really returns, so the cap holds. An outside review saw such a DELETE
+        wait 2.7 s and then answer 409 ``already_ended`` (completed).
+        """
         if not record.cancel("cancelled"):
             return False
-        await record.done.wait()
+        with trio.move_on_after(CUT_BOUND):
+            await record.done.wait()
+        if not record.ended:
+            self._abandon(record)
         return record.state == CANCELLED
 
     async def _session_task(
@@ -522,6 +535,12 @@ class Service:
                     self._admitted(record)
                     try:
                         value = await handler(record.body, ticket)
+                        # Cancelled (DELETE, its caller gone, the drain's cut) while it
+                        # ran, it ends cancelled, also when its handler returned all
+                        # the same (it ignores cancellation, or waited for a thread that
+                        # cannot be interrupted): the DELETE came while it was live, and
+                        # was answered "already ended" (an outside review).
+                        await trio.lowlevel.checkpoint_if_cancelled()
                         if handler.fn is not None:  # the sleep demo returns parsed JSON
                             dumps(value)  # the result must be JSON, or the session failed
                     except BaseException as exc:

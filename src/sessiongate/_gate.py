@@ -10,7 +10,9 @@ A session is one ``async with gate.session() as ticket:`` block:
 2. *Wait.* The gate makes a cancel scope with deadline ``arrived_at + max_wait`` (the
    ``move_on_at`` of the design) and the backend's ``hold(ticket)`` enters it around
    the wait: queue the ticket, wait until it is the head and a slot is free, take the
-   slot (``async with`` the limiter). Then the deadline is lifted
+   slot (the in-memory backend borrows a token of its ``trio.CapacityLimiter`` on the
+   ticket's behalf; a waiter parks in the backend's own FIFO, which a release hands the
+   token to directly). Then the deadline is lifted
    (``deadline = math.inf``) before the session's body runs, so the deadline covers
    waiting only. A slot handed over at the very instant the deadline fires is either
    kept (the session is admitted, and the deadline no longer applies) or handed straight
@@ -20,8 +22,8 @@ A session is one ``async with gate.session() as ticket:`` block:
    :class:`GateClosed` when a drain cut the wait short. An outer cancellation (the
    caller went away) leaves the queue at once through the same scopes.
 3. *Run.* The body runs inside ``hold``; leaving the block by any exit (return,
-   exception, cancellation) leaves the limiter's ``async with`` and frees the slot
-   straight to the head of the queue.
+   exception, cancellation) leaves ``hold``'s ``async with``, which gives the token
+   back and hands the slot straight to the head of the queue.
 
 No slot or queue place is released by hand: each is owned by a scope.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -979,3 +980,32 @@ async def test_waiters_missing_from_a_stale_mirror_get_distinct_positions(  # ty
                     await wait_until(lambda: tickets[-1].position is not None)
                 assert [t.position for t in tickets] == [1, 2]
                 release.set()
+
+
+async def test_a_connect_cancelled_as_the_backend_closes_is_not_logged_as_an_error(
+    open_backend,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """coredis logs a connection attempt cancelled from outside (the backend closing as
+    its pool still connected) at ERROR with a page of traceback: a clean exit looked like
+    a failure (an outside review). The backend keeps those out, and only those."""
+    async with open_backend():
+        pass
+    coredis_log = logging.getLogger("coredis")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled as cancelled:
+            coredis_log.error("Connection attempt failed unexpectedly!", exc_info=cancelled)
+            group = BaseExceptionGroup("connecting", [cancelled])
+            coredis_log.error("Connection attempt failed unexpectedly!", exc_info=group)
+            raise
+    refused = ConnectionRefusedError("refused")
+    coredis_log.error("Connection attempt failed unexpectedly!", exc_info=refused)
+    coredis_log.error("something else")
+    kept = [(r.getMessage(), r.exc_info and r.exc_info[1]) for r in caplog.records]
+    assert kept == [
+        ("Connection attempt failed unexpectedly!", refused),
+        ("something else", None),
+    ]

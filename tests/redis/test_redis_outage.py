@@ -449,6 +449,29 @@ async def test_a_server_started_while_redis_stalls_warns_of_the_stored_capacity_
     assert warnings == [f"gate {gate_name!r} already has capacity 2 in Redis; using it, not 7"]
 
 
+async def test_a_resize_that_failed_at_start_is_not_the_capacity_warned_of(
+    own_redis: RedisServer, gate_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opened with capacity 4 while Redis is down, a resize to 6 is refused (unchanged);
+    Redis starts, and this process makes the gate with 4. It then warned that the gate
+    "already has capacity 4 in Redis; using it, not 6" (an outside review)."""
+    with trio.fail_after(20):
+        own_redis.stop()
+        async with open_redis_backend(
+            own_redis.url, gate_name=gate_name, capacity=4, lease_ttl=5.0
+        ) as backend:
+            with pytest.raises(sessiongate.BackendUnavailable):
+                await backend.resize(6)
+            own_redis.start()
+            await wait_until(lambda: backend.healthy)
+            assert backend.capacity == 4
+    messages = [r.getMessage() for r in caplog.records]
+    # The outage's records hold coredis's failed connection (in their arguments): let
+    # them go before _collect_coredis_garbage collects it.
+    caplog.clear()
+    assert not [m for m in messages if "already has capacity" in m]
+
+
 async def test_an_arrival_stamped_long_ago_still_gets_one_call_of_time(
     own_redis: RedisServer, gate_name: str
 ) -> None:

@@ -76,6 +76,29 @@ async def test_clock_bound_maps_local_times_onto_redis_microseconds() -> None:
     assert mapped == round((50.000 + 0.010 - 0.001 + 0.0005) * 1e6)
 
 
+async def test_arrivals_keep_their_order_as_the_clock_estimate_moves() -> None:
+    """A narrower sample moves the offset's estimate back: a later arrival must still
+    map after an earlier one already sent (a new process's first burst queued its own
+    later arrivals ahead, an outside review)."""
+    clock = ClockBound()
+    now = trio.current_time()
+    clock.sample(50_000, now, now + 0.004)  # a wide first sample (the connect)
+    first = clock.arrival_us(now + 0.0100)
+    clock.sample(49_998, now + 0.0012, now + 0.0013)  # narrower, and earlier
+    plain = clock.redis_us(now + 0.0101)
+    later = clock.arrival_us(now + 0.0101)
+    assert first is not None and plain is not None and later is not None
+    assert plain < first  # the estimate alone would put it ahead
+    assert later == first + 1
+    # An older arrival sent late maps as it is and moves no mark.
+    older = clock.arrival_us(now + 0.005)
+    assert older == clock.redis_us(now + 0.005)
+    assert clock.arrival_us(now + 0.0102) == later + 1
+    # Once the estimate has passed the mark, arrivals map as they are.
+    far = clock.arrival_us(now + 0.020)
+    assert far == clock.redis_us(now + 0.020)
+
+
 async def test_an_entry_noted_from_its_answer_is_not_put_back_after_it_left() -> None:
     # A process's own entry is mirrored from its enqueue answer too; read late (after its
     # place lapsed and the reaper's D was taken in) it must not come back, and an entry

@@ -33,8 +33,9 @@ queue of 10 000 never walks the queue.
 
 from __future__ import annotations
 
+from collections import deque
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 from sortedcontainers import SortedDict, SortedList
@@ -45,6 +46,9 @@ from .._limits import check_capacity
 if TYPE_CHECKING:
     from .._gate import Ticket
 
+#: Admissions past reserved arrivals remembered for those arrivals' stamps.
+PASSES_KEPT: Final = 4096
+
 
 class MemoryBackend:
     """One process's slots (a ``trio.CapacityLimiter``) and its FIFO queue."""
@@ -53,8 +57,13 @@ class MemoryBackend:
         self._limiter = trio.CapacityLimiter(check_capacity(capacity))
         # Place (arrival stamp, sequence number) -> the parked waiter, oldest first.
         self._queue: SortedDict = SortedDict()
-        # Places reserved by ``reserve`` whose sessions have not entered yet.
+        # Places reserved by ``reserve`` whose sessions have not entered yet, and when
+        # each was reserved (in reservation order).
         self._reserved: SortedList = SortedList()
+        self._reserved_at: dict[tuple[float, int], float] = {}
+        # (place, when) of admissions past earlier reservations still to enter, oldest
+        # first; forgotten once no reservation is left (bounded all the same).
+        self._passes: deque[tuple[tuple[float, int], float]] = deque(maxlen=PASSES_KEPT)
 
     # -- sizes ------------------------------------------------------------------------
 
@@ -92,12 +101,41 @@ class MemoryBackend:
         place = ticket.place
         if place not in self._reserved:  # idempotent: one reservation per place
             self._reserved.add(place)
+            self._reserved_at[place] = trio.current_time()
 
     def unreserve(self, ticket: Ticket) -> None:
         place = ticket.place
         if place in self._reserved:
             self._reserved.remove(place)
+            del self._reserved_at[place]
+            if not self._reserved:
+                self._passes.clear()
             self._hand_on()
+
+    def _note_admission(self, place: tuple[float, int], now: float) -> None:
+        """An arrival at ``place`` was admitted at ``now``: if earlier reserved arrivals
+        are still to enter, it passed them, their slots set aside for them."""
+        reserved = self._reserved
+        if reserved and reserved.bisect_left(place) > 0:
+            self._passes.append((place, now))
+
+    def _admission_stamp(
+        self, place: tuple[float, int], now: float, reserved_at: float | None
+    ) -> float:
+        """When a reserved arrival entering a free slot now was admitted: when the first
+        later arrival passed it while it was reserved, if one did, its slot set aside
+        for it since then. Tasks entering in one scheduler batch run in any order, and
+        a burst's admission stamps came out reversed by tens of microseconds, though the
+        slots went in arrival order (an outside review)."""
+        stamp = now
+        if reserved_at is not None:
+            for passed, at in self._passes:
+                if passed > place and at >= reserved_at:
+                    stamp = min(at, now)
+                    break
+        if not self._reserved:
+            self._passes.clear()
+        return stamp
 
     def _free_for(self, place: tuple[float, int]) -> bool:
         """A slot is free for ``place`` once each earlier reserved place, about to
@@ -166,12 +204,13 @@ class MemoryBackend:
                 waiter.expired = True
                 continue
             limiter.acquire_on_behalf_of_nowait(waiter.ticket)
+            self._note_admission(place, now)
             task = waiter.task
             if task is None:
                 # Served as it enters (its own task, not parked yet): stamped at this
                 # decision, not a scheduler pass later when its task resumes (a busy
                 # pass made it look admitted past max_wait: an outside review).
-                waiter.ticket.admitted_at = now
+                waiter.ticket.admitted_at = self._admission_stamp(place, now, waiter.reserved_at)
                 continue
             waiter.ticket.handed_over(counted=released, now=now)  # the hand-off's instant
             released = False  # one slot given back, one hand-off
@@ -195,7 +234,7 @@ class _Hold:
     the ticket's behalf, by the releaser that hands it over or by the fast path.
     """
 
-    __slots__ = ("_backend", "_max_queue", "_scope", "expired", "task", "ticket")
+    __slots__ = ("_backend", "_max_queue", "_scope", "expired", "reserved_at", "task", "ticket")
 
     def __init__(
         self,
@@ -211,6 +250,8 @@ class _Hold:
         self.task: trio.lowlevel.Task | None = None
         #: Set by the releaser when it found this ticket's wait run out.
         self.expired = False
+        #: When this ticket's place was reserved, if it was (until it entered).
+        self.reserved_at: float | None = None
 
     async def __aenter__(self) -> None:
         backend, ticket = self._backend, self.ticket
@@ -220,6 +261,7 @@ class _Hold:
         was_reserved = place in backend._reserved
         if was_reserved:
             backend._reserved.remove(place)
+            self.reserved_at = backend._reserved_at.pop(place)
         queue = backend._queue
         if not queue and backend._free_for(place):
             # Uncontended: nobody waits and a slot is free.
@@ -234,10 +276,11 @@ class _Hold:
                     backend._hand_on()
                 raise trio.TooSlowError
             backend._limiter.acquire_on_behalf_of_nowait(ticket)
+            backend._note_admission(place, now)
             # Stamped now, with the clock the deadline was checked against: through the
             # pass below a drain (``aclose``) must see that it holds a slot (an outside
             # review: aclose returned while it then ran).
-            ticket.admitted_at = now
+            ticket.admitted_at = backend._admission_stamp(place, now, self.reserved_at)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         scope = self._scope

@@ -719,6 +719,44 @@ async def test_admission_stamps_follow_arrival_order_when_tasks_enter_reversed(
         nursery.cancel_scope.cancel()
 
 
+async def test_position_counts_earlier_reserved_arrivals_still_to_enter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An earlier reserved arrival whose task has not entered yet goes first: a later
+    waiter's position counts it (it said 1, then 2 once that one entered: an outside
+    review). One a free slot will take does not count."""
+    gate = Gate(capacity=2, max_wait=600.0)
+    order: list[str] = []
+
+    async def run(ticket: sessiongate.Ticket, name: str) -> None:
+        async with gate.session(arrival=ticket):
+            order.append(name)
+            await trio.sleep(100)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run, trio.sleep, 10.0)  # one slot left
+        await settle()
+        early, earlier_yet, later = (
+            gate.arrive(reserve=True),
+            gate.arrive(reserve=True),
+            gate.arrive(),
+        )
+        nursery.start_soon(run, later, "later")
+        await settle()
+        # The free slot is early's; earlier_yet will queue ahead of it.
+        assert later.position == 2
+        nursery.start_soon(run, earlier_yet, "earlier_yet")
+        await settle()
+        assert (earlier_yet.position, later.position) == (1, 2)
+        nursery.start_soon(run, early, "early")
+        await settle()
+        assert (earlier_yet.position, later.position) == (1, 2)
+        await trio.sleep(10.5)  # a slot came back at t=10
+        assert later.position == 1
+        nursery.cancel_scope.cancel()
+    assert order == ["early", "earlier_yet"]
+
+
 async def test_stats_quantiles(autojump_clock: trio.testing.MockClock) -> None:
     gate = Gate(capacity=1, max_wait=600.0)
     rec = Recorder(gate)

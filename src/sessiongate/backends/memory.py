@@ -90,10 +90,22 @@ class MemoryBackend:
         return len(self._queue)
 
     def position(self, ticket: Ticket) -> int | None:
+        """1 = next. Earlier reserved arrivals still to enter count too, those that no
+        free slot will take: they go first (it said 1, then 2 as one entered: an
+        outside review)."""
         place = ticket.place
         if place not in self._queue:
             return None
-        return int(self._queue.index(place)) + 1
+        return int(self._queue.index(place)) + self._claimed_before(place) + 1
+
+    def _claimed_before(self, place: tuple[float, int]) -> int:
+        """Earlier reserved arrivals still to enter that no free slot will take: they
+        will queue ahead of ``place``."""
+        if not self._reserved:
+            return 0
+        limiter = self._limiter
+        free = max(0, limiter.total_tokens - limiter.borrowed_tokens)
+        return max(0, int(self._reserved.bisect_left(place)) - int(free))
 
     # -- arrival order ----------------------------------------------------------------
 
@@ -152,9 +164,7 @@ class MemoryBackend:
         slots: a later arrival whose task entered first took the last place, and the
         earlier one was refused queue_full (an outside review). Waits that ran out
         unseen (a busy loop) fill nothing: dropped before a refusal."""
-        limiter = self._limiter
-        free = max(0, limiter.total_tokens - limiter.borrowed_tokens)
-        claimed = max(0, int(self._reserved.bisect_left(place)) - int(free))
+        claimed = self._claimed_before(place)
         if len(self._queue) + claimed <= max_queue:
             return False
         self._drop_lapsed_heads()

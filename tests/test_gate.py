@@ -598,6 +598,74 @@ async def test_eta_where_nobody_queues_follows_the_slots_coming_back(
     assert gate.handoff_rate() is None
 
 
+async def test_eta_where_nobody_queues_restarts_once_a_slot_was_free(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A gate grown while its slot was held frees a slot with no release: the
+    countdown of the refusal before ran on, and a refusal two quiet minutes later was
+    told 38.7 s for 4 s sessions (the day's regression review). An admission ends it."""
+    gate = Gate(capacity=1, max_queue=0)
+
+    async def refused_estimate() -> float | None:
+        with pytest.raises(QueueFull):
+            async with gate.session():
+                pytest.fail("admitted past a full gate")
+        return gate.estimate_wait(gate.queued + 1)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # the pace: 4 s sessions
+            nursery.start_soon(gate.run, trio.sleep, 4.0)
+            await settle()
+            await refused_estimate()
+            await trio.sleep(4.5)
+        nursery.start_soon(gate.run, trio.sleep, 4.0)
+        await settle()
+        assert await refused_estimate() == pytest.approx(4.0)
+        gate.capacity = 2  # grown while the slot is held
+        await trio.sleep(120)
+        gate.capacity = 1
+        nursery.start_soon(gate.run, trio.sleep, 4.0)
+        await settle()
+        assert await refused_estimate() == pytest.approx(4.0)
+    # A gate with a queue keeps no such pace: its hand-off rate says it all.
+    queueing = Gate(capacity=1, max_queue=10)
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(queueing.run, trio.sleep, 1.0)
+            await settle()
+    assert not queueing._full_releases._handoffs
+
+
+async def test_a_stamp_dated_back_never_precedes_the_release_that_freed_its_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A reserved arrival passed by a later one is stamped from that pass only while its
+    slot stays set aside: an earlier stamp (not reserved then) took the slot, and the
+    reserved one, admitted into the slot a release freed later, was stamped before that
+    release (the day's regression review)."""
+    gate = Gate(capacity=2, max_wait=600.0)
+    early = gate.arrive()  # the earliest stamp, still reading its body: not reserved
+    owed, passer = gate.arrive(reserve=True), gate.arrive(reserve=True)
+    passer_leaves = trio.Event()
+
+    async def enter(ticket: sessiongate.Ticket, until: trio.Event) -> None:
+        async with gate.session(arrival=ticket):
+            await until.wait()
+
+    forever = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(enter, passer, passer_leaves)  # t=0: passes owed
+        await trio.sleep(1)
+        nursery.start_soon(enter, early, forever)  # t=1: takes the slot set aside
+        await trio.sleep(1)
+        passer_leaves.set()  # t=2: the slot owed will get
+        await trio.sleep(1)
+        nursery.start_soon(enter, owed, forever)  # t=3
+        await settle()
+        assert passer.released_at == 2.0 and owed.admitted_at == 3.0
+        nursery.cancel_scope.cancel()
+
+
 def test_a_quiet_spell_does_not_slow_the_handoff_rate() -> None:
     # Bursts of short sessions handed on at 100/s, with nobody waiting in between:
     # the rate is the bursts' 100/s, not hand-offs over wall time (~8/s here).

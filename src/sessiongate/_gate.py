@@ -454,6 +454,9 @@ class Gate:
             if ticket.queued and self._counts_handoffs:
                 self._handoffs.add(now, ticket.arrived_at)
         waited = now - ticket.arrived_at
+        # A slot was free: a wait for one (where nobody queues) is over, however it
+        # came free (a grown gate frees one with no release: the countdown ran on).
+        self._refused_since = None
         self._admitted += 1
         self._waits.add(waited)
         self._local_active += 1
@@ -498,16 +501,21 @@ class Gate:
         return QueueTimeout(waited, max_wait)
 
     def _nobody_queues(self) -> bool:
-        return self.max_queue == 0 or self.max_wait == 0
+        return self._max_queue == 0 or self._max_wait == 0
 
     def _note_refusal(self) -> None:
         """An arrival found the gate full and could not queue: from now until a slot
-        comes back, a newcomer's wait counts down (:meth:`estimate_wait`)."""
-        if self._refused_since is None and self._nobody_queues():
+        comes back, a newcomer's wait counts down (:meth:`estimate_wait`). One refused
+        with slots free (stamped too long ago to enter) starts no wait for a slot."""
+        if self._refused_since is None and self._nobody_queues() and self.active >= self.capacity:
             self._refused_since = trio.current_time()
 
     def _note_release(self, ticket: Ticket) -> None:
-        """``ticket`` is giving its slot back (it still counts as active)."""
+        """``ticket`` is giving its slot back (it still counts as active). Counted
+        only where nobody can queue: elsewhere the hand-off rate says it all, and a
+        saturated gate's every release paid for it (the day's regression review)."""
+        if not self._nobody_queues():
+            return
         admitted = ticket.admitted_at
         released = ticket.released_at
         if admitted is not None and released is not None and self.active >= self.capacity:

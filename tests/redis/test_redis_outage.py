@@ -462,6 +462,19 @@ async def test_a_resize_that_failed_at_start_is_not_the_capacity_warned_of(
         ) as backend:
             with pytest.raises(sessiongate.BackendUnavailable):
                 await backend.resize(6)
+            # Two at once, both refused: the first to fail must not leave its own.
+            refused: list[int] = []
+
+            async def resize(capacity: int) -> None:
+                try:
+                    await backend.resize(capacity)
+                except sessiongate.BackendUnavailable:
+                    refused.append(capacity)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(resize, 7)
+                nursery.start_soon(resize, 8)
+            assert sorted(refused) == [7, 8]
             own_redis.start()
             await wait_until(lambda: backend.healthy)
             assert backend.capacity == 4

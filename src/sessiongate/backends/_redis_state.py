@@ -161,11 +161,14 @@ class ClockBound:
         return round((local + (lowest + highest) / 2 + 0.0005) * 1e6)
 
     def arrival_us(self, local: float) -> int | None:
-        """:meth:`redis_us` for arrivals, kept in their local order: a later stamp never
-        maps before an earlier one. The estimate moves as samples narrow the offset
-        (most in a process's first calls), and a new process's first burst had its
-        later arrivals queued ahead of its own earlier ones, sent a batch before (an
-        outside review: one stamped 0.14 ms after five others admitted first)."""
+        """:meth:`redis_us` for arrivals, kept in their local order as they are sent: a
+        stamp never maps before an earlier one sent before it. The estimate moves as
+        samples narrow the offset (most in a process's first calls), and a new
+        process's first burst had its later arrivals queued ahead of its own earlier
+        ones, sent a batch before (an outside review: one stamped 0.14 ms after five
+        others admitted first). A stamp sent after a later one (its body took longer
+        to read) maps through the estimate of the moment: placed among them within
+        the estimate's movement since (~0.1 ms once warm), not exactly."""
         mapped = self.redis_us(local)
         if mapped is None:
             return None

@@ -33,6 +33,7 @@ queue of 10 000 never walks the queue.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
@@ -64,6 +65,9 @@ class MemoryBackend:
         # (place, when) of admissions past earlier reservations still to enter, oldest
         # first; forgotten once no reservation is left (bounded all the same).
         self._passes: deque[tuple[tuple[float, int], float]] = deque(maxlen=PASSES_KEPT)
+        # The latest place among the passes: the reservations before it are owed a
+        # slot set aside (when there are passes).
+        self._latest_passer: tuple[float, int] = (-math.inf, 0)
 
     # -- sizes ------------------------------------------------------------------------
 
@@ -75,6 +79,7 @@ class MemoryBackend:
         # Growing hands the new slots to the queue's heads at once; shrinking lets the
         # current holders finish (the limiter lends no token above its total).
         self._limiter.total_tokens = check_capacity(capacity)
+        self._passes.clear()  # a shrink may take the slots set aside
         self._hand_on()
 
     async def resize(self, capacity: int) -> None:
@@ -126,11 +131,24 @@ class MemoryBackend:
 
     def _note_admission(self, place: tuple[float, int], now: float) -> None:
         """An arrival at ``place`` was admitted at ``now``: if earlier reserved arrivals
-        are still to enter, it passed them, their slots set aside for them."""
+        are still to enter, it passed them, their slots set aside for them. If fewer
+        slots are free than reservations owed one, a slot set aside was taken (by an
+        earlier stamp that was not reserved then): no pass vouches for a free slot any
+        more, and a stamp dated back to one came before the release that really freed
+        its slot (the day's regression review)."""
         reserved = self._reserved
-        if reserved and reserved.bisect_left(place) > 0:
+        if not reserved:
+            return
+        passes = self._passes
+        if passes:
+            free = self._limiter.total_tokens - self._limiter.borrowed_tokens
+            if free < reserved.bisect_left(self._latest_passer):
+                passes.clear()
+        if reserved.bisect_left(place) > 0:
             self._prune_passes()
-            self._passes.append((place, now))
+            if not passes or place > self._latest_passer:
+                self._latest_passer = place
+            passes.append((place, now))
 
     def _prune_passes(self) -> None:
         """Forget the passes no reservation can be owed from: those before the oldest

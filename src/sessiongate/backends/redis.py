@@ -164,6 +164,9 @@ class RedisBackend:
         self.lease_ttl = float(lease_ttl)
         self._ttl_ms = max(1, round(lease_ttl * 1000))
         self._configured_capacity = capacity
+        # Resizes under way, and the configured capacity from before them.
+        self._resizes_unanswered = 0
+        self._configured_before_resizes = capacity
         prefix = _key_prefix(gate_name)
         self._keys = [
             f"{prefix}:{k}" for k in ("meta", "queue", "qexp", "holders", "fences", "gone")
@@ -256,23 +259,29 @@ class RedisBackend:
                 self._capacity = before
 
     async def resize(self, capacity: int) -> None:
-        configured = self._configured_capacity
+        if not self._resizes_unanswered:
+            self._configured_before_resizes = self._configured_capacity
         if not self._epoch:
             # Resized before the first answer from the gate: the capacity that answer
             # brings back is this one, not one stored by another server.
             self._configured_capacity = capacity
+        self._resizes_unanswered += 1
         try:
             await self._call("resize", [str(capacity)], limit=CLEANUP_GRACE)
         except _Unreachable as exc:
-            if not self._epoch:
-                # Not made: the gate that Redis creates later has the old capacity,
-                # which is no other server's (an outside review: "already has
-                # capacity 4 in Redis; using it, not 6" from the process that made it).
-                self._configured_capacity = configured
+            if not self._epoch and self._resizes_unanswered == 1:
+                # None made: the gate that Redis creates later has the capacity from
+                # before them, which is no other server's (an outside review: "already
+                # has capacity 4 in Redis; using it, not 6" from the process that made
+                # it). Only the last to fail restores it (two that failed together left
+                # the first one's).
+                self._configured_capacity = self._configured_before_resizes
             raise BackendUnavailable(
                 "Redis did not confirm the change: unchanged if Redis is down; if it is "
                 "only stalled, the new capacity may still take effect when it answers"
             ) from exc
+        finally:
+            self._resizes_unanswered -= 1
 
     @property
     def active(self) -> int:

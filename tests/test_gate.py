@@ -559,6 +559,14 @@ async def test_eta_from_the_handoff_rate(autojump_clock: trio.testing.MockClock)
     assert gate.estimate_wait(2) is not None
 
 
+async def _refused_estimate(gate: Gate, refusal: type[sessiongate.AdmissionError]) -> float | None:
+    """Arrive at a full gate, be refused, and read a newcomer's estimate (Retry-After)."""
+    with pytest.raises(refusal):
+        async with gate.session():
+            pytest.fail("admitted past a full gate")
+    return gate.estimate_wait(gate.queued + 1)
+
+
 @pytest.mark.parametrize("limits", [{"max_queue": 0}, {"max_wait": 0.0}])
 async def test_eta_where_nobody_queues_follows_the_slots_coming_back(
     autojump_clock: trio.testing.MockClock, limits: dict[str, Any]
@@ -571,10 +579,7 @@ async def test_eta_where_nobody_queues_follows_the_slots_coming_back(
     refusal = QueueFull if "max_queue" in limits else QueueTimeout
 
     async def refused_estimate() -> float | None:
-        with pytest.raises(refusal):
-            async with gate.session():
-                pytest.fail("admitted past a full gate")
-        return gate.estimate_wait(gate.queued + 1)
+        return await _refused_estimate(gate, refusal)
 
     async with trio.open_nursery() as nursery:
         for round_ in range(3):
@@ -607,10 +612,7 @@ async def test_eta_where_nobody_queues_restarts_once_a_slot_was_free(
     gate = Gate(capacity=1, max_queue=0)
 
     async def refused_estimate() -> float | None:
-        with pytest.raises(QueueFull):
-            async with gate.session():
-                pytest.fail("admitted past a full gate")
-        return gate.estimate_wait(gate.queued + 1)
+        return await _refused_estimate(gate, QueueFull)
 
     async with trio.open_nursery() as nursery:
         for _ in range(3):  # the pace: 4 s sessions

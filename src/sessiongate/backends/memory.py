@@ -33,7 +33,6 @@ queue of 10 000 never walks the queue.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
@@ -65,9 +64,6 @@ class MemoryBackend:
         # (place, when) of admissions past earlier reservations still to enter, oldest
         # first; forgotten once no reservation is left (bounded all the same).
         self._passes: deque[tuple[tuple[float, int], float]] = deque(maxlen=PASSES_KEPT)
-        # The latest place among the passes: the reservations before it are owed a
-        # slot set aside (when there are passes).
-        self._latest_passer: tuple[float, int] = (-math.inf, 0)
 
     # -- sizes ------------------------------------------------------------------------
 
@@ -125,8 +121,7 @@ class MemoryBackend:
         if place in self._reserved:
             self._reserved.remove(place)
             del self._reserved_at[place]
-            if not self._reserved:
-                self._passes.clear()
+            self._prune_passes()
             self._hand_on()
 
     def _note_admission(self, place: tuple[float, int], now: float) -> None:
@@ -137,17 +132,17 @@ class MemoryBackend:
         more, and a stamp dated back to one came before the release that really freed
         its slot (the day's regression review)."""
         reserved = self._reserved
-        if not reserved:
-            return
         passes = self._passes
+        if not reserved:
+            passes.clear()  # nobody is owed a slot
+            return
         if passes:
-            free = self._limiter.total_tokens - self._limiter.borrowed_tokens
-            if free < reserved.bisect_left(self._latest_passer):
+            # The reservations owed a slot: those before the latest place that passed.
+            owed = reserved.bisect_left(max(passes)[0])
+            if self._limiter.total_tokens - self._limiter.borrowed_tokens < owed:
                 passes.clear()
         if reserved.bisect_left(place) > 0:
             self._prune_passes()
-            if not passes or place > self._latest_passer:
-                self._latest_passer = place
             passes.append((place, now))
 
     def _prune_passes(self) -> None:
@@ -164,22 +159,23 @@ class MemoryBackend:
         while passes and passes[0][1] < oldest:
             passes.popleft()
 
-    def _admission_stamp(
+    def _admit_entering(
         self, place: tuple[float, int], now: float, reserved_at: float | None
     ) -> float:
-        """When a reserved arrival entering a free slot now was admitted: when the first
-        later arrival passed it while it was reserved, if one did, its slot set aside
-        for it since then. Tasks entering in one scheduler batch run in any order, and
-        a burst's admission stamps came out reversed by tens of microseconds, though the
-        slots went in arrival order (an outside review)."""
+        """The admission stamp of an arrival taking a slot as it enters, now (its pass
+        noted): for one that was reserved, when the first later arrival passed it while
+        it was reserved, if one did, its slot set aside for it since then. Tasks
+        entering in one scheduler batch run in any order, and a burst's admission stamps
+        came out reversed by tens of microseconds, though the slots went in arrival
+        order (an outside review). Stamped before its own pass is noted: noting prunes
+        the passes by the reservations still held, its own no longer among them."""
         stamp = now
         if reserved_at is not None:
             for passed, at in self._passes:
                 if passed > place and at >= reserved_at:
                     stamp = min(at, now)
                     break
-        if not self._reserved:
-            self._passes.clear()
+        self._note_admission(place, now)
         return stamp
 
     def _free_for(self, place: tuple[float, int]) -> bool:
@@ -252,9 +248,7 @@ class MemoryBackend:
                 # Served as it enters (its own task, not parked yet): stamped at this
                 # decision, not a scheduler pass later when its task resumes (a busy
                 # pass made it look admitted past max_wait: an outside review).
-                # Stamped before its own pass is noted: noting prunes the passes.
-                waiter.ticket.admitted_at = self._admission_stamp(place, now, waiter.reserved_at)
-                self._note_admission(place, now)
+                waiter.ticket.admitted_at = self._admit_entering(place, now, waiter.reserved_at)
                 continue
             self._note_admission(place, now)
             waiter.ticket.handed_over(counted=released, now=now)  # the hand-off's instant
@@ -323,10 +317,8 @@ class _Hold:
             backend._limiter.acquire_on_behalf_of_nowait(ticket)
             # Stamped now, with the clock the deadline was checked against: through the
             # pass below a drain (``aclose``) must see that it holds a slot (an outside
-            # review: aclose returned while it then ran). Before its own pass is noted,
-            # which prunes the passes by the reservations still held, not its own.
-            ticket.admitted_at = backend._admission_stamp(place, now, self.reserved_at)
-            backend._note_admission(place, now)
+            # review: aclose returned while it then ran).
+            ticket.admitted_at = backend._admit_entering(place, now, self.reserved_at)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         scope = self._scope

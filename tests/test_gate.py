@@ -668,6 +668,37 @@ async def test_a_stamp_dated_back_never_precedes_the_release_that_freed_its_slot
         nursery.cancel_scope.cancel()
 
 
+async def test_a_pass_before_a_reservation_in_the_same_instant_sets_nothing_aside(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A reserved arrival dated back (``at=``) ahead of an admission that happened in the
+    same clock reading, but before the reservation, was stamped from that admission: its
+    stamp showed three sessions in two slots and its wait 0.5 s instead of 6 s (an
+    outside review, under MockClock). Only a pass after the reservation sets a slot
+    aside for it."""
+    gate = Gate(capacity=2, max_wait=100.0)
+    await trio.sleep(1)
+    owed = gate.arrive(reserve=True, at=0.2)  # the second slot is set aside for it
+    late = gate.arrive()
+
+    async def enter(ticket: sessiongate.Ticket, hold: float) -> None:
+        async with gate.session(arrival=ticket):
+            await trio.sleep(hold)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(enter, late, 4.0)  # t=1: passes owed, holds its slot to t=5
+        await settle()
+        early = gate.arrive(reserve=True, at=0.5)  # t=1, after that pass: no slot for it
+        await trio.sleep(6)
+        nursery.start_soon(enter, early, 0.0)  # t=7
+        await settle()
+        nursery.start_soon(enter, owed, 0.0)
+        await settle()
+    assert late.admitted_at == 1.0 and late.released_at == 5.0
+    assert early.admitted_at == 7.0 and early.waited == pytest.approx(6.5)
+    assert owed.admitted_at == 1.0  # passed while its slot was set aside
+
+
 def test_a_quiet_spell_does_not_slow_the_handoff_rate() -> None:
     # Bursts of short sessions handed on at 100/s, with nobody waiting in between:
     # the rate is the bursts' 100/s, not hand-offs over wall time (~8/s here).
@@ -1091,10 +1122,23 @@ async def test_an_arrival_stamp_is_clamped_to_the_wait_and_must_be_a_number(
     assert gate.arrive(at=99.0).arrived_at == 7.0  # a future time counts as now
     # More than max_wait (60 s) ago: the wait is used up, never more than used up.
     assert gate.arrive(at=-100.0).arrived_at == 7.0 - 60.0
-    for bad in (math.nan, math.inf, -math.inf):
-        with pytest.raises(ValueError, match="finite"):
+    for bad in (math.nan, math.inf, -math.inf, 10**400):
+        with pytest.raises(ValueError, match="finite") as refused:
             gate.arrive(at=bad)
+        assert len(str(refused.value)) < 120  # not a 400-digit number (an outside review)
     assert gate.stats().queued == 0
+
+
+async def test_a_ticket_taken_from_a_closed_gate_is_refused_as_it_enters(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gate = Gate(capacity=1)
+    await gate.aclose()
+    arrival = gate.arrive(reserve=True)  # arrive() never refuses
+    with pytest.raises(sessiongate.GateClosed):
+        async with gate.session(arrival=arrival):
+            raise AssertionError("admitted by a closed gate")
+    assert gate.stats().rejected == 1 and gate.stats().admitted == 0
 
 
 async def test_an_arrival_reserved_later_keeps_its_stamps_place_and_deadline(

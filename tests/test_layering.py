@@ -23,7 +23,7 @@ CORE = [
     SRC / "backends" / "memory.py",
 ]
 ALLOWED = {"trio", "attrs", "sortedcontainers", "__future__", "collections", "contextlib",
-           "inspect", "itertools", "math", "re", "secrets", "types", "typing",
+           "inspect", "itertools", "math", "re", "reprlib", "secrets", "types", "typing",
            "warnings"}  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import reprlib
 import secrets
 import warnings
 from collections.abc import Awaitable, Callable
@@ -351,6 +352,9 @@ class Gate:
                 it never waits, and takes a free slot), so no session ever runs after
                 waiting past its deadline.
 
+        A closed (draining) gate still gives a ticket: its session is refused with
+        :class:`GateClosed` as it enters (counted once in ``rejected``).
+
         Raises:
             ValueError: ``at`` is not a finite number.
         """
@@ -360,7 +364,7 @@ class Gate:
         if at is None:
             arrived_at = now
         elif not isinstance(at, (int, float)) or isinstance(at, bool):
-            raise TypeError(f"at must be a time on the Trio clock, not {at!r}")
+            raise TypeError(f"at must be a time on the Trio clock, not {reprlib.repr(at)}")
         elif _finite(at):
             # No older than max_wait ago; the bound taken so that its deadline
             # (arrived_at + max_wait, as the session computes it) is not after now: in
@@ -371,7 +375,7 @@ class Gate:
                 floor = math.nextafter(floor, -math.inf)
             arrived_at = max(min(at, now), floor)
         else:
-            raise ValueError(f"at must be a finite time on the Trio clock, not {at!r}")
+            raise ValueError(f"at must be a finite time on the Trio clock, not {reprlib.repr(at)}")
         ticket = Ticket(next(_sequence), arrived_at, gate=self, id=id)
         if reserve:
             self._backend.reserve(ticket)

@@ -690,6 +690,7 @@ async def test_a_grant_whose_lease_lapsed_in_a_pause_never_runs_the_body(  # typ
         (2, 0.0, "lease_ttl"),
         (2, float("nan"), "lease_ttl"),
         (2, float("inf"), "lease_ttl"),
+        (2, 0.001, "lease_ttl must be at least 0.1"),  # every session lost its lease
     ],
 )
 async def test_bad_arguments_are_refused_before_redis_is_touched(

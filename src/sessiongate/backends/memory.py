@@ -33,6 +33,7 @@ queue of 10 000 never walks the queue.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
 #: Admissions past reserved arrivals remembered for those arrivals' stamps.
 PASSES_KEPT: Final = 512
 
+#: When a reservation or a pass happened: the Trio clock's reading, and an order number
+#: that tells apart two events of one reading.
+_Moment = tuple[float, int]
+
 
 class MemoryBackend:
     """One process's slots (a ``trio.CapacityLimiter``) and its FIFO queue."""
@@ -60,10 +65,14 @@ class MemoryBackend:
         # Places reserved by ``reserve`` whose sessions have not entered yet, and when
         # each was reserved (in reservation order).
         self._reserved: SortedList = SortedList()
-        self._reserved_at: dict[tuple[float, int], float] = {}
-        # (place, when) of admissions past earlier reservations still to enter, oldest
+        self._reserved_at: dict[tuple[float, int], _Moment] = {}
+        # (place, moment) of admissions past earlier reservations still to enter, oldest
         # first; forgotten once no reservation is left (bounded all the same).
-        self._passes: deque[tuple[tuple[float, int], float]] = deque(maxlen=PASSES_KEPT)
+        self._passes: deque[tuple[tuple[float, int], _Moment]] = deque(maxlen=PASSES_KEPT)
+        # Orders reservations and passes that share a clock reading (MockClock, a
+        # coarse clock): a pass in the same instant but before a reservation was not
+        # past it.
+        self._moments = itertools.count()
 
     # -- sizes ------------------------------------------------------------------------
 
@@ -114,7 +123,7 @@ class MemoryBackend:
         place = ticket.place
         if place not in self._reserved:  # idempotent: one reservation per place
             self._reserved.add(place)
-            self._reserved_at[place] = trio.current_time()
+            self._reserved_at[place] = (trio.current_time(), next(self._moments))
 
     def unreserve(self, ticket: Ticket) -> None:
         place = ticket.place
@@ -143,7 +152,7 @@ class MemoryBackend:
                 passes.clear()
         if reserved.bisect_left(place) > 0:
             self._prune_passes()
-            passes.append((place, now))
+            passes.append((place, (now, next(self._moments))))
 
     def _prune_passes(self) -> None:
         """Forget the passes no reservation can be owed from: those before the oldest
@@ -156,11 +165,11 @@ class MemoryBackend:
         if oldest is None:
             passes.clear()
             return
-        while passes and passes[0][1] < oldest:
+        while passes and passes[0][1][1] < oldest[1]:
             passes.popleft()
 
     def _admit_entering(
-        self, place: tuple[float, int], now: float, reserved_at: float | None
+        self, place: tuple[float, int], now: float, reserved_at: _Moment | None
     ) -> float:
         """The admission stamp of an arrival taking a slot as it enters, now (its pass
         noted): for one that was reserved, when the first later arrival passed it while
@@ -171,8 +180,11 @@ class MemoryBackend:
         the passes by the reservations still held, its own no longer among them."""
         stamp = now
         if reserved_at is not None:
-            for passed, at in self._passes:
-                if passed > place and at >= reserved_at:
+            for passed, (at, moment) in self._passes:
+                # Passed after it was reserved (the moment, not the time: a pass in
+                # the same clock reading but before the reservation set nothing aside
+                # for it, an outside review under MockClock).
+                if passed > place and moment > reserved_at[1]:
                     stamp = min(at, now)
                     break
         self._note_admission(place, now)
@@ -290,7 +302,7 @@ class _Hold:
         #: Set by the releaser when it found this ticket's wait run out.
         self.expired = False
         #: When this ticket's place was reserved, if it was (until it entered).
-        self.reserved_at: float | None = None
+        self.reserved_at: _Moment | None = None
 
     async def __aenter__(self) -> None:
         backend, ticket = self._backend, self.ticket

@@ -103,6 +103,10 @@ CLEANUP_GRACE: Final = 1.0
 RELEASE_WAIT: Final = 0.2
 #: Fraction of the TTL kept between the body's local deadline and the lease's lapse.
 LEASE_MARGIN: Final = 0.2
+#: The shortest lease a backend takes (seconds): renewed every third of it, a lease
+#: must outlive a few round trips to Redis and a busy scheduler pass; at a millisecond
+#: every session lost its lease at once (an outside review).
+MIN_LEASE_TTL: Final = 0.1
 #: Errors that mean "Redis did not answer" (or answered with an error we cannot use).
 _REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError, trio.TooSlowError)
 
@@ -955,7 +959,8 @@ async def open_redis_backend(
             when ``client`` is given.
         gate_name: the gate's name in Redis; processes sharing it share the cap.
         capacity: the capacity to create the gate with, if it does not exist yet.
-        lease_ttl: seconds a slot or queue lease lives without renewal.
+        lease_ttl: seconds a slot or queue lease lives without renewal (at least
+            :data:`MIN_LEASE_TTL`, 0.1; ``--lease-ttl`` asks for 1 or more).
         client: a coredis client made by the caller, not yet entered, with
             ``decode_responses=True`` (e.g. ``Sentinel(...).primary_for(name)``); it is
             entered here, once, for the backend's lifetime.
@@ -1095,3 +1100,8 @@ def _check_arguments(gate_name: str, capacity: int, lease_ttl: float) -> None:
     check_seconds("lease_ttl", lease_ttl, positive=True)
     if math.isinf(lease_ttl):
         raise ValueError("lease_ttl must be finite: a dead holder's slot must come back")
+    if lease_ttl < MIN_LEASE_TTL:
+        raise ValueError(
+            f"lease_ttl must be at least {MIN_LEASE_TTL:g} s (renewed every third of it), "
+            f"got {lease_ttl:g}"
+        )

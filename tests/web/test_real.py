@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from sessiongate.web import SessionGateApp, _hypercorn_fix, _receive_stamps
+from sessiongate.web import SessionGateApp, _hypercorn_fix, _pass_writes, _receive_stamps
 
 from .conftest import jbody, port_of, raw_request, read_response, real_server, request_bytes
 
@@ -830,22 +830,74 @@ def test_a_receive_stamp_is_held_within_bounds_and_keeps_its_order() -> None:
 
 
 async def test_an_answer_is_written_without_waiting_when_the_socket_has_room() -> None:
-    """``_write_at_once`` writes what the socket takes now (no schedule point), leaves
-    the rest to a waiting write, and reports a connection its peer has closed."""
+    """``write_now`` writes what the socket takes now (no schedule point), leaves the rest
+    to a waiting write, and reports a connection its peer has closed."""
     left, right = trio.socket.socketpair()
     stream = trio.SocketStream(left)
     chunk = memoryview(b"x" * 4096)
-    assert _hypercorn_fix._write_at_once(stream, chunk) == 4096
+    assert _pass_writes.write_now(stream, chunk) == 4096
     assert await right.recv(8192) == bytes(chunk)
     written = 0
-    while (n := _hypercorn_fix._write_at_once(stream, chunk)) == len(chunk):
+    while (n := _pass_writes.write_now(stream, chunk)) == len(chunk):
         written += n
-    assert written > 0 and _hypercorn_fix._write_at_once(stream, chunk) == 0  # full: wait
-    assert _hypercorn_fix._write_at_once(stream, memoryview(b"")) == 0
+    assert written > 0 and _pass_writes.write_now(stream, chunk) == 0  # full: wait
+    assert _pass_writes.write_now(stream, memoryview(b"")) == 0
     right.close()
     with pytest.raises(trio.BrokenResourceError):
-        _hypercorn_fix._write_at_once(stream, chunk)  # its peer is gone
+        _pass_writes.write_now(stream, chunk)  # its peer is gone
     await stream.aclose()
+
+
+async def test_the_writes_of_one_pass_are_made_together_as_it_ends() -> None:
+    """Every write noted in a scheduler pass is made before any of the writing tasks
+    resumes (back to back, as the pass ends); each learns how much was taken, a write
+    once noted is made even if its task is cancelled, a full socket takes less and a
+    closed one is reported."""
+    pairs = [socket.socketpair() for _ in range(5)]
+    streams = [trio.SocketStream(trio.socket.from_stdlib_socket(left)) for left, _ in pairs]
+    seen_before: list[list[bytes]] = []
+    seen_on_resume: list[list[bytes]] = []
+
+    def peek() -> list[bytes]:
+        seen = []
+        for _, right in pairs:
+            try:
+                seen.append(right.recv(16, socket.MSG_PEEK))
+            except BlockingIOError:
+                seen.append(b"")
+        return seen
+
+    async def answer(i: int, cancelled: bool) -> None:
+        await trio.lowlevel.checkpoint()  # all five in one pass from here
+        with trio.CancelScope() as scope:
+            if cancelled:
+                scope.cancel()
+            seen_before.append(peek())  # nothing written during the pass
+            written = await _pass_writes.write_at_pass_end(streams[i], memoryview(b"%d" % i))
+            assert written == 1
+            # Every other task's write is out already, though they ran in this same pass.
+            seen_on_resume.append(peek())
+
+    for _, right in pairs:
+        right.setblocking(False)
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(answer, i, i == 2)
+    expected = [b"%d" % i for i in range(5)]
+    assert seen_before == [[b""] * 5] * 5
+    assert seen_on_resume == [expected] * 5
+    # A full socket takes part (or none) of a write: the caller writes the rest itself.
+    stream, chunk = streams[0], memoryview(b"y" * 65536)
+    while (n := await _pass_writes.write_at_pass_end(stream, chunk)) == len(chunk):
+        pass
+    assert n < len(chunk)
+    pairs[1][1].close()
+    with pytest.raises(trio.BrokenResourceError):
+        await _pass_writes.write_at_pass_end(streams[1], memoryview(b"gone"))
+    for stream in streams:
+        await stream.aclose()
+    for _, right in pairs:
+        right.close()
 
 
 def _protocol_with_a_request(writes: list[bytes], cancel_point: bool = True) -> Any:

@@ -61,8 +61,9 @@ connection stayed open, with no timer, until Hypercorn's graceful timeout
 **Answers without a schedule point per write.** Trio's ``send_all`` yields a whole
 scheduler pass after every write, even one that never waited; an answer is three writes
 (head, body, an empty end), so under a wave of answers each left one pass after the
-other. A write now goes straight to the socket when its buffer has room
-(:func:`_write_at_once`); only the rest, if any, waits as above.
+other. A write now goes to the socket as the pass it was made in ends, with the other
+writes of that pass (``_pass_writes``: one wake-up of a sleeping client is dearer than
+the bytes); only the rest, if the socket's buffer was full, waits as above.
 
 **An answer in one write.** Hypercorn writes an answer's head as soon as the app starts
 it, then its body, then its end: two writes for every JSON answer. A write that wakes
@@ -135,7 +136,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import select
 import socket
 import time
@@ -161,6 +161,7 @@ from hypercorn.typing import ResponseSummary
 from hypercorn.utils import LifespanFailureError
 
 from . import _receive_stamps
+from ._pass_writes import write_at_pass_end
 
 log = logging.getLogger("sessiongate.web")
 
@@ -193,27 +194,6 @@ def cut_stalled_sends() -> None:
 SEND_SLICE = 64 * 1024
 
 
-def _write_at_once(stream: object, view: memoryview) -> int:
-    """Write what the socket's buffer takes now, without a schedule point; how many
-    bytes that was (0 for TLS, or a full buffer: the caller waits and writes the rest).
-
-    Trio's ``send_all`` yields to the scheduler after every successful write, even one
-    that never waited: an answer is three writes (head, body, and an empty end), so
-    under a wave of answers each one left a whole scheduler pass after the previous
-    (the expiry wave bench: ~15 ms a pass with 250 answers due at once)."""
-    if not isinstance(stream, trio.SocketStream) or stream.socket.did_shutdown_SHUT_WR:
-        return 0  # TLS, or closing: the caller's send_all reports it as Trio does
-    fd = stream.socket.fileno()
-    if fd == -1:
-        return 0
-    try:
-        return os.write(fd, view)  # Trio's sockets are non-blocking
-    except BlockingIOError:
-        return 0
-    except OSError as error:
-        raise trio.BrokenResourceError from error
-
-
 async def _send_in_slices(self: TCPServer, data: bytes) -> bool:
     """Write ``data``, shielded; True if the client stalled and was cut off."""
     view = memoryview(data)
@@ -222,7 +202,7 @@ async def _send_in_slices(self: TCPServer, data: bytes) -> bool:
         if self.stream.socket.fileno() == -1 or self.stream.socket.did_shutdown_SHUT_WR:
             raise trio.ClosedResourceError
         return False
-    written = _write_at_once(self.stream, view)
+    written = await write_at_pass_end(self.stream, view)
     if written and written == len(view):
         return False
     view = view[written:]

@@ -414,6 +414,7 @@ async def serve(
         # A worker of several: also serve its siblings on a private socket (_peers.py).
         private = peers.socket_path()
         private.unlink(missing_ok=True)  # left by this worker's previous life
+        peers.note_running()
         config.bind = [*config.bind, f"unix:{private}"]
     stop = trio.Event()
 
@@ -436,8 +437,12 @@ async def serve(
         await app.service.drain()
         if app.service.peers is not None:
             # Answers passed on from sibling workers (event streams) end when their
-            # owners' drains end them: let their final events through first.
+            # owners' drains end them: let their final events through first. And this
+            # worker's sessions stay readable (rejected, cancelled: passed on from a
+            # sibling still draining) until every sibling's drain is over.
+            app.service.peers.note_drained()
             with trio.move_on_at(grace_ends + PEER_DRAIN_MARGIN):
+                await app.service.peers.wait_siblings_drained()
                 await app.service.peers.wait_idle()
         # Answers still being written get what is left of the grace, at least
         # ANSWERS_MIN: the whole stop takes the grace and a little more, not twice the

@@ -160,7 +160,15 @@ def _backend(text: str) -> str:
             raise ValueError(
                 f"the path must be a database number >= 0 (as in /0), got {url.path!r} in {shown!r}"
             )
-    for name, values in parse_qs(url.query).items():
+    query = parse_qs(url.query)
+    db_in_path = url.scheme != "unix" and url.path not in ("", "/")
+    if "db" in query and (len(query["db"]) > 1 or db_in_path):
+        # coredis takes the last ?db= over the path's: redis://host/0?db=3 was db 3,
+        # silently (an outside review).
+        raise ValueError(
+            f"names its database more than once (the path and ?db=, or ?db= twice), in {shown!r}"
+        )
+    for name, values in query.items():
         convert = _URL_NUMBERS.get(name)
         if convert is None:
             continue

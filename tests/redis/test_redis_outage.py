@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -819,3 +820,40 @@ async def test_a_read_only_replica_at_the_start_is_an_outage_not_a_refusal(
                 assert not backend.healthy
     finally:
         server.stop()
+
+
+async def test_a_slow_release_is_not_an_outage(
+    own_redis: RedisServer, gate_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A release answered later than its short wait (Redis slow, not down) goes to the
+    forgetter without turning the backend unhealthy: with a 250 ms round trip /readyz
+    went 503 and back every few seconds (an outside review)."""
+    holders_key = f"sg:{{{gate_name}}}:holders"
+    with trio.fail_after(20):
+        async with redis_gate(own_redis, gate_name, capacity=1, lease_ttl=5.0, max_wait=1) as (
+            backend,
+            gate,
+        ):
+            real_script = backend._script
+
+            async def slow_release(*, keys: Any, args: Any) -> Any:
+                if args[5] == "release" and len(args) > 6:
+                    await trio.sleep(RELEASE_WAIT + 0.1)
+                return await real_script(keys=keys, args=args)
+
+            backend._script = slow_release  # type: ignore[method-assign]
+            health: list[bool] = []
+
+            async def watch() -> None:
+                while True:
+                    health.append(backend.healthy)
+                    await trio.sleep(0.01)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                async with gate.session():
+                    pass
+                await wait_until(lambda: zcard(own_redis, holders_key) == 0)
+                nursery.cancel_scope.cancel()
+    assert health and all(health)
+    assert "unreachable" not in caplog.text

@@ -82,6 +82,8 @@ def never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--backend", "redis://h:6379/-1"], "--backend"),
         (["--backend", "redis://h:6379/0/1"], "--backend"),
         (["--backend", "redis://h:6379?db=x"], "--backend"),
+        (["--backend", "redis://h:6379/0?db=3"], "--backend"),  # was db 3, silently
+        (["--backend", "unix:///run/redis.sock?db=1&db=2"], "--backend"),
         (["--backend", "redis://h:6379/0?max_connections=many"], "--backend"),
         (["--backend", "redis://[::1/0"], "--backend"),
         (["--backend", "unix://relative/redis.sock"], "--backend"),

@@ -324,6 +324,47 @@ async def test_an_async_sessions_urls_answer_on_every_worker(redis_url: str) -> 
             assert await process.wait() == 0
 
 
+async def test_a_drained_workers_sessions_stay_readable_while_a_sibling_drains(
+    redis_url: str,
+) -> None:
+    """A worker whose drain is over (nothing active) kept no sessions once it exited,
+    while a sibling with an active session used its grace: through the port still
+    serving, the drained worker's rejected sessions answered 404 (an outside review: 6
+    of 10). It now serves until every sibling has drained."""
+    prefer = {"Prefer": "respond-async"}
+
+    def fresh() -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=base, timeout=20, headers={"Connection": "close"})
+
+    with trio.fail_after(60):
+        async with serve_process(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--capacity", "1", "--shutdown-grace", "3",
+        ) as (process, base):  # fmt: skip
+            async with fresh() as client:
+                active = await client.post("/sessions", json={"duration": 60}, headers=prefer)
+            owner = active.json()["id"].split(".")[0]
+            others: list[str] = []
+            for _ in range(40):  # queued sessions of the other worker
+                async with fresh() as client:
+                    queued = await client.post("/sessions", json={}, headers=prefer)
+                if queued.json()["id"].split(".")[0] != owner:
+                    others.append(queued.headers["Location"])
+                if len(others) == 3:
+                    break
+            assert len(others) == 3
+            process.send_signal(signal.SIGTERM)
+            await trio.sleep(1.0)  # the other worker's drain is long over
+            states = []
+            for url in others * 3:
+                async with fresh() as client:
+                    answer = await client.get(url)
+                assert answer.status_code == 200, answer.text
+                states.append(answer.json()["state"])
+            assert states == ["rejected"] * 9
+            assert await process.wait() == 0
+
+
 async def test_streams_passed_between_workers_get_their_final_event_at_shutdown(
     redis_url: str,
 ) -> None:

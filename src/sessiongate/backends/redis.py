@@ -11,7 +11,8 @@ is the per-process half:
   call, in stamp order, so a process's arrivals keep their order globally and a burst
   costs one round trip. The script either grants a free slot at once, queues the
   ticket under a Redis-side arrival number, or refuses it (queue full, would wait).
-  No answer within :data:`ANSWER_BY` seconds of the ticket's arrival stamp:
+  No answer within :data:`FAIL_FAST` seconds of the call that carries it, or at the
+  latest :data:`ANSWER_BY` seconds after the ticket's arrival stamp:
   :class:`BackendUnavailable`.
 * **Wait.** A queued ticket waits on a ``trio.Event``, never inside a Redis command.
   Every script that hands a slot over publishes the hand-off on the gate's channel;
@@ -360,6 +361,12 @@ class RedisBackend:
         except _REDIS_ERRORS as exc:
             if self._starting and _refusal(exc) is not None:
                 raise _Unreachable(op) from exc  # _start refuses it, no outage to log
+            if isinstance(exc, trio.TooSlowError) and limit < FAIL_FAST:
+                # A short limit its caller chose for its own sake (a release waits
+                # 0.2 s): Redis slower than that is slow, not down. The calls with
+                # longer limits and the health tick tell an outage (an outside review:
+                # a 250 ms round trip turned /readyz 503 and back every few seconds).
+                raise _Unreachable(op) from exc
             if self._down_since is None:
                 # From when the unanswered call went out, not from when it timed out
                 # (a 0.5 s stall was logged as "unreachable for 0.0 s").

@@ -931,3 +931,48 @@ async def test_the_access_line_reads_as_hypercorns_default() -> None:
     assert lines[0].startswith("127.0.0.1:5000 - - [")
     assert lines[0].endswith('"GET /stats 1.1" 200 12 "-" "curl/8"')
     assert lines[0].split(" ")[3][:12] == stamp[:12]  # today's date
+
+
+async def test_a_client_that_closes_once_answered_gets_one_access_line(tmp_path: Path) -> None:
+    """Clients that close as soon as they have their answer (curl, a browser tab): each
+    request has one access line, with its status. Writes made as their scheduler pass
+    ends (``_pass_writes``) let such a close be read before the answer was marked sent,
+    and Hypercorn logged it as an unanswered request too (76 status-less lines in 500)."""
+    out = tmp_path / "access.log"
+    argv = [sys.executable, "-m", "sessiongate.cli", "serve", "--bind", "127.0.0.1:0"]
+    with out.open("wb") as stdout:
+        process = await trio.lowlevel.open_process(
+            argv, stdout=stdout, stderr=subprocess.PIPE, env=os.environ.copy()
+        )
+    assert process.stderr is not None
+    seen = b""
+    try:
+        with trio.fail_after(30):
+            while (match := RUNNING.search(seen)) is None:
+                chunk = await process.stderr.receive_some()
+                assert chunk, seen.decode()
+                seen += chunk
+            port = int(match.group(1).rsplit(b":", 1)[1])
+
+            async def client() -> None:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while not (data.endswith(b"}") and b"\r\n\r\n" in data):
+                    data += await stream.receive_some()
+                await stream.aclose()  # at once, as curl does
+
+            for _ in range(3):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(100):
+                        nursery.start_soon(client)
+            process.send_signal(signal.SIGINT)
+            while await process.stderr.receive_some():
+                pass
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+    lines = out.read_text().splitlines()
+    assert len(lines) == 300
+    assert all('"GET /healthz 1.1" 200 ' in line for line in lines)

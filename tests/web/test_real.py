@@ -934,9 +934,8 @@ def _protocol_with_a_request(writes: list[bytes], cancel_point: bool = True) -> 
 async def test_a_sized_answer_is_one_write_and_the_rest_of_the_request_waits_a_pass() -> None:
     """A write that wakes a waiting client is the dearest part of a small answer: head,
     body and end of an answer with a Content-Length go out in one write. The request's
-    end (recycling) yields, so answers due together go out first, but only once
-    Hypercorn has marked the answer sent: a yield right after the write let a client's
-    close in first, logged as an unanswered request (outside review)."""
+    end (recycling) makes no schedule point of its own: the write it follows waited for
+    its scheduler pass to end (``_pass_writes``), so the answers due together are out."""
     from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 
     writes: list[bytes] = []
@@ -951,10 +950,7 @@ async def test_a_sized_answer_is_one_write_and_the_rest_of_the_request_waits_a_p
     head, _, body = writes[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"content-length: 11" in head
     assert body == b'{"error":1}'
-    with trio.testing.assert_checkpoints():
-        # assert_checkpoints wants a cancel point too (here the fake send makes none,
-        # the real one does); the schedule point it checks is the yield.
-        await trio.lowlevel.checkpoint_if_cancelled()
+    with trio.testing.assert_no_checkpoints():
         await protocol.stream_send(StreamClosed(stream_id=1))
 
 

@@ -177,6 +177,15 @@ class Ticket:
         return self._gate.estimate_wait(position)
 
 
+def _shown(value: object) -> str:
+    """``value`` for an error message, shortened (a 400-digit number is not shown whole;
+    one over Python's 4 300 digits cannot be)."""
+    try:
+        return reprlib.repr(value)
+    except ValueError:
+        return "a number too long to show"
+
+
 def _finite(number: float) -> bool:
     """Whether ``number`` is a finite float (an int too large for one is not)."""
     try:
@@ -364,7 +373,7 @@ class Gate:
         if at is None:
             arrived_at = now
         elif not isinstance(at, (int, float)) or isinstance(at, bool):
-            raise TypeError(f"at must be a time on the Trio clock, not {reprlib.repr(at)}")
+            raise TypeError(f"at must be a time on the Trio clock, not {_shown(at)}")
         elif _finite(at):
             # No older than max_wait ago; the bound taken so that its deadline
             # (arrived_at + max_wait, as the session computes it) is not after now: in
@@ -375,7 +384,7 @@ class Gate:
                 floor = math.nextafter(floor, -math.inf)
             arrived_at = max(min(at, now), floor)
         else:
-            raise ValueError(f"at must be a finite time on the Trio clock, not {reprlib.repr(at)}")
+            raise ValueError(f"at must be a finite time on the Trio clock, not {_shown(at)}")
         ticket = Ticket(next(_sequence), arrived_at, gate=self, id=id)
         if reserve:
             self._backend.reserve(ticket)

@@ -421,9 +421,10 @@ async def serve(
     draining = False
     grace_ends = math.inf  # set as the drain starts; a second signal moves it to now
     answers: trio.CancelScope | None = None  # the time answers still being written get
+    siblings: trio.CancelScope | None = None  # a drained worker's wait for its siblings
 
     async def drain_then_stop() -> None:
-        nonlocal draining, grace_ends, answers
+        nonlocal draining, grace_ends, answers, siblings
         if draining:
             return
         draining = True
@@ -440,10 +441,14 @@ async def serve(
             # owners' drains end them: let their final events through first. And this
             # worker's sessions stay readable (rejected, cancelled: passed on from a
             # sibling still draining) until every sibling's drain is over.
+            # (Only when the supervisor stops them all: one worker stopped alone exits,
+            # and the supervisor starts another.) A second signal ends the wait.
             app.service.peers.note_drained()
-            with trio.move_on_at(grace_ends + PEER_DRAIN_MARGIN):
-                await app.service.peers.wait_siblings_drained()
+            with trio.CancelScope(deadline=grace_ends + PEER_DRAIN_MARGIN) as siblings:
+                if app.service.peers.all_stopping():
+                    await app.service.peers.wait_siblings_drained()
                 await app.service.peers.wait_idle()
+            siblings = None
         # Answers still being written get what is left of the grace, at least
         # ANSWERS_MIN: the whole stop takes the grace and a little more, not twice the
         # grace (outside review: 12 s with a grace of 6 and one slow reader).
@@ -495,6 +500,8 @@ async def serve(
                     nonlocal grace_ends
                     grace_ends = min(grace_ends, trio.current_time())  # a third moves nothing
                     app.service.cut()
+                    if siblings is not None:
+                        siblings.deadline = trio.current_time()
                     # Answers still being written get ANSWERS_MIN from now, no more.
                     if answers is not None:
                         answers.deadline = min(answers.deadline, trio.current_time() + ANSWERS_MIN)
@@ -515,11 +522,7 @@ async def serve(
             raise app.service.start_refused from None
         raise
     if peers is not None:
-        # The last worker out removes the directory (the supervisor does too, unless
-        # it was killed outright).
-        peers.socket_path().unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            peers.directory.rmdir()
+        peers.leave()
 
 
 #: Seconds the app gets to stop once Hypercorn's answers are out (or abandoned) before
@@ -536,7 +539,7 @@ def _exit_anyway(peers: Any, since_drain: float) -> NoReturn:
         since_drain,
     )
     if peers is not None:
-        peers.socket_path().unlink(missing_ok=True)
+        peers.leave()
     logging.shutdown()  # flush the log first: os._exit does not
     sys.stdout.flush()
     os._exit(0)
@@ -572,7 +575,7 @@ async def _supervise(settings: Settings, flags: frozenset[str] = frozenset()) ->
     ``flags``: the settings given as flags (for the workers' error lines)."""
     if settings.bind.startswith(("unix:", "fd://")):
         raise OSError("--workers > 1 needs a HOST:PORT bind")
-    from .web._peers import PEERS_ENV, WORKER_ENV
+    from .web._peers import PEERS_ENV, WORKER_ENV, note_stopping
 
     sock = _listen(settings.bind)
     fd = sock.fileno()
@@ -661,6 +664,7 @@ async def _supervise(settings: Settings, flags: frozenset[str] = frozenset()) ->
 
     async def stop_all(signum: int) -> None:
         stopping.set()
+        note_stopping(peers_dir)  # each worker's sessions readable until all have drained
         for process in processes.values():
             if process.returncode is None:
                 process.send_signal(signum)

@@ -163,8 +163,8 @@ def _backend(text: str) -> str:
     query = parse_qs(url.query)
     db_in_path = url.scheme != "unix" and url.path not in ("", "/")
     if "db" in query and (len(query["db"]) > 1 or db_in_path):
-        # coredis takes the last ?db= over the path's: redis://host/0?db=3 was db 3,
-        # silently (an outside review).
+        # coredis takes one of them, silently: redis://host/0?db=3 was db 3 (an outside
+        # review).
         raise ValueError(
             f"names its database more than once (the path and ?db=, or ?db= twice), in {shown!r}"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import trio
 
@@ -34,9 +35,9 @@ async def main() -> None:
     ) as backend:
         calls = backend._call_figures
 
-        async def traced(op: str, argv: object, *, limit: float) -> object:
+        async def traced(op: str, argv: object, *, limit: float, **options: Any) -> object:
             say("call", op)
-            return await calls(op, argv, limit=limit)  # type: ignore[arg-type]
+            return await calls(op, argv, limit=limit, **options)  # type: ignore[arg-type]
 
         backend._call_figures = traced  # type: ignore[method-assign,assignment]
         gate = sessiongate.Gate(args.capacity, max_wait=60, backend=backend)

@@ -860,10 +860,10 @@ async def test_a_late_enqueue_keeps_its_arrivals_place(open_backend, monkeypatch
             quick_gate = sessiongate.Gate(max_wait=10, backend=quick)
             original = busy._call_figures
 
-            async def late(op: str, args: Any, *, limit: float) -> Any:
+            async def late(op: str, args: Any, *, limit: float, **options: Any) -> Any:
                 if op == "enqueue":
                     await trio.sleep(0.2)  # the process was busy before the call went out
-                return await original(op, args, limit=limit)
+                return await original(op, args, limit=limit, **options)
 
             admitted: list[str] = []
             release = trio.Event()

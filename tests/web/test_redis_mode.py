@@ -250,6 +250,8 @@ async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> Non
 
             await until(two_workers)
             workers = children()
+            directory = _peers_directory(min(workers))
+            assert _exists(directory)
             process.kill()  # SIGKILL: the supervisor relays nothing
             await process.wait()
 
@@ -257,8 +259,21 @@ async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> Non
                 await trio.lowlevel.checkpoint()
                 return all(_zombie_or_gone(pid) for pid in workers)
 
-            # Their lifeline pipe hits end of file: they drain (nothing active) and exit.
+            # Their lifeline pipe hits end of file: they drain (nothing active) and exit,
+            # the last one out removing the workers' directory (no supervisor to).
             await until(all_gone)
+            assert not _exists(directory)
+
+
+def _peers_directory(worker: int) -> str:
+    """The workers' directory, from a worker's environment."""
+    with open(f"/proc/{worker}/environ", "rb") as file:
+        environ = file.read().split(b"\0")
+    return next(v for v in environ if v.startswith(b"_SESSIONGATE_PEERS=")).decode()[19:]
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
 
 
 def _children(pid: int) -> set[int]:
@@ -363,6 +378,53 @@ async def test_a_drained_workers_sessions_stay_readable_while_a_sibling_drains(
                 states.append(answer.json()["state"])
             assert states == ["rejected"] * 9
             assert await process.wait() == 0
+
+
+async def test_a_killed_sibling_or_a_worker_stopped_alone_holds_no_drain(
+    redis_url: str,
+) -> None:
+    """A drained worker waits for its siblings' drains only while the supervisor stops
+    them all, and not for a sibling that is dead: a SIGKILLed worker's socket left
+    behind held every other worker's exit for the whole grace (a regression review:
+    10.2 s with a grace of 8), and a worker stopped alone lingered the grace, refusing
+    sessions, instead of exiting to be replaced."""
+    with trio.fail_after(60):
+        async with serve_process(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--shutdown-grace", "8",
+        ) as (process, _base):  # fmt: skip
+
+            async def two_workers() -> bool:
+                await trio.lowlevel.checkpoint()
+                return len(_children(process.pid)) == 2
+
+            await until(two_workers)
+            alone = min(_children(process.pid))
+            stopped_at = trio.current_time()
+            os.kill(alone, signal.SIGTERM)  # stopped alone: exits at once, is replaced
+
+            async def replaced() -> bool:
+                await trio.lowlevel.checkpoint()
+                now = _children(process.pid)
+                return len(now) == 2 and alone not in now
+
+            await until(replaced)
+            assert trio.current_time() - stopped_at < 4.0
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+    with trio.fail_after(60):
+        async with serve_process(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--shutdown-grace", "8",
+        ) as (process, _base):  # fmt: skip
+            await until(two_workers)
+            victim = max(_children(process.pid))
+            os.kill(victim, signal.SIGKILL)
+            await trio.sleep(0.1)  # dead, its socket left behind, not yet replaced
+            stopped_at = trio.current_time()
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+            assert trio.current_time() - stopped_at < 4.0  # not the grace (8 s)
 
 
 async def test_streams_passed_between_workers_get_their_final_event_at_shutdown(

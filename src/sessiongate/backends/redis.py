@@ -331,13 +331,17 @@ class RedisBackend:
 
     # -- talking to Redis ---------------------------------------------------------------
 
-    async def _call(self, op: str, args: Sequence[str], *, limit: float) -> list[Any]:
+    async def _call(
+        self, op: str, args: Sequence[str], *, limit: float, late_is_outage: bool = True
+    ) -> list[Any]:
         """Run one step of the gate script; the answer's figures refresh the cache."""
-        return (await self._call_figures(op, args, limit=limit))[1]
+        return (await self._call_figures(op, args, limit=limit, late_is_outage=late_is_outage))[1]
 
     async def _call_figures(
-        self, op: str, args: Sequence[str], *, limit: float
+        self, op: str, args: Sequence[str], *, limit: float, late_is_outage: bool = True
     ) -> tuple[Figures, list[Any]]:
+        """``late_is_outage=False``: an answer later than ``limit`` is no outage (a
+        limit the caller chose for its own latency, shorter than any outage's)."""
         argv = [
             self.channel,
             # What the gate is created with if it is missing: the last global capacity
@@ -361,11 +365,11 @@ class RedisBackend:
         except _REDIS_ERRORS as exc:
             if self._starting and _refusal(exc) is not None:
                 raise _Unreachable(op) from exc  # _start refuses it, no outage to log
-            if isinstance(exc, trio.TooSlowError) and limit < FAIL_FAST:
-                # A short limit its caller chose for its own sake (a release waits
-                # 0.2 s): Redis slower than that is slow, not down. The calls with
-                # longer limits and the health tick tell an outage (an outside review:
-                # a 250 ms round trip turned /readyz 503 and back every few seconds).
+            if isinstance(exc, trio.TooSlowError) and not late_is_outage:
+                # A session's release waits 0.2 s for its own sake: Redis slower than
+                # that is slow, not down (an outside review: a 250 ms round trip turned
+                # /readyz 503 and back every few seconds). Renewals, the enqueuer and the
+                # health tick tell an outage, renewals within a third of the lease's TTL.
                 raise _Unreachable(op) from exc
             if self._down_since is None:
                 # From when the unanswered call went out, not from when it timed out
@@ -558,7 +562,9 @@ class RedisBackend:
             # 0.5 s after the session (an outside review).
             if self._healthy:
                 try:
-                    await self._call("release", [waiter.member], limit=RELEASE_WAIT)
+                    await self._call(
+                        "release", [waiter.member], limit=RELEASE_WAIT, late_is_outage=False
+                    )
                 except _Unreachable:
                     pass
                 else:

@@ -13,9 +13,11 @@ everything else (and every synchronous answer) stays in the worker that has it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
+import socket
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -44,7 +46,9 @@ _HOP_BY_HOP = frozenset(
 #: A session id made by a sibling worker: ``w<number>.<128 random bits, url-safe>``.
 _SIBLING_ID = re.compile(r"w([0-9]{1,4})\.[A-Za-z0-9_-]{22}")
 #: Seconds between looks at whether the sibling workers have drained.
-DRAIN_LOOK_EVERY = 0.05
+DRAIN_LOOK_EVERY = 0.1
+#: The file the supervisor makes in the workers' directory as it stops them all.
+STOPPING = "stopping"
 #: Answer headers worth passing back from the worker that has the session.
 _PASSED_HEADERS = ("content-type", "cache-control", "x-accel-buffering", "retry-after", "allow")
 
@@ -84,15 +88,21 @@ class Peers:
         """Tell the siblings this worker's drain is over."""
         self._drained_path(self.index).touch()
 
-    async def wait_siblings_drained(self) -> None:
-        """Return once every sibling has drained (or has no socket: never started).
+    def all_stopping(self) -> bool:
+        """Whether the supervisor is stopping every worker (not this one alone)."""
+        return (self.directory / STOPPING).exists()
 
-        A worker whose drain is over keeps serving until then: a sibling still draining
-        passes it the requests for its sessions, which a worker that had exited answered
-        404 (an outside review: 6 of 10 drained sessions unreadable through the port
-        still serving, though the SPEC keeps them readable). Workers are separate
-        processes with no channel between them but this directory, so it is looked at
-        every :data:`DRAIN_LOOK_EVERY` seconds; the caller bounds the wait.
+    async def wait_siblings_drained(self) -> None:
+        """Return once every live sibling has drained.
+
+        When the supervisor stops them all, a worker whose drain is over keeps serving
+        until then: a sibling still draining passes it the requests for its sessions,
+        which a worker that had exited answered 404 (an outside review: 6 of 10 drained
+        sessions unreadable through the port still serving, though the SPEC keeps them
+        readable). Workers are separate processes with no channel between them but this
+        directory, so it is looked at every :data:`DRAIN_LOOK_EVERY` seconds; a sibling
+        whose socket takes no connection is dead (killed, it left its socket behind)
+        and not waited for. The caller bounds the wait.
         """
         while True:
             waiting = [
@@ -100,9 +110,21 @@ class Peers:
                 for path in self.directory.glob("w*.sock")
                 if path != self.socket_path() and not path.with_suffix(".drained").exists()
             ]
-            if not waiting:
+            if not any(map(_listening, waiting)):
                 return
             await trio.sleep(DRAIN_LOOK_EVERY)
+
+    def leave(self) -> None:
+        """This worker's files gone; the directory too, by the last worker out (the
+        supervisor removes it as well, unless it was killed outright)."""
+        self.socket_path().unlink(missing_ok=True)
+        self._drained_path(self.index).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            left = list(self.directory.iterdir())
+            if all(path.name == STOPPING for path in left):
+                for path in left:
+                    path.unlink(missing_ok=True)
+                self.directory.rmdir()
 
     def new_session_id(self) -> str:
         return f"w{self.index}.{secrets.token_urlsafe(16)}"
@@ -184,3 +206,18 @@ class Peers:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+def note_stopping(directory: str) -> None:
+    """The supervisor stops every worker: each waits for its siblings' drains."""
+    (Path(directory) / STOPPING).touch()
+
+
+def _listening(path: Path) -> bool:
+    """Whether a process listens on the Unix socket ``path`` (a connect is immediate)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(os.fspath(path))
+        except OSError:
+            return False
+    return True

@@ -405,6 +405,7 @@ async def serve(
 
     from .web import create_app
     from .web._hypercorn_fix import cut_stalled_sends
+    from .web._peers import note_stopping
 
     app = create_app(settings)
     config = hypercorn_config(settings)
@@ -476,6 +477,11 @@ async def serve(
             while await lifeline.receive_some():
                 pass
         log.warning("the supervisor is gone: draining")
+        if peers is not None:
+            # All the workers stop: they wait for each other's drains as under a
+            # supervisor's stop, and the last one out removes the directory.
+            peers.orphaned = True
+            note_stopping(peers.directory)
         await drain_then_stop()
 
     async def on_signals(*, task_status: trio.TaskStatus[None]) -> None:

@@ -427,6 +427,41 @@ async def test_a_killed_sibling_or_a_worker_stopped_alone_holds_no_drain(
             assert trio.current_time() - stopped_at < 4.0  # not the grace (8 s)
 
 
+async def test_every_worker_stopped_by_hand_at_once_is_restarted(redis_url: str) -> None:
+    """Workers stopped alone, all at once, are replaced: the last one out removed the
+    workers' directory under a live supervisor, and every restart then failed to bind
+    its private socket there until the supervisor gave up (a regression review)."""
+    with trio.fail_after(60):
+        async with serve_process(
+            "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
+            "--shutdown-grace", "1",
+        ) as (process, base):  # fmt: skip
+
+            async def two_workers() -> bool:
+                await trio.lowlevel.checkpoint()
+                return len(_children(process.pid)) == 2
+
+            await until(two_workers)
+            first = _children(process.pid)
+            for pid in first:
+                os.kill(pid, signal.SIGTERM)
+
+            async def replaced() -> bool:
+                await trio.lowlevel.checkpoint()
+                now = _children(process.pid)
+                return len(now) == 2 and not now & first
+
+            await until(replaced)
+            await trio.sleep(1.5)  # serving again (a failed start exits within this)
+            assert len(_children(process.pid)) == 2 and process.returncode is None
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                for _ in range(4):
+                    answer = await client.post("/sessions", json={"duration": 0})
+                    assert answer.status_code == 200
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+
+
 async def test_streams_passed_between_workers_get_their_final_event_at_shutdown(
     redis_url: str,
 ) -> None:

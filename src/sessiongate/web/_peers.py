@@ -65,6 +65,8 @@ class Peers:
     index: int
     _clients: dict[int, httpx.AsyncClient] = attrs.Factory(dict)
     _in_flight: int = 0
+    #: The supervisor is gone (its lifeline closed): nobody else removes the directory.
+    orphaned: bool = False
     _idle: trio.Event = attrs.Factory(trio.Event)
 
     @classmethod
@@ -115,10 +117,15 @@ class Peers:
             await trio.sleep(DRAIN_LOOK_EVERY)
 
     def leave(self) -> None:
-        """This worker's files gone; the directory too, by the last worker out (the
-        supervisor removes it as well, unless it was killed outright)."""
+        """This worker's files gone; the directory too, by the last worker out, but only
+        once the supervisor is gone (``orphaned``): while it lives it restarts workers
+        into the directory and removes it itself (a regression review: every worker
+        stopped by hand at once took the directory, and each restart then failed).
+        """
         self.socket_path().unlink(missing_ok=True)
         self._drained_path(self.index).unlink(missing_ok=True)
+        if not self.orphaned:
+            return
         with contextlib.suppress(OSError):
             left = list(self.directory.iterdir())
             if all(path.name == STOPPING for path in left):
@@ -208,16 +215,22 @@ class Peers:
         self._clients.clear()
 
 
-def note_stopping(directory: str) -> None:
-    """The supervisor stops every worker: each waits for its siblings' drains."""
-    (Path(directory) / STOPPING).touch()
+def note_stopping(directory: str | Path) -> None:
+    """Every worker stops (the supervisor stops them, or is gone): each waits for its
+    siblings' drains. Never fails the stop: a directory gone is nothing to note in."""
+    with contextlib.suppress(OSError):
+        (Path(directory) / STOPPING).touch()
 
 
 def _listening(path: Path) -> bool:
-    """Whether a process listens on the Unix socket ``path`` (a connect is immediate)."""
+    """Whether a process listens on the Unix socket ``path`` (a connect is immediate;
+    non-blocking, so a full backlog never blocks the loop: it means someone listens)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
         try:
             probe.connect(os.fspath(path))
+        except BlockingIOError:
+            return True
         except OSError:
             return False
     return True

@@ -134,24 +134,9 @@ async def test_a_dead_worker_is_restarted(redis_url: str) -> None:
             "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
             "--shutdown-grace", "1",
         ) as (process, base):  # fmt: skip
-
-            def children() -> set[int]:
-                return _children(process.pid)
-
-            async def two_workers() -> bool:
-                await trio.lowlevel.checkpoint()
-                return len(children()) == 2
-
-            await until(two_workers)
-            victim = min(children())
+            victim = min(await workers_of(process))
             os.kill(victim, signal.SIGKILL)
-
-            async def replaced() -> bool:
-                await trio.lowlevel.checkpoint()
-                now = children()
-                return len(now) == 2 and victim not in now
-
-            await until(replaced)
+            await workers_of(process, without={victim})
             async with httpx.AsyncClient(base_url=base, timeout=10) as client:
                 for _ in range(4):
                     response = await client.post("/sessions", json={"duration": 0})
@@ -240,16 +225,7 @@ async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> Non
             "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
             "--shutdown-grace", "1",
         ) as (process, _base):  # fmt: skip
-
-            def children() -> set[int]:
-                return _children(process.pid)
-
-            async def two_workers() -> bool:
-                await trio.lowlevel.checkpoint()
-                return len(children()) == 2
-
-            await until(two_workers)
-            workers = children()
+            workers = await workers_of(process)
             directory = _peers_directory(min(workers))
             assert _exists(directory)
             process.kill()  # SIGKILL: the supervisor relays nothing
@@ -263,6 +239,18 @@ async def test_workers_do_not_outlive_a_killed_supervisor(redis_url: str) -> Non
             # the last one out removing the workers' directory (no supervisor to).
             await until(all_gone)
             assert not _exists(directory)
+
+
+async def workers_of(process: Any, without: frozenset[int] | set[int] = frozenset()) -> set[int]:
+    """The supervisor's two workers, once it has two and none of ``without`` (replaced)."""
+
+    async def ready() -> bool:
+        await trio.lowlevel.checkpoint()
+        now = _children(process.pid)
+        return len(now) == 2 and not now & without
+
+    await until(ready)
+    return _children(process.pid)
 
 
 def _peers_directory(worker: int) -> str:
@@ -393,22 +381,10 @@ async def test_a_killed_sibling_or_a_worker_stopped_alone_holds_no_drain(
             "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
             "--shutdown-grace", "8",
         ) as (process, _base):  # fmt: skip
-
-            async def two_workers() -> bool:
-                await trio.lowlevel.checkpoint()
-                return len(_children(process.pid)) == 2
-
-            await until(two_workers)
-            alone = min(_children(process.pid))
+            alone = min(await workers_of(process))
             stopped_at = trio.current_time()
             os.kill(alone, signal.SIGTERM)  # stopped alone: exits at once, is replaced
-
-            async def replaced() -> bool:
-                await trio.lowlevel.checkpoint()
-                now = _children(process.pid)
-                return len(now) == 2 and alone not in now
-
-            await until(replaced)
+            await workers_of(process, without={alone})
             assert trio.current_time() - stopped_at < 4.0
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
@@ -417,8 +393,7 @@ async def test_a_killed_sibling_or_a_worker_stopped_alone_holds_no_drain(
             "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
             "--shutdown-grace", "8",
         ) as (process, _base):  # fmt: skip
-            await until(two_workers)
-            victim = max(_children(process.pid))
+            victim = max(await workers_of(process))
             os.kill(victim, signal.SIGKILL)
             await trio.sleep(0.1)  # dead, its socket left behind, not yet replaced
             stopped_at = trio.current_time()
@@ -436,22 +411,10 @@ async def test_every_worker_stopped_by_hand_at_once_is_restarted(redis_url: str)
             "--workers", "2", "--backend", redis_url, "--gate-name", gate_name(),
             "--shutdown-grace", "1",
         ) as (process, base):  # fmt: skip
-
-            async def two_workers() -> bool:
-                await trio.lowlevel.checkpoint()
-                return len(_children(process.pid)) == 2
-
-            await until(two_workers)
-            first = _children(process.pid)
+            first = await workers_of(process)
             for pid in first:
                 os.kill(pid, signal.SIGTERM)
-
-            async def replaced() -> bool:
-                await trio.lowlevel.checkpoint()
-                now = _children(process.pid)
-                return len(now) == 2 and not now & first
-
-            await until(replaced)
+            await workers_of(process, without=first)
             await trio.sleep(1.5)  # serving again (a failed start exits within this)
             assert len(_children(process.pid)) == 2 and process.returncode is None
             async with httpx.AsyncClient(base_url=base, timeout=10) as client:
@@ -650,14 +613,8 @@ async def test_a_restarted_worker_that_refuses_its_settings_is_retried(
             "--shutdown-grace", "1", "--handler", "fails_on_restart:handler",
             settings={"FAIL_IMPORT_IF": str(marker)},
         ) as (process, base):  # fmt: skip
-
-            async def two_workers() -> bool:
-                await trio.lowlevel.checkpoint()
-                return len(_children(process.pid)) == 2
-
-            await until(two_workers)
+            victim = min(await workers_of(process))
             marker.touch()
-            victim = min(_children(process.pid))
             os.kill(victim, signal.SIGKILL)
 
             async def one_refused_restart() -> bool:
@@ -670,7 +627,7 @@ async def test_a_restarted_worker_that_refuses_its_settings_is_retried(
             async with httpx.AsyncClient(base_url=base, timeout=10) as client:
                 assert (await client.post("/sessions", json={"duration": 0})).status_code == 200
             marker.unlink()
-            await until(two_workers)  # its next restart imports again
+            await workers_of(process, without={victim})  # its next restart imports again
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
 

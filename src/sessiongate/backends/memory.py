@@ -50,10 +50,6 @@ if TYPE_CHECKING:
 #: Admissions past reserved arrivals remembered for those arrivals' stamps.
 PASSES_KEPT: Final = 512
 
-#: When a reservation or a pass happened: the Trio clock's reading, and an order number
-#: that tells apart two events of one reading.
-_Moment = tuple[float, int]
-
 
 class MemoryBackend:
     """One process's slots (a ``trio.CapacityLimiter``) and its FIFO queue."""
@@ -62,17 +58,18 @@ class MemoryBackend:
         self._limiter = trio.CapacityLimiter(check_capacity(capacity))
         # Place (arrival stamp, sequence number) -> the parked waiter, oldest first.
         self._queue: SortedDict = SortedDict()
-        # Places reserved by ``reserve`` whose sessions have not entered yet, and when
-        # each was reserved (in reservation order).
+        # Places reserved by ``reserve`` whose sessions have not entered yet, and the
+        # order number of each reservation (in reservation order).
         self._reserved: SortedList = SortedList()
-        self._reserved_at: dict[tuple[float, int], _Moment] = {}
-        # (place, moment) of admissions past earlier reservations still to enter, oldest
-        # first; forgotten once no reservation is left (bounded all the same).
-        self._passes: deque[tuple[tuple[float, int], _Moment]] = deque(maxlen=PASSES_KEPT)
-        # Orders reservations and passes that share a clock reading (MockClock, a
+        self._reserved_order: dict[tuple[float, int], int] = {}
+        # (place, when, order number) of admissions past earlier reservations still to
+        # enter, oldest first; forgotten once no reservation is left (bounded all the
+        # same).
+        self._passes: deque[tuple[tuple[float, int], float, int]] = deque(maxlen=PASSES_KEPT)
+        # Orders reservations and passes, also those of one clock reading (MockClock, a
         # coarse clock): a pass in the same instant but before a reservation was not
-        # past it.
-        self._moments = itertools.count()
+        # past it (an outside review).
+        self._order = itertools.count()
 
     # -- sizes ------------------------------------------------------------------------
 
@@ -123,13 +120,13 @@ class MemoryBackend:
         place = ticket.place
         if place not in self._reserved:  # idempotent: one reservation per place
             self._reserved.add(place)
-            self._reserved_at[place] = (trio.current_time(), next(self._moments))
+            self._reserved_order[place] = next(self._order)
 
     def unreserve(self, ticket: Ticket) -> None:
         place = ticket.place
         if place in self._reserved:
             self._reserved.remove(place)
-            del self._reserved_at[place]
+            del self._reserved_order[place]
             self._prune_passes()
             self._hand_on()
 
@@ -152,7 +149,7 @@ class MemoryBackend:
                 passes.clear()
         if reserved.bisect_left(place) > 0:
             self._prune_passes()
-            passes.append((place, (now, next(self._moments))))
+            passes.append((place, now, next(self._order)))
 
     def _prune_passes(self) -> None:
         """Forget the passes no reservation can be owed from: those before the oldest
@@ -161,15 +158,15 @@ class MemoryBackend:
         up to their bound, scanned at every reserved admission (+5 % instructions per
         request, measured)."""
         passes = self._passes
-        oldest = next(iter(self._reserved_at.values()), None)
+        oldest = next(iter(self._reserved_order.values()), None)
         if oldest is None:
             passes.clear()
             return
-        while passes and passes[0][1][1] < oldest[1]:
+        while passes and passes[0][2] < oldest:
             passes.popleft()
 
     def _admit_entering(
-        self, place: tuple[float, int], now: float, reserved_at: _Moment | None
+        self, place: tuple[float, int], now: float, reserved_order: int | None
     ) -> float:
         """The admission stamp of an arrival taking a slot as it enters, now (its pass
         noted): for one that was reserved, when the first later arrival passed it while
@@ -179,12 +176,9 @@ class MemoryBackend:
         order (an outside review). Stamped before its own pass is noted: noting prunes
         the passes by the reservations still held, its own no longer among them."""
         stamp = now
-        if reserved_at is not None:
-            for passed, (at, moment) in self._passes:
-                # Passed after it was reserved (the moment, not the time: a pass in
-                # the same clock reading but before the reservation set nothing aside
-                # for it, an outside review under MockClock).
-                if passed > place and moment > reserved_at[1]:
+        if reserved_order is not None:
+            for passed, at, order in self._passes:
+                if passed > place and order > reserved_order:  # passed after it was reserved
                     stamp = min(at, now)
                     break
         self._note_admission(place, now)
@@ -260,7 +254,7 @@ class MemoryBackend:
                 # Served as it enters (its own task, not parked yet): stamped at this
                 # decision, not a scheduler pass later when its task resumes (a busy
                 # pass made it look admitted past max_wait: an outside review).
-                waiter.ticket.admitted_at = self._admit_entering(place, now, waiter.reserved_at)
+                waiter.ticket.admitted_at = self._admit_entering(place, now, waiter.reserved_order)
                 continue
             self._note_admission(place, now)
             waiter.ticket.handed_over(counted=released, now=now)  # the hand-off's instant
@@ -285,7 +279,7 @@ class _Hold:
     the ticket's behalf, by the releaser that hands it over or by the fast path.
     """
 
-    __slots__ = ("_backend", "_max_queue", "_scope", "expired", "reserved_at", "task", "ticket")
+    __slots__ = ("_backend", "_max_queue", "_scope", "expired", "reserved_order", "task", "ticket")
 
     def __init__(
         self,
@@ -301,8 +295,8 @@ class _Hold:
         self.task: trio.lowlevel.Task | None = None
         #: Set by the releaser when it found this ticket's wait run out.
         self.expired = False
-        #: When this ticket's place was reserved, if it was (until it entered).
-        self.reserved_at: _Moment | None = None
+        #: The order number of this ticket's reservation, if it was reserved.
+        self.reserved_order: int | None = None
 
     async def __aenter__(self) -> None:
         backend, ticket = self._backend, self.ticket
@@ -312,7 +306,7 @@ class _Hold:
         was_reserved = place in backend._reserved
         if was_reserved:
             backend._reserved.remove(place)
-            self.reserved_at = backend._reserved_at.pop(place)
+            self.reserved_order = backend._reserved_order.pop(place)
         queue = backend._queue
         if not queue and backend._free_for(place):
             # Uncontended: nobody waits and a slot is free.
@@ -330,7 +324,7 @@ class _Hold:
             # Stamped now, with the clock the deadline was checked against: through the
             # pass below a drain (``aclose``) must see that it holds a slot (an outside
             # review: aclose returned while it then ran).
-            ticket.admitted_at = backend._admit_entering(place, now, self.reserved_at)
+            ticket.admitted_at = backend._admit_entering(place, now, self.reserved_order)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         scope = self._scope

@@ -19,8 +19,9 @@ write once noted is made.
 Used for HTTP/1.1 connections; HTTP/2 writes at once (see ``_hypercorn_fix``). An
 answer leaves at most one pass later than it would have (under a wave: once every
 answer of the pass is built). Measured on the overload of ``bench_http.py`` (400
-clients, capacity 50, 3 s deadline): clients' expiry lateness p50 28-32 / p99 51-53 ms
-against 37-40 / 69-79 ms with each write made at once (two interleaved runs each).
+clients, capacity 50, 3 s deadline): clients' expiry lateness p99 45.9-65.7 ms over the
+day's runs (one at 111 ms on a shared machine), against 63.7-84.6 ms with each write
+made at once (``benchmarks/README.md``).
 """
 
 from __future__ import annotations

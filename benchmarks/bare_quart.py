@@ -48,11 +48,23 @@ def main() -> None:
     config.errorlog = "-"
     config.backlog = 2048
     if tuned:
-        from sessiongate.cli import _access_logger_class, _tune_gc, _tune_logging
+        from sessiongate.cli import (
+            _access_logger_class,
+            _tune_gc,
+            _tune_logging,
+            collect_garbage_when_idle,
+        )
 
         config.logger_class = _access_logger_class()
         _tune_gc()
         _tune_logging()
+
+        async def serve_tuned() -> None:
+            collect_garbage_when_idle()
+            await serve(app, config)
+
+        trio.run(serve_tuned)
+        return
     trio.run(serve, app, config)
 
 

@@ -216,16 +216,28 @@ def _missing_extra(settings: Settings) -> str | None:
 #: Allocations between young collections (CPython's default is 700). Every request
 #: allocates a few thousand container objects, most of them freed by reference counting
 #: within the request; with the default, a zero-length request paid ~0.1 ms of cyclic GC
-#: (0.6-0.7 s of GC per ~6 000 requests, measured in-process); with these, ~0.02 ms.
-GC_THRESHOLDS = (10_000, 20, 100)
+#: (0.6-0.7 s of GC per ~6 000 requests, measured in-process); with 10 000, ~0.02 ms.
+#: Those collections are made when the run loop is idle (``web/_idle.py``: CPython's own,
+#: at whichever allocation crossed the threshold, took 7-47 ms in the middle of an expiry
+#: wave); CPython's threshold, five times higher, is the backstop for a loop never idle.
+GC_IDLE_YOUNG = 10_000
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def _tune_gc() -> None:
     """Once, before serving: start-up objects (modules, the app) leave the collector's
-    generations for good (``gc.freeze``), and young collections run less often."""
+    generations for good (``gc.freeze``), and young collections run less often (and,
+    from :func:`serve` on, when the loop is idle)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def collect_garbage_when_idle() -> None:
+    """In the current Trio run, collect garbage when the loop is idle (``_tune_gc``)."""
+    from .web._idle import collect_garbage_when_idle as when_idle
+
+    when_idle(GC_IDLE_YOUNG)
 
 
 #: Library loggers kept at WARNING unless something set their level already. httpx (a
@@ -327,6 +339,8 @@ def _access_logger_class() -> type[Logger]:
     """
     from hypercorn.logging import Logger
 
+    from .web._idle import log_when_idle
+
     class AccessLogger(Logger):
         _stamp = _PerSecond("[%d/%b/%Y:%H:%M:%S %z]")
 
@@ -357,7 +371,9 @@ def _access_logger_class() -> type[Logger]:
                     if name.lower() == b"content-length":
                         length = value.decode("latin1")
             method = request["method"] if request["type"] == "http" else "GET"
-            logger.info(
+            log_when_idle(
+                logger,
+                logging.INFO,
                 '%s - - %s "%s %s %s" %s %s "%s" "%s"',
                 remote,
                 self._stamp(time.time()),
@@ -407,6 +423,7 @@ async def serve(
     from .web._hypercorn_fix import cut_stalled_sends
     from .web._peers import note_stopping
 
+    collect_garbage_when_idle()
     app = create_app(settings)
     config = hypercorn_config(settings)
     assert isinstance(config, Config)

@@ -615,6 +615,43 @@ async def test_keep_alive_closes_idle_connections_only() -> None:
     trio.lowlevel.remove_instrument(keep_alive)
 
 
+async def test_a_busy_keep_alive_connection_never_wakes_its_keep_alive_task() -> None:
+    """A connection busy with request after request, each longer than the keep-alive
+    timeout: its keep-alive task's timer is moved, and the task never runs. It woke as
+    each request outlasted the timeout and again at its answer (under an overload, two
+    task steps per connection in the waves of answers)."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    from sessiongate.config import Settings
+    from sessiongate.web import create_app
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.keep_alive_timeout = 0.2
+    config.errorlog = None
+    keep_alive = _KeepAliveSteps()
+    post = request_bytes(
+        "POST", "/sessions", jbody({"duration": 0.3}), {"Content-Type": "application/json"}
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(serve, create_app(Settings()), config)
+            stream = await trio.open_tcp_stream("127.0.0.1", port_of(binds[0]))
+            await stream.send_all(request_bytes("GET", "/healthz"))
+            assert (await read_response(stream))[0] == 200  # its task has started
+            trio.lowlevel.add_instrument(keep_alive)
+            try:
+                for _ in range(4):
+                    await stream.send_all(post)
+                    assert (await read_response(stream))[0] == 200
+            finally:
+                trio.lowlevel.remove_instrument(keep_alive)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert keep_alive.steps == 0
+
+
 async def test_hypercorns_read_timeout_still_closes_a_silent_connection() -> None:
     """The read loop skips the cancel scope per read when Hypercorn has no read timeout
     (its default); one that is configured still closes a client that sends nothing."""

@@ -37,6 +37,7 @@ from ..config import Settings
 from ..metrics import Metrics
 from ._errors import REFUSAL_CODES, ApiError, dumps, retry_after
 from ._handlers import Handler, load
+from ._idle import log_when_idle, write_logs_now
 from ._peers import Peers
 from ._sessions import (
     ACTIVE,
@@ -282,6 +283,7 @@ class Service:
             raise
         finally:
             self._closed = True
+            write_logs_now()
             self._stopped.set()
 
     async def shutdown(self) -> None:
@@ -300,6 +302,7 @@ class Service:
         self._drain_started = True
         self.draining = True
         gate, registry = self.gate, self.registry
+        write_logs_now()  # the lines of sessions ended so far come before this one
         log.info(
             "draining: %d active, %d queued, grace %gs",
             gate.local_active,
@@ -319,6 +322,7 @@ class Service:
         with trio.move_on_after(ANSWER_BOUND):
             while self._sync_waiters:
                 await self._answered.wait()
+        write_logs_now()
         log.info("drained")
         self._drained.set()
 
@@ -614,17 +618,14 @@ class Service:
         waited = (admitted if admitted is not None else end) - record.arrival.arrived_at
         ran = end - admitted if admitted is not None else None
         self.metrics.session_ended(state, ran)
-        log.log(
-            logging.ERROR if record.exception is not None else logging.INFO,
-            "session %s %s%s waited=%.3fs ran=%.3fs",
-            record.id,
-            state,
-            f" ({code})" if code is not None else "",
-            waited,
-            ran or 0.0,
-            exc_info=record.exception,
-        )
-        record.exception = None
+        line = "session %s %s%s waited=%.3fs ran=%.3fs"
+        args = (record.id, state, f" ({code})" if code is not None else "", waited, ran or 0.0)
+        if record.exception is not None:
+            log.error(line, *args, exc_info=record.exception)
+            record.exception = None
+        else:
+            # Routine: written when the loop is idle (``_idle``), as of now.
+            log_when_idle(log, logging.INFO, line, *args)
 
     def refusal(self, record: SessionRecord) -> ApiError:
         """The answer for a session that ended without completing (sync) or was refused."""

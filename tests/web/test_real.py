@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from sessiongate.web import SessionGateApp, _hypercorn_fix, _pass_writes, _receive_stamps
 
@@ -883,6 +884,73 @@ async def test_an_answer_is_written_without_waiting_when_the_socket_has_room() -
     with pytest.raises(trio.BrokenResourceError):
         _pass_writes.write_now(stream, chunk)  # its peer is gone
     await stream.aclose()
+
+
+async def test_a_read_that_finds_bytes_waiting_takes_no_scheduler_pass() -> None:
+    """The read loop's ``_receive`` returns bytes already waiting at once (Trio's
+    ``recvmsg`` yields a whole pass after such a read), with the receive stamp's
+    ancillary data; with nothing waiting it waits for the socket, as Trio's does."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    left = trio.socket.from_stdlib_socket(accepted)
+    right = trio.socket.from_stdlib_socket(client)
+    try:
+        left.setsockopt(socket.SOL_SOCKET, _receive_stamps.SO_TIMESTAMPNS, 1)
+        ancillary = _receive_stamps.ANCILLARY
+        await right.send(b"GET / HTTP/1.1\r\n\r\n")
+        await trio.sleep(0.05)  # arrived
+        with trio.testing.assert_no_checkpoints():
+            data, stamps = await _hypercorn_fix._receive(left, ancillary)
+        assert data == b"GET / HTTP/1.1\r\n\r\n"
+        assert _receive_stamps.received(stamps) is not None  # the kernel's stamp came along
+        async with trio.open_nursery() as nursery:
+
+            async def send_later() -> None:
+                await trio.sleep(0.05)
+                await right.send(b"late")
+
+            nursery.start_soon(send_later)
+            with trio.testing.assert_checkpoints():
+                data, _ = await _hypercorn_fix._receive(left, ancillary)  # waited for it
+            assert data == b"late"
+        right.close()
+        assert (await _hypercorn_fix._receive(left, ancillary))[0] == b""  # peer closed
+    finally:
+        left.close()
+        right.close()
+
+
+async def test_the_apps_messages_pass_without_a_scheduler_pass() -> None:
+    """A request's messages (its body, a disconnect) go to the app without a pass at the
+    put or at the take while the channel has room or holds one (Trio's channels yield
+    a pass on each); a full channel still makes the server wait for the app."""
+    from hypercorn.config import Config
+    from hypercorn.trio.task_group import TaskGroup
+
+    _hypercorn_fix.apply()  # as the app factory does
+    config = Config()
+    config.max_app_queue_size = 1
+    taken: list[Any] = []
+    app_may_take = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any, *_: Any) -> None:
+        await app_may_take.wait()
+        with trio.testing.assert_no_checkpoints():
+            taken.append(await receive())  # one waiting: taken at once
+        taken.append(await receive())
+
+    async def send(message: Any) -> None:
+        pass
+
+    async with TaskGroup() as group:
+        put = await group.spawn_app(app, config, {"type": "http"}, send)
+        with trio.testing.assert_no_checkpoints():
+            await put({"type": "http.request", "body": b"{}", "more_body": False})
+        app_may_take.set()
+        with trio.testing.assert_checkpoints():  # full until the app takes the first
+            await put({"type": "http.disconnect"})
+    assert [m["type"] for m in taken] == ["http.request", "http.disconnect"]
 
 
 async def test_the_writes_of_one_pass_are_made_together_as_it_ends() -> None:

@@ -15,7 +15,8 @@ work done meanwhile need not be:
   wave (measured with ``gc.callbacks`` on ``sessiongate serve``).
 
 Both are done here instead, by a Trio instrument, when the run loop is about to wait for
-I/O with no task to run (``before_io_wait`` with nothing runnable): after the wave. Log
+I/O with no task to run and no deadline due (``before_io_wait`` with a timeout): after
+the wave, and only as much as fits before the next deadline. Log
 lines are written at the latest when :data:`MAX_LINES` are waiting or the oldest has
 waited :data:`MAX_DELAY` seconds (a server that is never idle still logs, with memory
 bounded), and when the run ends; each keeps the time it was noted at (``created``), so
@@ -82,22 +83,20 @@ class _IdleWork(trio.abc.Instrument):
         self.gc_pauses = list(GC_PAUSES)
 
     def before_io_wait(self, timeout: float) -> None:
-        lines, young = self.lines, self.gc_young
-        garbage = young is not None and gc.get_count()[0] >= young
-        if not lines and not garbage:
-            return
-        statistics = trio.lowlevel.current_statistics()
-        idle = statistics.tasks_runnable == 0
-        # Until the next deadline (the loop's timeout, save under a MockClock's autojump).
-        room = statistics.seconds_to_next_deadline
+        # The loop waits ``timeout`` seconds for I/O: 0 while a task is runnable or a
+        # deadline is due, else the time to the next deadline. (Under a MockClock that
+        # jumps when idle it is 0 too: there lines wait for the bounds below, a drain, or
+        # the run's end.)
+        lines = self.lines
         if lines:
             if len(lines) >= MAX_LINES or time.time() - lines[0].created >= MAX_DELAY:
                 self.write_lines()
-            elif idle and room > 0:
+            elif timeout > 0:
                 # As many as are likely written before the next deadline, oldest first.
-                self.write_lines(max(1, int(min(room, 3600.0) / 2 / self.line_cost)))
-        if garbage and idle:
-            self.collect(room)
+                self.write_lines(max(1, int(min(timeout, 3600.0) / 2 / self.line_cost)))
+        young = self.gc_young
+        if young is not None and timeout > 0 and gc.get_count()[0] >= young:
+            self.collect(timeout)
 
     def collect(self, room: float) -> None:
         """One collection, of the generation CPython would collect now, if it is likely

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import aclosing
 from typing import Any
 
@@ -1266,3 +1267,30 @@ async def test_a_get_waiting_on_an_arrival_then_refused_at_once_is_404(
             await service.start_session(record)  # refused at once: queue_full
         assert record.refused_at_once
         assert statuses == [404]
+
+
+async def test_a_request_runs_no_import_statement(autojump_clock: Any) -> None:
+    """Nothing on a request's path imports (an import statement runs Python's import
+    machinery even for a module already loaded): Quart's ``blueprints`` property did,
+    four times per request."""
+    import builtins
+
+    imports: list[str] = []
+    real_import = builtins.__import__
+
+    def counting_import(name: str, *args: Any, **kwargs: Any) -> Any:
+        caller = sys._getframe(1).f_code
+        imports.append(f"{name} (from {caller.co_name} in {caller.co_filename})")
+        return real_import(name, *args, **kwargs)
+
+    async with running(capacity=1, max_wait=1) as app:
+        client = app.test_client()
+        await post(client, {"duration": 0})  # warm: anything imported once, lazily
+        await post(client, {"duration": 0})
+        builtins.__import__ = counting_import
+        try:
+            response, _ = await post(client, {"duration": 0})
+        finally:
+            builtins.__import__ = real_import
+    assert response.status_code == 200
+    assert imports == [], imports

@@ -921,6 +921,33 @@ async def test_a_read_that_finds_bytes_waiting_takes_no_scheduler_pass() -> None
         right.close()
 
 
+def test_the_date_header_is_made_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hypercorn's Date and Server headers are made once a second per configuration,
+    not for every answer, and say the second they are sent in."""
+    from hypercorn.config import Config
+
+    config = Config()
+    now = [1_800_000_000.2]
+    monkeypatch.setattr(_hypercorn_fix.time, "time", lambda: now[0])
+    monkeypatch.setattr("hypercorn.config.time", lambda: now[0])  # its Date's clock
+    made: list[str] = []
+    real = Config.response_headers
+
+    def counted(self: Config, protocol: str) -> list[tuple[bytes, bytes]]:
+        made.append(protocol)
+        return real(self, protocol)
+
+    monkeypatch.setattr(Config, "response_headers", counted)
+    first = _hypercorn_fix._response_headers(config)
+    now[0] += 0.5
+    assert _hypercorn_fix._response_headers(config) is first and made == ["h11"]
+    assert dict(first)[b"server"] == b"hypercorn-h11"
+    now[0] += 0.5  # the next second
+    later = _hypercorn_fix._response_headers(config)
+    assert made == ["h11", "h11"] and dict(later)[b"date"] != dict(first)[b"date"]
+    assert _hypercorn_fix._response_headers(Config()) is not later  # another configuration
+
+
 async def test_the_apps_messages_pass_without_a_scheduler_pass() -> None:
     """A request's messages (its body, a disconnect) go to the app without a pass at the
     put or at the take while the channel has room or holds one (Trio's channels yield

@@ -581,6 +581,24 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
+#: Hypercorn's own response headers (``Date``, ``Server``), with the second and the
+#: configuration they were made for: the date is formatted once a second, not for every
+#: answer (``wsgiref``'s ``format_date_time``, ~3 % of an expiry answer's step).
+_server_headers: tuple[int, Config | None, list[tuple[bytes, bytes]]] = (0, None, [])
+
+
+def _response_headers(config: Config) -> list[tuple[bytes, bytes]]:
+    """``config.response_headers("h11")``, made at most once a second (do not change
+    the list)."""
+    global _server_headers
+    second = int(time.time())
+    made_at, made_for, headers = _server_headers
+    if made_at != second or made_for is not config:
+        headers = config.response_headers("h11")
+        _server_headers = (second, config, headers)
+    return headers
+
+
 def _serialise(self: H11Protocol, event: h11.Response | h11.Data | h11.EndOfMessage) -> bytes:
     """h11's bytes for ``event``, as Hypercorn's ``_send_h11_event`` gets them (nothing
     when the client's side has already failed)."""
@@ -631,7 +649,7 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
         length = _content_length(event.headers)
         if length is not None:
             # As Hypercorn builds the head, but held until the body is whole.
-            headers = list(itertools.chain(event.headers, self.config.response_headers("h11")))
+            headers = list(itertools.chain(event.headers, _response_headers(self.config)))
             if self.keep_alive_requests >= self.config.keep_alive_max_requests:
                 headers.append((b"connection", b"close"))
             head = _serialise(self, h11.Response(headers=headers, status_code=event.status_code))

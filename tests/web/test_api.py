@@ -1294,3 +1294,42 @@ async def test_a_request_runs_no_import_statement(autojump_clock: Any) -> None:
             builtins.__import__ = real_import
     assert response.status_code == 200
     assert imports == [], imports
+
+
+async def test_an_answer_in_memory_is_sent_as_one_body_message() -> None:
+    """A JSON answer goes to the server as its start and one body message (Quart sent
+    the body and then an empty last message, each through Hypercorn's ``app_send``)."""
+    async with running() as app:
+        sent: list[dict[str, Any]] = []
+        calls = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/healthz",
+            "raw_path": b"/healthz",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"test")],
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8000),
+            "extensions": {},
+        }
+        await app(scope, receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 200 and not sent[1].get("more_body", False)
+    assert json.loads(sent[1]["body"]) == {"status": "ok", "draining": False}

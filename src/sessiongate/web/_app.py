@@ -11,6 +11,8 @@ from typing import Any, cast
 
 import trio
 from quart import Response, g, request
+from quart.utils import encode_headers
+from quart.wrappers.response import DataBody
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from quart_trio.wrappers import TrioRequest
@@ -100,6 +102,20 @@ class _Connection(TrioASGIHTTPConnection):
         except* OwnerGone as gone:
             # The answer stays unfinished: Hypercorn cuts the connection.
             log.warning("%s; cutting the client's connection", gone.exceptions[0])
+
+    async def _send_response(self, send, response) -> None:  # type: ignore[no-untyped-def]
+        """Quart's, with a body already in memory (every JSON answer here) sent as one
+        message: Quart sends it and then an empty last one, each through Hypercorn's
+        ``app_send`` (~3 % of an answer's step). Anything else is sent as Quart does."""
+        body = response.response if isinstance(response, Response) else None
+        if not isinstance(body, DataBody):
+            await super()._send_response(send, response)
+            return
+        headers = encode_headers(response.headers)
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": body.data[body.begin : body.end]})
 
 
 #: The largest request head (request line and headers) served. h11 refuses a head still

@@ -421,9 +421,11 @@ async def serve(
 
     from .web import create_app
     from .web._hypercorn_fix import cut_stalled_sends
+    from .web._idle import keep_order
     from .web._peers import note_stopping
 
     collect_garbage_when_idle()
+    keep_order(log)  # "SIGTERM: draining" after the lines of sessions ended before it
     app = create_app(settings)
     config = hypercorn_config(settings)
     assert isinstance(config, Config)
@@ -563,6 +565,9 @@ def _exit_anyway(peers: Any, since_drain: float) -> NoReturn:
     )
     if peers is not None:
         peers.leave()
+    from .web._idle import write_logs_now
+
+    write_logs_now()  # lines waiting for an idle moment (web/_idle.py) first
     logging.shutdown()  # flush the log first: os._exit does not
     sys.stdout.flush()
     os._exit(0)

@@ -886,10 +886,23 @@ async def test_an_answer_is_written_without_waiting_when_the_socket_has_room() -
     await stream.aclose()
 
 
-async def test_a_read_that_finds_bytes_waiting_takes_no_scheduler_pass() -> None:
-    """The read loop's ``_receive`` returns bytes already waiting at once (Trio's
-    ``recvmsg`` yields a whole pass after such a read), with the receive stamp's
-    ancillary data; with nothing waiting it waits for the socket, as Trio's does."""
+class _StepsOf(trio.abc.Instrument):
+    """Counts one task's steps."""
+
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_a_read_that_waited_takes_no_second_scheduler_pass() -> None:
+    """The read loop's ``_receive``: a read that had to wait for its bytes returns them
+    in the step that wakes it (Trio's ``recvmsg`` yields a second pass after it), with
+    the receive stamp's ancillary data; a read that finds bytes waiting yields as
+    Trio's does, so a client that keeps the buffer full cannot hold the loop."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname())
         accepted, _ = listener.accept()
@@ -898,27 +911,99 @@ async def test_a_read_that_finds_bytes_waiting_takes_no_scheduler_pass() -> None
     try:
         left.setsockopt(socket.SOL_SOCKET, _receive_stamps.SO_TIMESTAMPNS, 1)
         ancillary = _receive_stamps.ANCILLARY
-        await right.send(b"GET / HTTP/1.1\r\n\r\n")
-        await trio.sleep(0.05)  # arrived
-        with trio.testing.assert_no_checkpoints():
-            data, stamps = await _hypercorn_fix._receive(left, ancillary)
+        steps = _StepsOf()
+        received: list[tuple[bytes, Any]] = []
+
+        async def read() -> None:
+            steps.task = trio.lowlevel.current_task()
+            received.append(await _hypercorn_fix._receive(left, ancillary))
+
+        trio.lowlevel.add_instrument(steps)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()  # waiting for bytes
+                before = steps.steps
+                await right.send(b"GET / HTTP/1.1\r\n\r\n")
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.steps - before == 1  # woken, read, returned: one step
+        ((data, stamps),) = received
         assert data == b"GET / HTTP/1.1\r\n\r\n"
         assert _receive_stamps.received(stamps) is not None  # the kernel's stamp came along
-        async with trio.open_nursery() as nursery:
-
-            async def send_later() -> None:
-                await trio.sleep(0.05)
-                await right.send(b"late")
-
-            nursery.start_soon(send_later)
-            with trio.testing.assert_checkpoints():
-                data, _ = await _hypercorn_fix._receive(left, ancillary)  # waited for it
-            assert data == b"late"
+        await right.send(b"more")
+        await trio.sleep(0.05)  # arrived
+        with trio.testing.assert_checkpoints():  # bytes waiting: a pass, as Trio's
+            data, _ = await _hypercorn_fix._receive(left, ancillary)
+        assert data == b"more"
         right.close()
         assert (await _hypercorn_fix._receive(left, ancillary))[0] == b""  # peer closed
     finally:
         left.close()
         right.close()
+
+
+async def test_an_http2_flood_does_not_hold_the_loop() -> None:
+    """A client that keeps its connection's buffer full of HTTP/2 frames the app never
+    sees (PINGs) does not stop the server's other work (an outside review: such a flood
+    froze the loop, SIGTERM included, for as long as it lasted)."""
+    import h2.config
+    import h2.connection
+
+    async with real_server(capacity=1) as (_, base):
+        port = port_of(base)
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        connection.initiate_connection()
+        flood = socket.create_connection(("127.0.0.1", port))
+        flood.sendall(connection.data_to_send())  # the preface, once
+        for n in range(4000):
+            connection.ping(b"%08d" % n)
+        frames = connection.data_to_send()
+        flooding = True
+        sent = 0
+
+        def keep_sending() -> None:  # a thread: the loop's stalls must not stop it
+            nonlocal sent
+            flood.settimeout(5)
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                flood.sendall(frames)
+                sent += len(frames)
+
+        def keep_reading() -> None:
+            flood.settimeout(0.2)
+            while flooding:
+                try:
+                    if not flood.recv(1 << 20):
+                        return
+                except OSError:
+                    continue
+
+        longest = 0.0
+
+        async def tick() -> None:
+            nonlocal longest
+            last = time.monotonic()
+            while True:
+                await trio.sleep(0.01)
+                now = time.monotonic()
+                longest = max(longest, now - last)
+                last = now
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tick)
+                nursery.start_soon(
+                    lambda: trio.to_thread.run_sync(keep_reading, abandon_on_cancel=True)
+                )
+                await trio.to_thread.run_sync(keep_sending)
+                flooding = False
+                nursery.cancel_scope.cancel()
+        finally:
+            flooding = False
+            flood.close()
+    assert sent > 10 * len(frames)  # it did flood
+    assert longest < 0.5  # ~1 s, the flood's whole length, before
 
 
 def test_the_date_header_is_made_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,13 +16,16 @@ work done meanwhile need not be:
 
 Both are done here instead, by a Trio instrument, when the run loop is about to wait for
 I/O with no task to run and no deadline due (``before_io_wait`` with a timeout): after
-the wave, and only as much as fits before the next deadline. Log
-lines are written at the latest when :data:`MAX_LINES` are waiting or the oldest has
-waited :data:`MAX_DELAY` seconds (a server that is never idle still logs, with memory
-bounded), and when the run ends; each keeps the time it was noted at (``created``), so
-the log reads as if written at once. Lines with a traceback are written at once. The
-collector (only where :func:`collect_garbage_when_idle` is called: ``sessiongate
-serve``) keeps an automatic threshold as a backstop for a loop that is never idle.
+the wave, and only as much as fits before the next deadline. The instrument runs after
+the pass's writes (``_pass_writes``), so answers built in a pass go out first. On a
+loop that is never idle, lines go :data:`FORCED_SLICE` a pass once :data:`MAX_LINES` are
+waiting or the oldest has waited :data:`MAX_DELAY` seconds (memory stays bounded); all
+go at a drain and when the run ends. Each keeps the time it was noted at (``created``),
+so the log reads as if written at once; any other line of the same logger (an error
+with its traceback, written at once) is written after the lines waiting. The collector
+(only where :func:`collect_garbage_when_idle` is called: ``sessiongate serve``) keeps
+CPython's automatic threshold, raised, as a backstop for a loop that is never idle; a
+generation due that does not fit before the next deadline waits for a longer moment.
 """
 
 from __future__ import annotations
@@ -34,10 +37,15 @@ from typing import Any
 
 import attrs
 import trio
+import trio.testing
+
+from ._pass_writes import pass_writes
 
 #: Most log lines kept waiting for an idle moment, and longest wait (seconds).
 MAX_LINES = 2000
 MAX_DELAY = 1.0
+#: Lines written per pass once a bound is reached on a loop that is never idle.
+FORCED_SLICE = 200
 #: What writing one log line is taken to cost until lines have been written (seconds).
 LINE_COST = 20e-6
 #: Generations 1 and 2 are collected every this many collections of the one below, as
@@ -77,6 +85,10 @@ class _IdleWork(trio.abc.Instrument):
         #: Young collections from this many allocations on; None: the collector is
         #: CPython's own (not managed here).
         self.gc_young: int | None = None
+        #: True while lines are being written.
+        self.writing = False
+        #: Trio's MockClock (tests): the loop's timeout is 0 when it is idle too.
+        self.mock_clock = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
         #: How long a line took to write, in the last lines written (seconds).
         self.line_cost = LINE_COST
         #: How long the last collection of each generation took (seconds).
@@ -84,32 +96,35 @@ class _IdleWork(trio.abc.Instrument):
 
     def before_io_wait(self, timeout: float) -> None:
         # The loop waits ``timeout`` seconds for I/O: 0 while a task is runnable or a
-        # deadline is due, else the time to the next deadline. (Under a MockClock that
-        # jumps when idle it is 0 too: there lines wait for the bounds below, a drain, or
-        # the run's end.)
+        # deadline is due, else the time to the next deadline (under Trio's MockClock,
+        # which jumps when the loop is idle, 0 then too: there idle is no task runnable).
         lines = self.lines
         if lines:
-            if len(lines) >= MAX_LINES or time.time() - lines[0].created >= MAX_DELAY:
-                self.write_lines()
+            if timeout == 0 and self.mock_clock:
+                if trio.lowlevel.current_statistics().tasks_runnable == 0:
+                    self.write_lines()
             elif timeout > 0:
                 # As many as are likely written before the next deadline, oldest first.
                 self.write_lines(max(1, int(min(timeout, 3600.0) / 2 / self.line_cost)))
+            elif len(lines) >= MAX_LINES or time.time() - lines[0].created >= MAX_DELAY:
+                # Never idle: a slice per pass (written after the pass's answers).
+                self.write_lines(FORCED_SLICE)
         young = self.gc_young
         if young is not None and timeout > 0 and gc.get_count()[0] >= young:
             self.collect(timeout)
 
     def collect(self, room: float) -> None:
         """One collection, of the generation CPython would collect now, if it is likely
-        to be over before the next deadline (``room`` seconds away): else a younger one
-        that is, or none (the next idle moment may be longer)."""
+        to be over before the next deadline (``room`` seconds away); else none (a longer
+        idle moment, or CPython's own threshold, comes later)."""
         _, collections_0, collections_1 = gc.get_count()
         generation = 0
         if collections_0 >= GC_OLDER[0]:
             generation = 2 if collections_1 >= GC_OLDER[1] else 1
         pauses = self.gc_pauses
-        while generation >= 0 and room < 2 * pauses[generation]:
-            generation -= 1
-        if generation < 0:
+        if room < 2 * pauses[generation]:
+            # Not a younger one instead: each resets the young count, and an older
+            # generation due would never be collected (here or by CPython's backstop).
             return
         started = time.perf_counter()
         gc.collect(generation)  # a finalizer's error is reported by gc, not raised
@@ -121,6 +136,8 @@ class _IdleWork(trio.abc.Instrument):
     def write_lines(self, most: int | None = None) -> None:
         """Write the lines waiting (at most ``most``, the oldest); never raises (Trio
         drops an instrument that does)."""
+        if self.writing:  # a line being written asked for the rest (keep_order)
+            return
         if most is None or most >= len(self.lines):
             lines, self.lines = self.lines, []
         else:
@@ -128,11 +145,15 @@ class _IdleWork(trio.abc.Instrument):
         if not lines:
             return
         started = time.perf_counter()
-        for line in lines:
-            try:
-                line.write()
-            except Exception:  # a handler's or filter's fault; logging's own report
-                logging.Handler().handleError(logging.makeLogRecord({"msg": line.msg}))
+        self.writing = True
+        try:
+            for line in lines:
+                try:
+                    line.write()
+                except Exception:  # a handler's or filter's fault; logging's own report
+                    logging.Handler().handleError(logging.makeLogRecord({"msg": line.msg}))
+        finally:
+            self.writing = False
         self.line_cost = max((time.perf_counter() - started) / len(lines), 1e-7)
 
 
@@ -144,10 +165,30 @@ def _idle_work() -> _IdleWork:
     try:
         return _IDLE_WORK.get()
     except LookupError:
+        pass_writes()  # first: the pass's answers are written before lines are
         work = _IdleWork()
         trio.lowlevel.add_instrument(work)
         _IDLE_WORK.set(work)
         return work
+
+
+class _WaitingLinesFirst(logging.Filter):
+    """On a logger whose routine lines wait: any other line of it is written after
+    them, so the log keeps the order of events (an error's traceback came before the
+    lines of sessions that had ended earlier: an outside review)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        write_logs_now()  # nothing while they are being written (this is one of them)
+        return True
+
+
+_WAITING_LINES_FIRST = _WaitingLinesFirst()
+
+
+def keep_order(logger: logging.Logger) -> None:
+    """Write the lines waiting before any line ``logger`` logs at once."""
+    if _WAITING_LINES_FIRST not in logger.filters:
+        logger.addFilter(_WAITING_LINES_FIRST)
 
 
 def log_when_idle(logger: logging.Logger, level: int, msg: str, *args: Any) -> None:
@@ -160,6 +201,8 @@ def log_when_idle(logger: logging.Logger, level: int, msg: str, *args: Any) -> N
     except RuntimeError:  # not in a Trio run
         logger.log(level, msg, *args)
         return
+    if not work.lines:
+        keep_order(logger)
     work.lines.append(_Line(logger, level, msg, args))
 
 

@@ -87,6 +87,18 @@ class _PassWrites(trio.abc.Instrument):
 _PASS_WRITES: trio.lowlevel.RunVar[_PassWrites] = trio.lowlevel.RunVar("sessiongate_writes")
 
 
+def pass_writes() -> _PassWrites:
+    """This run's instrument (added on first use: instruments added later run after it
+    as each pass ends, so they find the pass's answers written)."""
+    try:
+        return _PASS_WRITES.get()
+    except LookupError:
+        writes = _PassWrites()
+        trio.lowlevel.add_instrument(writes)
+        _PASS_WRITES.set(writes)
+        return writes
+
+
 async def write_at_pass_end(stream: object, view: memoryview) -> int:
     """:func:`write_now`, made as the current scheduler pass ends (module docstring).
 
@@ -95,12 +107,7 @@ async def write_at_pass_end(stream: object, view: memoryview) -> int:
     """
     if not isinstance(stream, trio.SocketStream):
         return 0  # TLS: the caller's send_all writes it
-    try:
-        writes = _PASS_WRITES.get()
-    except LookupError:
-        writes = _PassWrites()
-        trio.lowlevel.add_instrument(writes)
-        _PASS_WRITES.set(writes)
+    writes = pass_writes()
     write = _Write(stream, view)
     writes.noted.append(write)
     # Runnable again at once, so the loop ends the pass without waiting for I/O, and the

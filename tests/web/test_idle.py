@@ -29,6 +29,12 @@ class Lines(logging.Handler):
         return [r.getMessage() for r in self.records]
 
 
+async def always_runnable() -> None:
+    """A task that keeps the loop from ever waiting with nothing to run."""
+    while True:
+        await trio.lowlevel.checkpoint()
+
+
 @pytest.fixture
 def lines() -> Iterator[tuple[logging.Logger, Lines]]:
     logger = logging.getLogger("test.sessiongate.idle")
@@ -80,12 +86,8 @@ async def test_a_loop_never_idle_still_writes_after_the_bounds(
     monkeypatch.setattr(_idle, "MAX_LINES", 10)
     monkeypatch.setattr(_idle, "MAX_DELAY", 0.05)
 
-    async def busy() -> None:  # always runnable: the loop never waits with nothing to run
-        while True:
-            await trio.lowlevel.checkpoint()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(busy)
+        nursery.start_soon(always_runnable)
         for n in range(10):
             _idle.log_when_idle(logger, logging.INFO, "count %d", n)
         await trio.lowlevel.checkpoint()
@@ -285,12 +287,8 @@ async def test_a_loop_never_idle_writes_a_slice_per_pass(
     monkeypatch.setattr(_idle, "MAX_LINES", 10)
     monkeypatch.setattr(_idle, "FORCED_SLICE", 4)
 
-    async def busy() -> None:
-        while True:
-            await trio.lowlevel.checkpoint()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(busy)
+        nursery.start_soon(always_runnable)
         for n in range(14):
             _idle.log_when_idle(logger, logging.INFO, "count %d", n)
         await trio.lowlevel.checkpoint()

@@ -222,11 +222,11 @@ async def test_a_collection_waits_for_an_idle_moment_long_enough(
 
 async def test_older_generations_in_turn_as_cpython_would(collections: list[int]) -> None:
     _idle.collect_garbage_when_idle(100)
-    for _ in range(_idle.GC_OLDER[0] + 1):
+    for _ in range(gc.get_threshold()[1] + 1):
         make_cycles(200)
         await trio.sleep(0.05)
-    assert collections[: _idle.GC_OLDER[0]] == [0] * _idle.GC_OLDER[0]
-    assert collections[_idle.GC_OLDER[0]] == 1
+    assert collections[: gc.get_threshold()[1]] == [0] * gc.get_threshold()[1]
+    assert collections[gc.get_threshold()[1]] == 1
 
 
 def test_collections_are_left_to_cpython_unless_asked(collections: list[int]) -> None:
@@ -310,7 +310,7 @@ async def test_an_older_generation_due_is_not_replaced_by_a_younger_one(
     _idle.collect_garbage_when_idle(100)
     work = _idle._IDLE_WORK.get()
     work.gc_pauses = [0.0001, 10.0, 10.0]  # generation 1 never fits
-    for _ in range(_idle.GC_OLDER[0]):
+    for _ in range(gc.get_threshold()[1]):
         gc.collect(0)  # as many young collections as make generation 1 due
     collections.clear()
     make_cycles(200)

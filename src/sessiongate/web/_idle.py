@@ -20,9 +20,9 @@ the wave, and only as much as fits before the next deadline. The instrument runs
 the pass's writes (``_pass_writes``), so answers built in a pass go out first. On a
 loop that is never idle, lines go :data:`FORCED_SLICE` a pass once :data:`MAX_LINES` are
 waiting or the oldest has waited :data:`MAX_DELAY` seconds (memory stays bounded); all
-go at a drain and when the run ends. Each keeps the time it was noted at (``created``),
-so the log reads as if written at once; any other line of the same logger (an error
-with its traceback, written at once) is written after the lines waiting. The collector
+go before any other line of their logger (an error with its traceback, a drain's:
+written at once, those come after them) and when the run ends. Each keeps the time it
+was noted at (``created``), so the log reads as if written at once. The collector
 (only where :func:`collect_garbage_when_idle` is called: ``sessiongate serve``) keeps
 CPython's automatic threshold, raised, as a backstop for a loop that is never idle; a
 generation due that does not fit before the next deadline waits for a longer moment.
@@ -48,9 +48,6 @@ MAX_DELAY = 1.0
 FORCED_SLICE = 200
 #: What writing one log line is taken to cost until lines have been written (seconds).
 LINE_COST = 20e-6
-#: Generations 1 and 2 are collected every this many collections of the one below, as
-#: CPython's own thresholds (10 000, 20, 100) in ``sessiongate serve`` have them.
-GC_OLDER = (20, 100)
 #: What each generation's collection is taken to last until one has been timed
 #: (seconds): a collection waits for an idle moment twice as long (to the next deadline).
 GC_PAUSES = (0.002, 0.005, 0.02)
@@ -117,10 +114,13 @@ class _IdleWork(trio.abc.Instrument):
         """One collection, of the generation CPython would collect now, if it is likely
         to be over before the next deadline (``room`` seconds away); else none (a longer
         idle moment, or CPython's own threshold, comes later)."""
+        # Generations 1 and 2 every so many collections of the one below, by CPython's
+        # own thresholds (``gc.set_threshold``: 20 and 100 under ``sessiongate serve``).
         _, collections_0, collections_1 = gc.get_count()
+        _, every_1, every_2 = gc.get_threshold()
         generation = 0
-        if collections_0 >= GC_OLDER[0]:
-            generation = 2 if collections_1 >= GC_OLDER[1] else 1
+        if collections_0 >= every_1:
+            generation = 2 if collections_1 >= every_2 else 1
         pauses = self.gc_pauses
         if room < 2 * pauses[generation]:
             # Not a younger one instead: each resets the young count, and an older
@@ -186,7 +186,8 @@ _WAITING_LINES_FIRST = _WaitingLinesFirst()
 
 
 def keep_order(logger: logging.Logger) -> None:
-    """Write the lines waiting before any line ``logger`` logs at once."""
+    """Write the lines waiting before any line ``logger`` logs at once (every logger
+    with lines waiting has it: a drain's lines follow its sessions' lines so)."""
     if _WAITING_LINES_FIRST not in logger.filters:
         logger.addFilter(_WAITING_LINES_FIRST)
 
@@ -201,8 +202,7 @@ def log_when_idle(logger: logging.Logger, level: int, msg: str, *args: Any) -> N
     except RuntimeError:  # not in a Trio run
         logger.log(level, msg, *args)
         return
-    if not work.lines:
-        keep_order(logger)
+    keep_order(logger)
     work.lines.append(_Line(logger, level, msg, args))
 
 

@@ -302,7 +302,6 @@ class Service:
         self._drain_started = True
         self.draining = True
         gate, registry = self.gate, self.registry
-        write_logs_now()  # the lines of sessions ended so far come before this one
         log.info(
             "draining: %d active, %d queued, grace %gs",
             gate.local_active,
@@ -322,7 +321,6 @@ class Service:
         with trio.move_on_after(ANSWER_BOUND):
             while self._sync_waiters:
                 await self._answered.wait()
-        write_logs_now()
         log.info("drained")
         self._drained.set()
 

@@ -20,9 +20,10 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 
 from ..config import ConfigError, Settings
 from . import _hypercorn_fix
-from ._errors import STATUS, ApiError, dumps, error_response, json_response
+from ._errors import STATUS, UNEXPECTED, ApiError, dumps, error_response, json_response
 from ._handlers import HandlerLoadError
 from ._peers import OwnerGone, Peers
+from ._plain_create import serve_plain_create
 from ._receive_stamps import request_received_at
 from ._routes import admin_refusal, check_admin, register
 from ._service import ARRIVAL_KEY, Service, StartRefused
@@ -76,9 +77,6 @@ class _Connection(TrioASGIHTTPConnection):
         if refusal is not None:
             await _refuse_closing(send, *refusal)
             return
-        if scope.get("method") == "POST":
-            service: Service = self.app.service  # type: ignore[attr-defined]
-            cast(dict[str, Any], scope)[ARRIVAL_KEY] = service.stamp(request_received_at())
         closing = _closes_after(scope.get("http_version"), scope.get("headers", ()))
 
         async def send_closing_shielded(message) -> None:  # type: ignore[no-untyped-def]
@@ -92,10 +90,20 @@ class _Connection(TrioASGIHTTPConnection):
                 return
             await send(message)
 
-        # Quart-Trio's own __call__, except that the request is handled in this task
-        # rather than in a second child: one task spawn less per request.
-        request = self._create_request_from_scope(send_closing_shielded)
         try:
+            if scope.get("method") == "POST":
+                service: Service = self.app.service  # type: ignore[attr-defined]
+                cast(dict[str, Any], scope)[ARRIVAL_KEY] = service.stamp(request_received_at())
+                # The plain synchronous POST /sessions, served without Quart's request
+                # machinery; any other form goes on to Quart (``_plain_create``).
+                receive = await serve_plain_create(
+                    service, cast(dict[str, Any], scope), receive, send_closing_shielded
+                )
+                if receive is None:
+                    return
+            # Quart-Trio's own __call__, except that the request is handled in this task
+            # rather than in a second child: one task spawn less per request.
+            request = self._create_request_from_scope(send_closing_shielded)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.handle_messages, nursery, request, receive)
                 await self.handle_request(nursery, request, send_closing_shielded)
@@ -366,9 +374,7 @@ def create_app(
     @app.errorhandler(Exception)
     async def unexpected_error(error: Exception) -> Response:
         log.error("unexpected error on %s %s", request.method, request.path, exc_info=error)
-        return json_response(
-            {"error": "internal_error", "detail": "an unexpected error; see the server log"}, 500
-        )
+        return json_response(UNEXPECTED, 500)
 
     register(app, service)
     if workers is not None:

@@ -100,6 +100,15 @@ async def read_json_object(max_body: int) -> dict[str, Any]:
             "unsupported_media_type",
             "the body must not be encoded (Content-Encoding is not supported)",
         )
+    return parse_json_object(raw)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` (a JSON body, not empty) as a JSON object.
+
+    Raises:
+        ApiError: ``invalid_json`` or ``invalid_request``.
+    """
     try:
         # UTF-8 only (RFC 8259 8.1; a leading BOM may be ignored, and is): json.loads
         # would also guess UTF-16 and UTF-32 from bytes.

@@ -36,6 +36,9 @@ STATUS = {
     "internal_error": 500,
 }
 
+#: The answer to an unexpected error (its details go to the server log only).
+UNEXPECTED = {"error": "internal_error", "detail": "an unexpected error; see the server log"}
+
 #: Upper bound for Retry-After (a day): past it the estimate says nothing useful.
 MAX_RETRY_AFTER = 86_400
 

@@ -886,6 +886,10 @@ async def _spawn_app(
         except trio.WouldBlock:
             return await from_server.receive()
 
+    # A message already waiting, or trio.WouldBlock: the app can take a body that has
+    # arrived without waiting for one that has not (``_plain_create``).
+    receive.nowait = from_server.receive_nowait  # type: ignore[attr-defined]
+
     self._nursery.start_soon(
         _handle_app,
         app,

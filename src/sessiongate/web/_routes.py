@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from quart import Quart, Response, request
@@ -98,6 +98,35 @@ async def _nothing() -> AsyncIterator[bytes]:
     yield  # an async generator all the same
 
 
+def arrival_of_whole_request(service: Service, scope: Mapping[str, Any]) -> Ticket | None:
+    """A request's arrival stamp, taken as its head reached the host, or, if its body
+    was still arriving then, a stamp of when the rest of it did: the client's upload is
+    not time spent waiting for a slot, and a slow uploader queues in the place it
+    completed."""
+    stamp = service.stamp_of(scope)
+    if stamp is not None:
+        completed = request_completed_at(scope)
+        if completed is not None and completed > stamp.arrived_at:
+            return service.stamp(completed)
+    return stamp
+
+
+async def sync_answer(service: Service, record: SessionRecord) -> Response:
+    """Run a synchronous caller's session (checked, not started) and make its answer;
+    a caller that goes away (cancelled here) cancels its session, queued or active."""
+    try:
+        await service.start_session(record)
+        await service.wait_sync(record)
+    finally:
+        if not record.ended:  # the client went away: cancel its session, queued or active
+            record.cancel("client_disconnected")
+    if record.state == COMPLETED:
+        return json_response(record.encode(service.gate), 200)
+    # Returned, not raised: the same answer as the ApiError handler's, without
+    # unwinding through Quart's error handling (~3 % of an expiry's instructions).
+    return error_response(service.refusal(record), service.settings.refusal_status)
+
+
 def register(app: Quart, service: Service) -> None:
     settings = service.settings
 
@@ -119,18 +148,6 @@ def register(app: Quart, service: Service) -> None:
             raise ApiError("not_found", "no session with this id (unknown, or ended and evicted)")
         return record
 
-    def arrival_of_whole_request() -> Ticket | None:
-        """The request's arrival stamp, taken as its head reached the host, or, if its
-        body was still arriving then, a stamp of when the rest of it did: the client's
-        upload is not time spent waiting for a slot, and a slow uploader queues in the
-        place it completed."""
-        stamp = service.stamp_of(request.scope)
-        if stamp is not None:
-            completed = request_completed_at(request.scope)
-            if completed is not None and completed > stamp.arrived_at:
-                return service.stamp(completed)
-        return stamp
-
     @app.post("/sessions")
     async def create_session() -> Response:
         body = await read_json_object(settings.max_body)
@@ -140,7 +157,8 @@ def register(app: Quart, service: Service) -> None:
         # session's FIFO place and starts its queue deadline. It is reserved only now
         # that the body has been read and checked (a slow upload holds nobody back),
         # until the session's task enters the gate, so no later arrival gets ahead.
-        record = service.new_session(service.arrive(arrival_of_whole_request()), body)
+        arrival = arrival_of_whole_request(service, request.scope)
+        record = service.new_session(service.arrive(arrival), body)
         if respond_async:
             # The session lives on in the sessions nursery, whatever this request does.
             await service.start_session(record, answer_now=True)
@@ -153,17 +171,7 @@ def register(app: Quart, service: Service) -> None:
                 202,
                 {"Location": f"/sessions/{record.id}", "Preference-Applied": "respond-async"},
             )
-        try:
-            await service.start_session(record)
-            await service.wait_sync(record)
-        finally:
-            if not record.ended:  # the client went away: cancel its session, queued or active
-                record.cancel("client_disconnected")
-        if record.state == COMPLETED:
-            return json_response(record.encode(service.gate), 200)
-        # Returned, not raised: the same answer as the ApiError handler's, without
-        # unwinding through Quart's error handling (~3 % of an expiry's instructions).
-        return error_response(service.refusal(record), settings.refusal_status)
+        return await sync_answer(service, record)
 
     @app.get("/sessions")
     async def list_sessions() -> Response:

@@ -1,0 +1,148 @@
+"""``POST /sessions`` in its plain form, served without Quart's request machinery.
+
+Nearly every request this service gets under load is the same one: a synchronous
+``POST /sessions`` with a small JSON body that arrived with its head. Quart serves it
+with a request object, a request context (its push and pop, URL matching, signals),
+``before``/``after_request`` functions, a response object and a second task watching
+for the client's disconnect: ~15-20 % of the server's CPU under the overload of
+``benchmarks/bench_http.py``, where it is what sets how late a wave of expiry answers
+is. Here such a request is served by the same code the view uses (``_routes``: the body
+check, the session, the answer), straight on the ASGI interface.
+
+Only the plain form is served here; anything else goes to Quart unchanged, with the
+messages already taken handed back first (:func:`serve_plain_create` returns the
+``receive`` to give it): another path or method, ``Prefer`` (an asynchronous session),
+``Expect``, ``Transfer-Encoding`` or ``Content-Encoding``, a missing, repeated or too
+large ``Content-Length``, a ``Content-Type`` that is not one JSON type, a body not yet
+all there (nothing here waits for an upload), and any body the service would refuse
+(invalid JSON, a bad ``duration``...): Quart then answers it exactly as before. So every
+error answer still comes from one place, the app's error handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+from quart.utils import encode_headers
+
+from ._body import is_json_media_type, parse_json_object
+from ._errors import UNEXPECTED, ApiError, error_response, json_response
+from ._routes import arrival_of_whole_request, sync_answer
+from ._service import Service
+
+log = logging.getLogger("sessiongate.web")
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+#: The request headers that send a ``POST /sessions`` to Quart.
+_NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"prefer", b"content-encoding"})
+
+
+def _plain_length(scope: MutableMapping[str, Any], max_body: int) -> int | None:
+    """The body's length if ``scope`` is a plain ``POST /sessions``; else None."""
+    if scope.get("method") != "POST" or scope.get("path") != "/sessions":
+        return None
+    length: bytes | None = None
+    media_type: bytes | None = None
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            if length is not None:
+                return None
+            length = value
+        elif name == b"content-type":
+            if media_type is not None:
+                return None
+            media_type = value
+        elif name in _NOT_PLAIN:
+            return None
+    if length is None or media_type is None or not length.isdigit() or len(length) > 12:
+        return None
+    size = int(length)
+    if not 0 < size <= max_body or not is_json_media_type(media_type.decode("latin-1")):
+        return None
+    return size
+
+
+def _replay(taken: list[dict[str, Any]], receive: Receive) -> Receive:
+    """``receive``, giving the messages in ``taken`` first."""
+    if not taken:
+        return receive
+    pending = list(taken)
+
+    async def replaying() -> dict[str, Any]:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replaying
+
+
+async def _watch_for_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` when the client goes away (what Quart-Trio's second task does)."""
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def serve_plain_create(
+    service: Service, scope: MutableMapping[str, Any], receive: Receive, send: Send
+) -> Receive | None:
+    """Serve ``scope`` if it is a plain ``POST /sessions`` whose body is all there:
+    None once answered. Otherwise the ``receive`` to hand Quart (module docstring)."""
+    size = _plain_length(scope, service.settings.max_body)
+    take_now = getattr(receive, "nowait", None)
+    if size is None or take_now is None:
+        return receive
+    taken: list[dict[str, Any]] = []
+    parts: list[bytes] = []
+    got = 0
+    while True:
+        try:
+            message = take_now()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return _replay(taken, receive)
+        taken.append(message)
+        if message.get("type") != "http.request":
+            return _replay(taken, receive)
+        part = message.get("body", b"")
+        parts.append(part)
+        got += len(part)
+        if got > size:
+            return _replay(taken, receive)
+        if not message.get("more_body", False):
+            break
+    if got != size:
+        return _replay(taken, receive)
+    try:
+        body = parse_json_object(b"".join(parts))
+        service.validate(body)
+    except Exception:  # Quart answers it, as for any request it serves
+        return _replay(taken, receive)
+    record = service.new_session(service.arrive(arrival_of_whole_request(service, scope)), body)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_for_disconnect, receive, nursery.cancel_scope)
+        try:
+            response = await sync_answer(service, record)
+        except ApiError as error:  # as the app's handler of ApiError answers it
+            response = error_response(error, service.settings.refusal_status)
+        except Exception as error:  # as the app's handler of the unexpected answers it
+            log.error("unexpected error on POST /sessions", exc_info=error)
+            response = json_response(UNEXPECTED, 500)
+        assert response.response is not None
+        data = response.response.data  # type: ignore[attr-defined]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": encode_headers(response.headers),
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
+        nursery.cancel_scope.cancel()
+    return None

@@ -1,0 +1,196 @@
+"""The plain ``POST /sessions``, served without Quart's request machinery
+(``web/_plain_create.py``), and every other form, served by Quart as before.
+
+Quart's test client has no way to take a message without waiting, so the tests through
+it all go to Quart; these run Hypercorn on 127.0.0.1, where the plain form does not."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import trio
+
+from sessiongate.web import _plain_create
+from sessiongate.web._plain_create import _plain_length
+
+from .conftest import jbody, port_of, raw_request, read_response, real_server, request_bytes
+
+JSON = {"Content-Type": "application/json"}
+
+
+def counting_quart_requests(app: Any) -> list[str]:
+    """The requests Quart serves from now on (its ``before_request`` functions run for
+    every request it routes)."""
+    served: list[str] = []
+
+    @app.before_request
+    async def note() -> None:
+        from quart import request
+
+        served.append(f"{request.method} {request.path}")
+
+    return served
+
+
+async def exchange(base: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    stream = await raw_request(port_of(base), data)
+    try:
+        return await read_response(stream)
+    finally:
+        await stream.aclose()
+
+
+async def test_a_plain_post_is_served_without_quart_and_answered_as_quart_answers() -> None:
+    import json
+
+    with trio.fail_after(10):
+        async with real_server() as (app, base):
+            served = counting_quart_requests(app)
+            plain = await exchange(
+                base, request_bytes("POST", "/sessions", jbody({"duration": 0}), JSON)
+            )
+            assert served == []
+            # An unrelated preference sends the same request to Quart.
+            headers = {**JSON, "Prefer": "handling=lenient"}
+            quart = await exchange(
+                base, request_bytes("POST", "/sessions", jbody({"duration": 0}), headers)
+            )
+            assert served == ["POST /sessions"]
+    for status, _, body in (plain, quart):
+        assert status == 200
+        assert json.loads(body)["state"] == "completed"
+    assert sorted(plain[1]) == sorted(quart[1])
+    assert plain[1]["content-type"] == quart[1]["content-type"] == "application/json"
+    assert sorted(json.loads(plain[2])) == sorted(json.loads(quart[2]))
+
+
+async def test_a_plain_refusal_is_answered_as_quart_answers_it() -> None:
+    """Capacity 1 held and nobody may wait: 503 ``queue_timeout`` with ``Retry-After``,
+    from the plain path."""
+    import json
+
+    with trio.fail_after(10):
+        async with real_server(capacity=1, max_wait=0.0) as (app, base):
+            holder = app.service.new_session(app.service.arrive(None), {"duration": 60})
+            await app.service.start_session(holder, answer_now=True)
+            served = counting_quart_requests(app)
+            status, headers, body = await exchange(
+                base, request_bytes("POST", "/sessions", jbody({"duration": 1}), JSON)
+            )
+            assert served == []
+            holder.cancel("cancelled")
+    assert status == 503
+    assert int(headers["retry-after"]) >= 1
+    assert json.loads(body)["error"] == "queue_timeout"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "error"),
+    [
+        (b"{not json", JSON, 400, "invalid_json"),
+        (jbody({"duration": -1}), JSON, 422, "invalid_request"),
+        (jbody([1, 2]), JSON, 422, "invalid_request"),
+        (jbody({"duration": 0}), {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+        (jbody({"duration": 0}), {**JSON, "Content-Encoding": "gzip"}, 415, None),
+        (jbody({"duration": 0}), {**JSON, "Prefer": "respond-async"}, 202, None),
+    ],
+    ids=["bad-json", "bad-duration", "not-an-object", "text", "encoded", "async"],
+)
+async def test_every_other_form_goes_to_quart(
+    body: bytes, headers: dict[str, str], status: int, error: str | None
+) -> None:
+    import json
+
+    with trio.fail_after(10):
+        async with real_server() as (app, base):
+            served = counting_quart_requests(app)
+            got, _, answer = await exchange(base, request_bytes("POST", "/sessions", body, headers))
+            assert served == ["POST /sessions"]
+            assert app.service.gate.stats().active <= 1
+    assert got == status
+    if error is not None:
+        assert json.loads(answer)["error"] == error
+
+
+async def test_a_body_still_arriving_goes_to_quart_with_what_had_come() -> None:
+    """Half the body with the head, the rest a moment later: nothing waits for it on the
+    plain path; Quart gets the part already taken, then the rest, and serves it."""
+    import json
+
+    with trio.fail_after(10):
+        async with real_server() as (app, base):
+            served = counting_quart_requests(app)
+            data = request_bytes("POST", "/sessions", jbody({"duration": 0}), JSON)
+            stream = await raw_request(port_of(base), data[:-5])
+            await trio.sleep(0.2)
+            await stream.send_all(data[-5:])
+            status, _, answer = await read_response(stream)
+            await stream.aclose()
+            assert served == ["POST /sessions"]
+    assert status == 200
+    assert json.loads(answer)["state"] == "completed"
+
+
+async def test_an_unexpected_error_on_the_plain_path_is_a_json_500(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    async def broken(*_: Any) -> Any:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(_plain_create, "sync_answer", broken)
+    with trio.fail_after(10), caplog.at_level(logging.ERROR, "sessiongate.web"):
+        async with real_server() as (_, base):
+            status, _, answer = await exchange(
+                base, request_bytes("POST", "/sessions", jbody({"duration": 0}), JSON)
+            )
+    assert status == 500
+    assert json.loads(answer) == {
+        "error": "internal_error",
+        "detail": "an unexpected error; see the server log",
+    }
+    assert "broken on purpose" in caplog.text
+    assert "broken on purpose" not in answer.decode()
+
+
+def _scope(headers: list[tuple[bytes, bytes]], path: str = "/sessions") -> dict[str, Any]:
+    return {"method": "POST", "path": path, "headers": headers}
+
+
+CT = (b"content-type", b"application/json")
+
+
+@pytest.mark.parametrize(
+    ("scope", "length"),
+    [
+        (_scope([CT, (b"content-length", b"15")]), 15),
+        (
+            _scope(
+                [
+                    (b"content-type", b"application/vnd.x+json; charset=utf-8"),
+                    (b"content-length", b"2"),
+                ]
+            ),
+            2,
+        ),
+        (_scope([CT, (b"content-length", b"15")], path="/sessions/"), None),
+        ({**_scope([CT, (b"content-length", b"15")]), "method": "PUT"}, None),
+        (_scope([CT, (b"content-length", b"0")]), None),
+        (_scope([CT, (b"content-length", b"65537")]), None),
+        (_scope([CT, (b"content-length", b"99999999999999999999")]), None),
+        (_scope([CT, (b"content-length", b"+15")]), None),
+        (_scope([CT, (b"content-length", b"15"), (b"content-length", b"15")]), None),
+        (_scope([CT, CT, (b"content-length", b"15")]), None),
+        (_scope([(b"content-length", b"15")]), None),
+        (_scope([(b"content-type", b"text/plain"), (b"content-length", b"15")]), None),
+        (_scope([CT, (b"content-length", b"15"), (b"expect", b"100-continue")]), None),
+        (_scope([CT, (b"content-length", b"15"), (b"prefer", b"respond-async")]), None),
+        (_scope([CT, (b"content-length", b"15"), (b"content-encoding", b"identity")]), None),
+        (_scope([CT, (b"transfer-encoding", b"chunked")]), None),
+    ],
+)
+def test_what_counts_as_plain(scope: dict[str, Any], length: int | None) -> None:
+    assert _plain_length(scope, 64 * 1024) == length

@@ -83,7 +83,23 @@ def retry_after(estimate: float | None) -> str:
     return str(min(MAX_RETRY_AFTER, max(1, math.ceil(estimate))))
 
 
+def json_head(body: bytes, headers: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
+    """The ASGI headers of :func:`json_response`'s answer with ``body``, made without a
+    response object (``_plain_create``)."""
+    head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if headers:
+        head += [
+            (name.lower().encode("latin-1"), v.encode("latin-1")) for name, v in headers.items()
+        ]
+    return head
+
+
 def error_response(error: ApiError, refusal_status: int) -> Response:
+    return json_response(*error_parts(error, refusal_status))
+
+
+def error_parts(error: ApiError, refusal_status: int) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """The answer to ``error``: its JSON value, status and headers."""
     if error.status is not None:
         status = error.status
     elif error.code in REFUSAL_CODES:
@@ -97,4 +113,4 @@ def error_response(error: ApiError, refusal_status: int) -> Response:
         # RFC 9110, 15.5.9: a server sending 408 SHOULD close the connection (clients
         # read it as "the connection timed out"); so with --refusal-status 408 too.
         headers["Connection"] = "close"
-    return json_response(body, status, headers)
+    return body, status, headers

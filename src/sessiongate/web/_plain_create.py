@@ -26,10 +26,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import trio
-from quart.utils import encode_headers
 
 from ._body import is_json_media_type, parse_json_object
-from ._errors import UNEXPECTED, ApiError, error_response, json_response
+from ._errors import UNEXPECTED, ApiError, dumps, error_parts, json_head
 from ._routes import arrival_of_whole_request, sync_answer
 from ._service import Service
 
@@ -127,22 +126,18 @@ async def serve_plain_create(
     record = service.new_session(service.arrive(arrival_of_whole_request(service, scope)), body)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_for_disconnect, receive, nursery.cancel_scope)
+        value: Any
         try:
-            response = await sync_answer(service, record)
+            value, status, headers = await sync_answer(service, record)
         except ApiError as error:  # as the app's handler of ApiError answers it
-            response = error_response(error, service.settings.refusal_status)
+            value, status, headers = error_parts(error, service.settings.refusal_status)
         except Exception as error:  # as the app's handler of the unexpected answers it
             log.error("unexpected error on POST /sessions", exc_info=error)
-            response = json_response(UNEXPECTED, 500)
-        assert response.response is not None
-        data = response.response.data  # type: ignore[attr-defined]
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": encode_headers(response.headers),
-            }
-        )
+            value, status, headers = UNEXPECTED, 500, {}
+        # The answer json_response would make, without a response object.
+        data: bytes = value if isinstance(value, bytes) else dumps(value)
+        head = json_head(data, headers)
+        await send({"type": "http.response.start", "status": status, "headers": head})
         await send({"type": "http.response.body", "body": data})
         nursery.cancel_scope.cancel()
     return None

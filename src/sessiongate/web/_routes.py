@@ -14,7 +14,7 @@ from .._errors import AdmissionError
 from .._gate import Ticket
 from .._limits import MAX_CAPACITY
 from ._body import read_json_object
-from ._errors import ApiError, error_response, json_response
+from ._errors import ApiError, error_parts, json_response
 from ._openapi import openapi_document
 from ._receive_stamps import request_completed_at
 from ._service import Service
@@ -111,9 +111,10 @@ def arrival_of_whole_request(service: Service, scope: Mapping[str, Any]) -> Tick
     return stamp
 
 
-async def sync_answer(service: Service, record: SessionRecord) -> Response:
-    """Run a synchronous caller's session (checked, not started) and make its answer;
-    a caller that goes away (cancelled here) cancels its session, queued or active."""
+async def sync_answer(service: Service, record: SessionRecord) -> tuple[Any, int, dict[str, str]]:
+    """Run a synchronous caller's session (checked, not started); its answer's JSON
+    value (or encoded JSON), status and headers. A caller that goes away (cancelled
+    here) cancels its session, queued or active."""
     try:
         await service.start_session(record)
         await service.wait_sync(record)
@@ -121,10 +122,10 @@ async def sync_answer(service: Service, record: SessionRecord) -> Response:
         if not record.ended:  # the client went away: cancel its session, queued or active
             record.cancel("client_disconnected")
     if record.state == COMPLETED:
-        return json_response(record.encode(service.gate), 200)
+        return record.encode(service.gate), 200, {}
     # Returned, not raised: the same answer as the ApiError handler's, without
     # unwinding through Quart's error handling (~3 % of an expiry's instructions).
-    return error_response(service.refusal(record), service.settings.refusal_status)
+    return error_parts(service.refusal(record), service.settings.refusal_status)
 
 
 def register(app: Quart, service: Service) -> None:
@@ -171,7 +172,7 @@ def register(app: Quart, service: Service) -> None:
                 202,
                 {"Location": f"/sessions/{record.id}", "Preference-Applied": "respond-async"},
             )
-        return await sync_answer(service, record)
+        return json_response(*await sync_answer(service, record))
 
     @app.get("/sessions")
     async def list_sessions() -> Response:

@@ -16,6 +16,7 @@ from sessiongate.web import _plain_create
 from sessiongate.web._plain_create import _plain_length
 
 from .conftest import jbody, port_of, raw_request, read_response, real_server, request_bytes
+from .test_real import wait_for
 
 JSON = {"Content-Type": "application/json"}
 
@@ -216,3 +217,24 @@ CT = (b"content-type", b"application/json")
 )
 def test_what_counts_as_plain(scope: dict[str, Any], length: int | None) -> None:
     assert _plain_length(scope, 64 * 1024) == length
+
+
+async def test_a_client_gone_before_its_request_was_served_cancels_its_session() -> None:
+    """A client that sends a plain request and closes at once: by the time the app
+    serves it, the server has already said the client is gone (before the plain path
+    could listen for it); the session is cancelled all the same, its slot freed."""
+    with trio.fail_after(10):
+        async with real_server(capacity=1) as (app, base):
+            stream = await raw_request(
+                port_of(base),
+                request_bytes("POST", "/sessions", jbody({"duration": 60}), JSON),
+            )
+            await stream.aclose()
+
+            def ended() -> list[Any]:
+                return [s for s in app.service.registry.ended.values()]
+
+            await wait_for(app, ended)
+            (record,) = ended()
+            assert record.state == "cancelled"
+            assert app.service.gate.stats().active == 0

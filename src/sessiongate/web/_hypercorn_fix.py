@@ -874,7 +874,14 @@ async def _spawn_app(
     assert self._nursery is not None
     to_app, from_server = trio.open_memory_channel[ASGIReceiveEvent](config.max_app_queue_size)
 
+    #: Called as the server tells the app its client has gone (``on_disconnect``).
+    disconnect_hooks: list[Callable[[], None]] = []
+
     async def put(message: ASGIReceiveEvent) -> None:
+        if message["type"] == "http.disconnect":
+            for hook in disconnect_hooks:
+                hook()
+            disconnect_hooks.clear()
         try:
             to_app.send_nowait(message)
         except trio.WouldBlock:
@@ -886,9 +893,12 @@ async def _spawn_app(
         except trio.WouldBlock:
             return await from_server.receive()
 
-    # A message already waiting, or trio.WouldBlock: the app can take a body that has
-    # arrived without waiting for one that has not (``_plain_create``).
+    # For ``_plain_create``: a message already waiting, or trio.WouldBlock (the app can
+    # take a body that has arrived without waiting for one that has not), and a call
+    # made as the client goes away (the app learns of it without a task that waits on
+    # ``receive`` for it).
     receive.nowait = from_server.receive_nowait  # type: ignore[attr-defined]
+    receive.on_disconnect = disconnect_hooks.append  # type: ignore[attr-defined]
 
     self._nursery.start_soon(
         _handle_app,

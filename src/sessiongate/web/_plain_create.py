@@ -80,13 +80,12 @@ def _replay(taken: list[dict[str, Any]], receive: Receive) -> Receive:
     return replaying
 
 
-async def _watch_for_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    """Cancel ``scope`` when the client goes away (what Quart-Trio's second task does)."""
-    while True:
-        message = await receive()
-        if message.get("type") == "http.disconnect":
-            scope.cancel()
-            return
+def _gone_already(take_now: Callable[[], dict[str, Any]]) -> bool:
+    """Whether the server has already told of the client's going (after its body)."""
+    try:
+        return take_now().get("type") == "http.disconnect"
+    except (trio.WouldBlock, trio.EndOfChannel):
+        return False
 
 
 async def serve_plain_create(
@@ -96,7 +95,8 @@ async def serve_plain_create(
     None once answered. Otherwise the ``receive`` to hand Quart (module docstring)."""
     size = _plain_length(scope, service.settings.max_body)
     take_now = getattr(receive, "nowait", None)
-    if size is None or take_now is None:
+    on_disconnect = getattr(receive, "on_disconnect", None)
+    if size is None or take_now is None or on_disconnect is None:
         return receive
     taken: list[dict[str, Any]] = []
     parts: list[bytes] = []
@@ -124,8 +124,20 @@ async def serve_plain_create(
     except Exception:  # Quart answers it, as for any request it serves
         return _replay(taken, receive)
     record = service.new_session(service.arrive(arrival_of_whole_request(service, scope)), body)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_for_disconnect, receive, nursery.cancel_scope)
+    answering = False
+    with trio.CancelScope() as request_scope:
+
+        def client_gone() -> None:
+            # Until the answer is being sent: the server also says so once the answer
+            # is out, from inside its last send, which must not be cut short.
+            if not answering:
+                request_scope.cancel()
+
+        # The client going away cancels the request, and with it the session (Quart-Trio
+        # has a second task wait for that on ``receive``; here the server calls).
+        on_disconnect(client_gone)
+        if _gone_already(take_now):
+            request_scope.cancel()
         value: Any
         try:
             value, status, headers = await sync_answer(service, record)
@@ -137,7 +149,7 @@ async def serve_plain_create(
         # The answer json_response would make, without a response object.
         data: bytes = value if isinstance(value, bytes) else dumps(value)
         head = json_head(data, headers)
+        answering = True
         await send({"type": "http.response.start", "status": status, "headers": head})
         await send({"type": "http.response.body", "body": data})
-        nursery.cancel_scope.cancel()
     return None

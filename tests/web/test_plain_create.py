@@ -22,16 +22,16 @@ JSON = {"Content-Type": "application/json"}
 
 
 def counting_quart_requests(app: Any) -> list[str]:
-    """The requests Quart serves from now on (its ``before_request`` functions run for
-    every request it routes)."""
+    """The requests Quart serves from now on (each goes through ``app.handle_request``;
+    a hook of the app's own would send every request to Quart)."""
     served: list[str] = []
+    handle = app.handle_request
 
-    @app.before_request
-    async def note() -> None:
-        from quart import request
-
+    async def noting(request: Any) -> Any:
         served.append(f"{request.method} {request.path}")
+        return await handle(request)
 
+    app.handle_request = noting
     return served
 
 
@@ -179,6 +179,39 @@ async def test_an_unexpected_error_on_the_plain_path_is_a_json_500(
     assert "broken on purpose" not in answer.decode()
 
 
+@pytest.mark.parametrize("extra", ["before_request", "signal", "max_content_length"])
+async def test_an_app_given_more_to_do_around_requests_serves_them_all_through_quart(
+    extra: str,
+) -> None:
+    """An embedder's own hook, signal receiver or body limit applies to every request:
+    once the app has one, the plain form goes to Quart too."""
+    from quart.signals import request_started
+
+    with trio.fail_after(10):
+        async with real_server() as (app, base):
+            served = counting_quart_requests(app)
+            seen: list[str] = []
+
+            async def note(*_: Any, **__: Any) -> None:
+                seen.append(extra)
+
+            if extra == "before_request":
+                app.before_request(note)
+            elif extra == "signal":
+                request_started.connect(note, app)
+            else:
+                app.config["MAX_CONTENT_LENGTH"] = 1000
+            try:
+                status, _, _ = await exchange(
+                    base, request_bytes("POST", "/sessions", jbody({"duration": 0}), JSON)
+                )
+            finally:
+                request_started.disconnect(note, app)
+            assert served == ["POST /sessions"]
+    assert status == 200
+    assert seen == ([] if extra == "max_content_length" else [extra])
+
+
 def _scope(headers: list[tuple[bytes, bytes]], path: str = "/sessions") -> dict[str, Any]:
     return {"method": "POST", "path": path, "headers": headers}
 
@@ -200,6 +233,7 @@ CT = (b"content-type", b"application/json")
             2,
         ),
         (_scope([CT, (b"content-length", b"15")], path="/sessions/"), None),
+        ({**_scope([CT, (b"content-length", b"15")]), "root_path": "/api"}, None),
         ({**_scope([CT, (b"content-length", b"15")]), "method": "PUT"}, None),
         (_scope([CT, (b"content-length", b"0")]), None),
         (_scope([CT, (b"content-length", b"65537")]), None),

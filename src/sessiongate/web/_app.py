@@ -11,6 +11,12 @@ from typing import Any, cast
 
 import trio
 from quart import Response, g, request
+from quart.signals import (
+    got_request_exception,
+    request_finished,
+    request_started,
+    request_tearing_down,
+)
 from quart.utils import encode_headers
 from quart.wrappers.response import DataBody
 from quart_trio import QuartTrio
@@ -92,15 +98,17 @@ class _Connection(TrioASGIHTTPConnection):
 
         try:
             if scope.get("method") == "POST":
-                service: Service = self.app.service  # type: ignore[attr-defined]
+                app = cast(SessionGateApp, self.app)
+                service = app.service
                 cast(dict[str, Any], scope)[ARRIVAL_KEY] = service.stamp(request_received_at())
                 # The plain synchronous POST /sessions, served without Quart's request
                 # machinery; any other form goes on to Quart (``_plain_create``).
-                receive = await serve_plain_create(
-                    service, cast(dict[str, Any], scope), receive, send_closing_shielded
-                )
-                if receive is None:
-                    return
+                if app.serves_plain_create():
+                    receive = await serve_plain_create(
+                        service, cast(dict[str, Any], scope), receive, send_closing_shielded
+                    )
+                    if receive is None:
+                        return
             # Quart-Trio's own __call__, except that the request is handled in this task
             # rather than in a second child: one task spawn less per request.
             request = self._create_request_from_scope(send_closing_shielded)
@@ -237,6 +245,31 @@ class SessionGateApp(QuartTrio):
     asgi_http_class = _Connection
     asgi_websocket_class = _NoWebsockets  # type: ignore[assignment]
     service: Service
+    #: What Quart would do around a request beside the view, as the factory left it.
+    own_extras: tuple[object, ...] = ()
+
+    def request_extras(self) -> tuple[object, ...]:
+        """What Quart runs around a request beside the view: the app's ``before``/
+        ``after``/``teardown_request`` functions, URL value preprocessors, whether
+        anything listens to its request signals, and its body limit."""
+        return (
+            len(self.before_request_funcs.get(None, ())),
+            len(self.after_request_funcs.get(None, ())),
+            len(self.teardown_request_funcs.get(None, ())),
+            len(self.url_value_preprocessors.get(None, ())),
+            bool(request_started.receivers),
+            bool(request_finished.receivers),
+            bool(request_tearing_down.receivers),
+            bool(got_request_exception.receivers),
+            self.config.get("MAX_CONTENT_LENGTH"),
+        )
+
+    def serves_plain_create(self) -> bool:
+        """Whether the plain ``POST /sessions`` may skip Quart (``_plain_create``): only
+        while nothing has been added to what Quart does around a request since the app
+        was made (an embedder's own hooks, signal receivers or body limit apply to
+        every request: such an app is served by Quart throughout)."""
+        return self.request_extras() == self.own_extras
 
     def log_exception(
         self,
@@ -377,6 +410,7 @@ def create_app(
         return json_response(UNEXPECTED, 500)
 
     register(app, service)
+    app.own_extras = app.request_extras()
     if workers is not None:
         _drain_before_hypercorn_stops(app)
     return app

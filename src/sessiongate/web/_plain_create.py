@@ -11,12 +11,15 @@ check, the session, the answer), straight on the ASGI interface.
 
 Only the plain form is served here; anything else goes to Quart unchanged, with the
 messages already taken handed back first (:func:`serve_plain_create` returns the
-``receive`` to give it): another path or method, ``Prefer`` (an asynchronous session),
+``receive`` to give it): another path or method, an app served under a ``root_path``,
+``Prefer`` (an asynchronous session),
 ``Expect``, ``Transfer-Encoding`` or ``Content-Encoding``, a missing, repeated or too
 large ``Content-Length``, a ``Content-Type`` that is not one JSON type, a body not yet
 all there (nothing here waits for an upload), and any body the service would refuse
 (invalid JSON, a bad ``duration``...): Quart then answers it exactly as before. So every
-error answer still comes from one place, the app's error handlers.
+error answer still comes from one place, the app's error handlers. And an app given more
+to do around its requests than the factory gave it (``SessionGateApp.serves_plain_create``:
+an embedder's own hook, signal receiver or body limit) is served by Quart throughout.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ _NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"prefer", b"content-en
 def _plain_length(scope: MutableMapping[str, Any], max_body: int) -> int | None:
     """The body's length if ``scope`` is a plain ``POST /sessions``; else None."""
     if scope.get("method") != "POST" or scope.get("path") != "/sessions":
+        return None
+    if scope.get("root_path"):  # served under a prefix: Quart routes it (a 404 here)
         return None
     length: bytes | None = None
     media_type: bytes | None = None

@@ -179,33 +179,43 @@ async def test_an_unexpected_error_on_the_plain_path_is_a_json_500(
     assert "broken on purpose" not in answer.decode()
 
 
-@pytest.mark.parametrize("extra", ["before_request", "signal", "max_content_length"])
+@pytest.mark.parametrize(
+    "extra",
+    ["before_request", "swapped_after_request", "signal", "early_signal", "max_content_length"],
+)
 async def test_an_app_given_more_to_do_around_requests_serves_them_all_through_quart(
     extra: str,
 ) -> None:
-    """An embedder's own hook, signal receiver or body limit applies to every request:
-    once the app has one, the plain form goes to Quart too."""
+    """An embedder's own hook (added, or one of the factory's swapped), a receiver of
+    Quart's request signals (connected even before the app was made) or its own body
+    limit applies to every request: the plain form then goes to Quart too."""
     from quart.signals import request_started
 
+    seen: list[str] = []
+
+    async def note(*_: Any, **__: Any) -> Any:
+        seen.append(extra)
+        return __.get("response", _[0] if _ else None)
+
+    if extra == "early_signal":
+        request_started.connect(note)
     with trio.fail_after(10):
         async with real_server() as (app, base):
             served = counting_quart_requests(app)
-            seen: list[str] = []
-
-            async def note(*_: Any, **__: Any) -> None:
-                seen.append(extra)
-
             if extra == "before_request":
                 app.before_request(note)
+            elif extra == "swapped_after_request":
+                app.after_request_funcs[None] = [note]
             elif extra == "signal":
                 request_started.connect(note, app)
-            else:
+            elif extra == "max_content_length":
                 app.config["MAX_CONTENT_LENGTH"] = 1000
             try:
                 status, _, _ = await exchange(
                     base, request_bytes("POST", "/sessions", jbody({"duration": 0}), JSON)
                 )
             finally:
+                request_started.disconnect(note)
                 request_started.disconnect(note, app)
             assert served == ["POST /sessions"]
     assert status == 200
@@ -272,3 +282,38 @@ async def test_a_client_gone_before_its_request_was_served_cancels_its_session()
             (record,) = ended()
             assert record.state == "cancelled"
             assert app.service.gate.stats().active == 0
+
+
+async def test_an_http2_client_gone_while_its_answer_waits_for_its_window_is_let_go() -> None:
+    """An HTTP/2 client that grants no flow-control window and then leaves: its answer
+    can never be sent; the request is cancelled as the server reports the client gone,
+    and the server closes the connection (it stayed open for good, its task waiting on
+    the window: an outside review)."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    body = jbody({"duration": 0})
+    with trio.fail_after(10):
+        async with real_server() as (app, base):
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.initiate_connection()
+            client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+            client.send_headers(
+                1,
+                [
+                    (":method", "POST"),
+                    (":path", "/sessions"),
+                    (":scheme", "http"),
+                    (":authority", "test"),
+                    ("content-type", "application/json"),
+                    ("content-length", str(len(body))),
+                ],
+            )
+            client.send_data(1, body, end_stream=True)
+            stream = await raw_request(port_of(base), client.data_to_send())
+            await wait_for(app, lambda: len(app.service.registry.ended) == 1)
+            await stream.send_eof()  # gone, as far as the server can tell
+            while await stream.receive_some():  # until the server closes its side
+                pass
+            await stream.aclose()

@@ -250,26 +250,28 @@ class SessionGateApp(QuartTrio):
 
     def request_extras(self) -> tuple[object, ...]:
         """What Quart runs around a request beside the view: the app's ``before``/
-        ``after``/``teardown_request`` functions, URL value preprocessors, whether
-        anything listens to its request signals, and its body limit."""
+        ``after``/``teardown_request`` functions and URL value preprocessors, and its
+        body limit."""
         return (
-            len(self.before_request_funcs.get(None, ())),
-            len(self.after_request_funcs.get(None, ())),
-            len(self.teardown_request_funcs.get(None, ())),
-            len(self.url_value_preprocessors.get(None, ())),
-            bool(request_started.receivers),
-            bool(request_finished.receivers),
-            bool(request_tearing_down.receivers),
-            bool(got_request_exception.receivers),
+            tuple(self.before_request_funcs.get(None, ())),
+            tuple(self.after_request_funcs.get(None, ())),
+            tuple(self.teardown_request_funcs.get(None, ())),
+            tuple(self.url_value_preprocessors.get(None, ())),
             self.config.get("MAX_CONTENT_LENGTH"),
         )
 
     def serves_plain_create(self) -> bool:
         """Whether the plain ``POST /sessions`` may skip Quart (``_plain_create``): only
-        while nothing has been added to what Quart does around a request since the app
-        was made (an embedder's own hooks, signal receivers or body limit apply to
-        every request: such an app is served by Quart throughout)."""
-        return self.request_extras() == self.own_extras
+        while what Quart does around a request is what the factory made (an embedder's
+        own hooks, a receiver of Quart's request signals, connected before or after
+        the app was made and for any app, or its own body limit apply to every
+        request: such an app is served by Quart throughout)."""
+        return self.request_extras() == self.own_extras and not (
+            request_started.receivers
+            or request_finished.receivers
+            or request_tearing_down.receivers
+            or got_request_exception.receivers
+        )
 
     def log_exception(
         self,

@@ -129,18 +129,14 @@ async def serve_plain_create(
     except Exception:  # Quart answers it, as for any request it serves
         return _replay(taken, receive)
     record = service.new_session(service.arrive(arrival_of_whole_request(service, scope)), body)
-    answering = False
     with trio.CancelScope() as request_scope:
-
-        def client_gone() -> None:
-            # Until the answer is being sent: the server also says so once the answer
-            # is out, from inside its last send, which must not be cut short.
-            if not answering:
-                request_scope.cancel()
-
-        # The client going away cancels the request, and with it the session (Quart-Trio
-        # has a second task wait for that on ``receive``; here the server calls).
-        on_disconnect(client_gone)
+        # The client going away cancels the request, and with it the session or the
+        # sending of its answer (an HTTP/2 answer waits for the client's flow-control
+        # window, for ever once the client has gone: an outside review). Quart-Trio has
+        # a second task wait for that on ``receive``; here the server calls. The server
+        # also says so once an answer is out, from inside its last send, after the
+        # answer's last write: nothing there is left to cut short.
+        on_disconnect(request_scope.cancel)
         if _gone_already(take_now):
             request_scope.cancel()
         value: Any
@@ -154,7 +150,6 @@ async def serve_plain_create(
         # The answer json_response would make, without a response object.
         data: bytes = value if isinstance(value, bytes) else dumps(value)
         head = json_head(data, headers)
-        answering = True
         await send({"type": "http.response.start", "status": status, "headers": head})
         await send({"type": "http.response.body", "body": data})
     return None

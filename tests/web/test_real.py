@@ -835,6 +835,32 @@ async def test_a_pipelined_request_counts_from_when_its_connection_was_ready() -
     assert second["queued_s"] < 0.1
 
 
+async def test_a_connection_is_ready_again_from_its_answers_last_write() -> None:
+    """A connection whose answer was written at one moment and recycled (Hypercorn's
+    ``Updated(idle=True)``) later: a request after it counts from the write, not from
+    the bookkeeping, which under a wave of answers comes a scheduler pass or more later
+    (their clients' expiry answers came that much late); never from before an earlier
+    recycle."""
+    from types import SimpleNamespace
+
+    from hypercorn.events import Updated
+
+    class Server:  # what protocol_send looks at for Updated
+        config = SimpleNamespace(keep_alive_timeout=5.0)
+
+    server = Server()
+    state = _hypercorn_fix._connection_state(server)  # type: ignore[arg-type]
+    state.wrote_at = trio.current_time() - 0.03
+    await _hypercorn_fix.protocol_send(server, Updated(idle=True))  # type: ignore[arg-type]
+    assert state.recycled_at == state.wrote_at
+    assert state.since is not None and state.since > state.wrote_at
+    recycled = state.recycled_at
+    state.wrote_at -= 1.0  # an older write: the connection was ready later than that
+    await _hypercorn_fix.protocol_send(server, Updated(idle=False))  # type: ignore[arg-type]
+    await _hypercorn_fix.protocol_send(server, Updated(idle=True))  # type: ignore[arg-type]
+    assert state.recycled_at == recycled
+
+
 def test_a_receive_stamp_is_held_within_bounds_and_keeps_its_order() -> None:
     """The kernel stamps with the wall clock: a stamp is moved onto the Trio clock with
     one offset (so stamps microseconds apart keep their order), never later than now,
@@ -1090,8 +1116,12 @@ async def test_the_writes_of_one_pass_are_made_together_as_it_ends() -> None:
             if cancelled:
                 scope.cancel()
             seen_before.append(peek())  # nothing written during the pass
-            written = await _pass_writes.write_at_pass_end(streams[i], memoryview(b"%d" % i))
+            noted_at = trio.current_time()
+            written, made_at = await _pass_writes.write_at_pass_end(
+                streams[i], memoryview(b"%d" % i)
+            )
             assert written == 1
+            assert noted_at <= made_at <= trio.current_time()
             # Every other task's write is out already, though they ran in this same pass.
             seen_on_resume.append(peek())
 
@@ -1105,7 +1135,7 @@ async def test_the_writes_of_one_pass_are_made_together_as_it_ends() -> None:
     assert seen_on_resume == [expected] * 5
     # A full socket takes part (or none) of a write: the caller writes the rest itself.
     stream, chunk = streams[0], memoryview(b"y" * 65536)
-    while (n := await _pass_writes.write_at_pass_end(stream, chunk)) == len(chunk):
+    while (n := (await _pass_writes.write_at_pass_end(stream, chunk))[0]) == len(chunk):
         pass
     assert n < len(chunk)
     pairs[1][1].close()

@@ -213,14 +213,16 @@ async def _send_in_slices(self: TCPServer, data: bytes) -> bool:
         if self.stream.socket.fileno() == -1 or self.stream.socket.did_shutdown_SHUT_WR:
             raise trio.ClosedResourceError
         return False
+    state = _connection_state(self)
     if isinstance(getattr(self.protocol, "protocol", None), H11Protocol):
-        written = await write_at_pass_end(self.stream, view)
+        written, state.wrote_at = await write_at_pass_end(self.stream, view)
     else:
         # HTTP/2 writes at once, as before: its connection's one sending task writes every
         # stream's frames in turn, and a yield per write let a stream's close (the last
         # one, at a drain) send GOAWAY ahead of other streams' ends, which strict clients
         # then lost (a regression review: 3 of 4 answers in 3 runs of 27).
         written = write_now(self.stream, view)
+        state.wrote_at = trio.current_time()
     if written and written == len(view):
         return False
     view = view[written:]
@@ -239,6 +241,7 @@ async def _send_in_slices(self: TCPServer, data: bytes) -> bool:
             with trio.CancelScope(shield=True):
                 await self._close()
             return True
+    state.wrote_at = trio.current_time()
     return False
 
 
@@ -507,7 +510,13 @@ async def protocol_send(self: TCPServer, event: Event) -> None:
         # Quart-Trio cancelled the finished request).
         state = _connection_state(self)
         if event.idle:
-            state.since = state.recycled_at = trio.current_time()
+            state.since = trio.current_time()
+            # Ready for the next request since its answer's last write, not since this
+            # bookkeeping, which runs a scheduler pass after that write at the soonest
+            # (``_pass_writes``), 10-25 ms later in an overload's wave: a request the
+            # client sent on its answer counted its queue deadline from here, and its
+            # expiry came that much late to it.
+            state.recycled_at = max(state.recycled_at, min(state.wrote_at, state.since))
             if state.timer is not None:
                 state.timer.deadline = state.since + self.config.keep_alive_timeout
         else:
@@ -522,6 +531,8 @@ class _ConnectionState:
     since: float | None
     #: When the connection was last ready for a next request (an answer done).
     recycled_at: float = -math.inf
+    #: When the connection's latest write was made (Trio clock).
+    wrote_at: float = -math.inf
     #: The keep-alive task's wait: its deadline is when the connection will have been
     #: idle for the keep-alive timeout (none while it is busy).
     timer: trio.CancelScope | None = None

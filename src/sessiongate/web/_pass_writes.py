@@ -60,9 +60,12 @@ class _Write:
     #: Bytes written; None until the write has been made.
     written: int | None = None
     error: trio.BrokenResourceError | None = None
+    #: When the write was made (Trio clock).
+    made_at: float = 0.0
 
     def make(self) -> None:
         """Write now; never raises (an instrument that raises is dropped by Trio)."""
+        self.made_at = trio.current_time()
         try:
             self.written = write_now(self.stream, self.view)
         except trio.BrokenResourceError as error:
@@ -99,14 +102,15 @@ def pass_writes() -> _PassWrites:
         return writes
 
 
-async def write_at_pass_end(stream: object, view: memoryview) -> int:
-    """:func:`write_now`, made as the current scheduler pass ends (module docstring).
+async def write_at_pass_end(stream: object, view: memoryview) -> tuple[int, float]:
+    """:func:`write_now`, made as the current scheduler pass ends (module docstring):
+    how many bytes the socket took, and when (Trio clock).
 
     Raises:
         trio.BrokenResourceError: the connection failed (reset, broken pipe).
     """
     if not isinstance(stream, trio.SocketStream):
-        return 0  # TLS: the caller's send_all writes it
+        return 0, trio.current_time()  # TLS: the caller's send_all writes it
     writes = pass_writes()
     write = _Write(stream, view)
     writes.noted.append(write)
@@ -120,4 +124,4 @@ async def write_at_pass_end(stream: object, view: memoryview) -> int:
     if write.error is not None:
         raise write.error
     assert write.written is not None
-    return write.written
+    return write.written, write.made_at

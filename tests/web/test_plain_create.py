@@ -16,7 +16,7 @@ from sessiongate.web import _plain_create
 from sessiongate.web._plain_create import _plain_length
 
 from .conftest import jbody, port_of, raw_request, read_response, real_server, request_bytes
-from .test_real import wait_for
+from .test_real import h2_post, wait_for
 
 JSON = {"Content-Type": "application/json"}
 
@@ -299,18 +299,7 @@ async def test_an_http2_client_gone_while_its_answer_waits_for_its_window_is_let
             client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
             client.initiate_connection()
             client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-            client.send_headers(
-                1,
-                [
-                    (":method", "POST"),
-                    (":path", "/sessions"),
-                    (":scheme", "http"),
-                    (":authority", "test"),
-                    ("content-type", "application/json"),
-                    ("content-length", str(len(body))),
-                ],
-            )
-            client.send_data(1, body, end_stream=True)
+            h2_post(client, 1, body)
             stream = await raw_request(port_of(base), client.data_to_send())
             await wait_for(app, lambda: len(app.service.registry.ended) == 1)
             await stream.send_eof()  # gone, as far as the server can tell

@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 
 from ..config import ConfigError, Settings
 from . import _hypercorn_fix
-from ._errors import STATUS, UNEXPECTED, ApiError, dumps, error_response, json_response
+from ._errors import STATUS, UNEXPECTED, ApiError, dumps, error_response, json_head, json_response
 from ._handlers import HandlerLoadError
 from ._peers import OwnerGone, Peers
 from ._plain_create import serve_plain_create
@@ -168,11 +168,7 @@ def _head_refusal(scope: Mapping[str, Any]) -> tuple[int, str] | None:
 async def _refuse_closing(send, status: int, detail: str) -> None:  # type: ignore[no-untyped-def]
     """Answer ``invalid_request`` and close the connection, the request unread."""
     body = dumps({"error": "invalid_request", "detail": detail})
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", b"%d" % len(body)),
-        (b"connection", b"close"),
-    ]
+    headers = json_head(body, {"Connection": "close"})
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -212,11 +208,7 @@ class _NoWebsockets:
                 error, status = refusal, STATUS[refusal.code]
         body = dumps({"error": error.code, "detail": error.detail})
         if "websocket.http.response" in self.scope.get("extensions", {}):
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(body)),
-                *((k.lower().encode(), v.encode("latin-1")) for k, v in error.headers.items()),
-            ]
+            headers = json_head(body, error.headers)
             await send(
                 {"type": "websocket.http.response.start", "status": status, "headers": headers}
             )

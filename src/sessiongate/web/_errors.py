@@ -85,7 +85,7 @@ def retry_after(estimate: float | None) -> str:
 
 def json_head(body: bytes, headers: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
     """The ASGI headers of :func:`json_response`'s answer with ``body``, made without a
-    response object (``_plain_create``)."""
+    response object (``_plain_create``, the answers given before or outside Quart)."""
     head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if headers:
         head += [

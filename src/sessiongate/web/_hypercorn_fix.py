@@ -140,7 +140,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import math
 import select
@@ -172,6 +171,7 @@ from hypercorn.typing import Event as HypercornEvent
 from hypercorn.utils import LifespanFailureError
 
 from . import _receive_stamps
+from ._errors import dumps, json_head
 from ._pass_writes import write_at_pass_end, write_now
 
 log = logging.getLogger("sessiongate.web")
@@ -726,13 +726,8 @@ _PROTOCOL_ERRORS = {
 def _closing_json_error(code: str, detail: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """The head and body of an error Hypercorn answers itself, as JSON like every other
     error (Hypercorn's had an empty body), closing the connection."""
-    body = json.dumps({"error": code, "detail": detail}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    return headers, body
+    body = dumps({"error": code, "detail": detail})
+    return json_head(body, {"Connection": "close"}), body
 
 
 async def _send_error_response(self: H11Protocol, status_code: int) -> None:

@@ -13,6 +13,7 @@ import trio.testing
 from werkzeug.datastructures import Headers
 
 import sessiongate
+from sessiongate.web._errors import dumps
 from sessiongate.web._sessions import SessionRecord
 from sessiongate.web._sse import session_events
 
@@ -641,6 +642,50 @@ async def test_at_most_result_max_ended_sessions_are_kept(autojump_clock: Any) -
         codes = [(await client.get(f"/sessions/{i}")).status_code for i in ids]
         assert codes == [404, 200, 200]
         assert len(app.service.registry.ended) == 2
+
+
+async def test_an_expired_sessions_document_is_encoded_when_the_loop_is_idle(
+    autojump_clock: Any,
+) -> None:
+    """A session that ended without a result keeps its final document, encoded when the
+    loop is next idle, not as it ends (under overload a few hundred expire at once and
+    each is answered with its error); one read before that is encoded then, the same."""
+    async with running(capacity=1, max_wait=1) as app:
+        service = app.service
+        registry = service.registry
+        first = service.new_session(service.arrive(), {"duration": 60})
+        second = service.new_session(service.arrive(), {"duration": 0})
+        for record in (first, second):
+            registry.add(record)
+            service._end(record, "expired", error={"error": "queue_timeout", "detail": "x"})
+            kept = registry.ended[record.id]
+            assert kept._document is None and record.document is None  # not yet
+        # Read before the loop was idle: encoded now, as it would have been at its end.
+        assert registry.get(first.id).encode(service.gate) == dumps(first.to_json(service.gate))
+        await trio.sleep(0.001)  # the loop is idle for a moment
+        for record in (first, second):
+            kept = registry.ended[record.id]
+            assert kept._encode is None  # the live record is no longer held
+            document = json.loads(kept.document)
+            assert (document["id"], document["state"]) == (record.id, "expired")
+            assert document["error"] == {"error": "queue_timeout", "detail": "x"}
+        response = await app.test_client().get(f"/sessions/{second.id}")
+        assert (await response.get_json())["state"] == "expired"
+
+
+async def test_a_completed_sessions_document_is_encoded_as_it_ends(autojump_clock: Any) -> None:
+    """A completed session's document is its synchronous caller's answer, and holds the
+    handler's result as it was returned: encoded at once."""
+    async with running() as app:
+        service = app.service
+        record = service.new_session(service.arrive(), {"duration": 0})
+        service.registry.add(record)
+        result = {"data": [1]}
+        service._end(record, "completed", result=result)
+        result["data"].append(2)  # changed after the end: not in the document
+        kept = service.registry.ended[record.id]
+        assert kept._document is not None and kept._document == record.document
+        assert json.loads(kept.document)["result"] == {"data": [1]}
 
 
 async def test_retry_after_and_eta_come_from_the_hand_off_rate(autojump_clock: Any) -> None:

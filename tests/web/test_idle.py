@@ -1,5 +1,5 @@
-"""Work done when the run loop is idle (``web/_idle.py``): routine log lines and the
-garbage collector's young collections."""
+"""Work done when the run loop is idle (``web/_idle.py``): routine log lines, calls
+(ended sessions' documents), and the garbage collector's young collections."""
 
 from __future__ import annotations
 
@@ -165,6 +165,48 @@ def test_a_failing_handler_loses_its_line_only(
         logger.removeFilter(refuses)
     assert written.messages == ["good"]
     assert "a filter's fault" in capsys.readouterr().err
+
+
+async def test_a_call_is_made_when_the_loop_is_idle_in_turn_with_the_lines(
+    lines: tuple[logging.Logger, Lines],
+) -> None:
+    logger, written = lines
+    _idle.log_when_idle(logger, logging.INFO, "before")
+    _idle.call_when_idle(lambda: written.records.append(logging.makeLogRecord({"msg": "call"})))
+    _idle.log_when_idle(logger, logging.INFO, "after")
+    for _ in range(3):  # busy: other tasks run, the loop is never idle
+        await trio.lowlevel.checkpoint()
+    assert written.messages == []
+    await trio.sleep(0.01)
+    assert written.messages == ["before", "call", "after"]
+
+
+def test_calls_left_are_made_as_the_run_ends_and_at_once_outside_trio() -> None:
+    made: list[str] = []
+
+    async def note_and_return() -> None:
+        _idle.call_when_idle(lambda: made.append("in the run"))
+
+    trio.run(note_and_return)  # no idle moment before it ends
+    assert made == ["in the run"]
+    _idle.call_when_idle(lambda: made.append("outside"))
+    assert made == ["in the run", "outside"]
+
+
+def test_a_failing_call_is_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
+    made: list[str] = []
+
+    def fails() -> None:
+        raise RuntimeError("a call's fault")
+
+    async def note() -> None:
+        _idle.call_when_idle(fails)
+        _idle.call_when_idle(lambda: made.append("next"))
+        await trio.sleep(0.01)
+
+    trio.run(note)
+    assert made == ["next"]
+    assert "a call's fault" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Work that can wait for the run loop to be idle: routine log lines and the garbage
-collector.
+"""Work that can wait for the run loop to be idle: routine log lines, ended sessions'
+documents, and the garbage collector.
 
 Under the overload of ``bench_http.py`` (400 clients, capacity 50, 3 s deadline) a few
 hundred queued sessions expire within tens of milliseconds, and every answered client
@@ -9,18 +9,22 @@ work done meanwhile need not be:
 
 * the session-end line and the access line of every answer (~9 % of an expiry answer's
   instructions: the log record, its formatting, a write to a pipe for each line);
+* the encoding of an ended session's final document that nobody is waiting for (an
+  expired session's answer is its error, not its document: ~15 % of its session task's
+  step), kept for a later ``GET`` (``_sessions.Registry.finish``);
 * the cyclic garbage collector's young collections, which CPython starts at whichever
   allocation crosses its threshold: under such a wave the young generation held 46 000
   to 59 000 objects when it ran, and a collection took 7-47 ms in the middle of the
   wave (measured with ``gc.callbacks`` on ``sessiongate serve``).
 
-Both are done here instead, by a Trio instrument, when the run loop is about to wait for
+All are done here instead, by a Trio instrument, when the run loop is about to wait for
 I/O with no task to run and no deadline due (``before_io_wait`` with a timeout): after
 the wave, and only as much as fits before the next deadline. The instrument runs after
-the pass's writes (``_pass_writes``), so answers built in a pass go out first. On a
-loop that is never idle, lines go :data:`FORCED_SLICE` a pass once :data:`MAX_LINES` are
-waiting or the oldest has waited :data:`MAX_DELAY` seconds (memory stays bounded); all
-go before any other line of their logger (an error with its traceback, a drain's:
+the pass's writes (``_pass_writes``), so answers built in a pass go out first. Lines and
+calls wait in one queue, oldest first. On a loop that is never idle, they go
+:data:`FORCED_SLICE` a pass once :data:`MAX_LINES` are waiting or the oldest has waited
+:data:`MAX_DELAY` seconds (memory stays bounded); all go before any other line of a
+logger with lines waiting (an error with its traceback, a drain's:
 written at once, those come after them) and when the run ends. Each keeps the time it
 was noted at (``created``), so the log reads as if written at once. The collector
 (only where :func:`collect_garbage_when_idle` is called: ``sessiongate serve``) keeps
@@ -33,6 +37,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -41,12 +46,13 @@ import trio.testing
 
 from ._pass_writes import pass_writes
 
-#: Most log lines kept waiting for an idle moment, and longest wait (seconds).
+#: Most log lines and calls kept waiting for an idle moment, and longest wait (seconds).
 MAX_LINES = 2000
 MAX_DELAY = 1.0
-#: Lines written per pass once a bound is reached on a loop that is never idle.
+#: Lines written (calls made) per pass once a bound is reached on a loop never idle.
 FORCED_SLICE = 200
-#: What writing one log line is taken to cost until lines have been written (seconds).
+#: What writing one log line (or making one call) is taken to cost until some have been
+#: (seconds).
 LINE_COST = 20e-6
 #: What each generation's collection is taken to last until one has been timed
 #: (seconds): a collection waits for an idle moment twice as long (to the next deadline).
@@ -73,12 +79,30 @@ class _Line:
         record.relativeCreated += shift * 1000
         logger.handle(record)
 
+    def describe(self) -> str:
+        return self.msg
+
+
+@attrs.define
+class _Call:
+    """A call that can wait for an idle moment (its result is dropped)."""
+
+    fn: Callable[[], object]
+    created: float = attrs.Factory(time.time)
+
+    def write(self) -> None:
+        self.fn()
+
+    def describe(self) -> str:
+        return repr(self.fn)
+
 
 class _IdleWork(trio.abc.Instrument):
     """The log lines waiting, and the collector's settings, of one Trio run."""
 
     def __init__(self) -> None:
-        self.lines: list[_Line] = []
+        #: Log lines and calls waiting, oldest first.
+        self.lines: list[_Line | _Call] = []
         #: Young collections from this many allocations on; None: the collector is
         #: CPython's own (not managed here).
         self.gc_young: int | None = None
@@ -151,7 +175,8 @@ class _IdleWork(trio.abc.Instrument):
                 try:
                     line.write()
                 except Exception:  # a handler's or filter's fault; logging's own report
-                    logging.Handler().handleError(logging.makeLogRecord({"msg": line.msg}))
+                    record = logging.makeLogRecord({"msg": line.describe()})
+                    logging.Handler().handleError(record)
         finally:
             self.writing = False
         self.line_cost = max((time.perf_counter() - started) / len(lines), 1e-7)
@@ -206,8 +231,21 @@ def log_when_idle(logger: logging.Logger, level: int, msg: str, *args: Any) -> N
     work.lines.append(_Line(logger, level, msg, args))
 
 
+def call_when_idle(fn: Callable[[], object]) -> None:
+    """``fn()``, called when the run loop is next idle, in turn with the log lines
+    waiting (at once outside a Trio run). An exception it raises is reported as a
+    logging handler's error is (on stderr), never raised."""
+    try:
+        work = _idle_work()
+    except RuntimeError:  # not in a Trio run
+        fn()
+        return
+    work.lines.append(_Call(fn))
+
+
 def write_logs_now() -> None:
-    """Write the log lines waiting for an idle moment now (a drain's start, a test)."""
+    """Write the log lines waiting for an idle moment now, and make the calls waiting
+    (a drain's start, a test)."""
     try:
         work = _IDLE_WORK.get()
     except (LookupError, RuntimeError):

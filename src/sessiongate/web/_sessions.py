@@ -12,12 +12,17 @@ change, in order.
 The :class:`Registry` keeps live records by id, and ended sessions for ``result_ttl``
 seconds, at most ``result_max`` of them, oldest evicted first: memory stays flat under
 any load. An ended session is kept as an :class:`EndedSession`: its final session
-object, encoded once as it ends (nothing in it changes any more), instead of the live
-record with its ticket, cancel scope, event and body (about 0.6 KiB a session instead
-of 1.5 KiB, by tracemalloc: under overload the store fills at about one session per
-second and slot). Ended sessions are kept in the order they ended, so expiry only ever
-looks at the front. A refusal at once (queue full, draining, backend down) is
-*forgotten*: no session object is kept for it.
+object, encoded once (nothing in it changes any more), instead of the live record with
+its ticket, cancel scope, event and body (about 0.6 KiB a session instead of 1.5 KiB, by
+tracemalloc: under overload the store fills at about one session per second and slot).
+A completed session's document is encoded as it ends (it is its synchronous caller's
+answer, and holds the handler's result as it was then); any other's when the run loop
+is next idle (``_idle``), or when it is first read if that is sooner: under overload a
+few hundred queued sessions expire at once, each answered with its error, not its
+document, and encoding those documents first made every answer of the wave later.
+Ended sessions are kept in the order they ended, so expiry only ever looks at the
+front. A refusal at once (queue full, draining, backend down) is *forgotten*: no
+session object is kept for it.
 
 Every change also sets the registry's ``pulse`` event (and replaces it): an event
 stream of a queued session waits on it to notice when its position may have moved
@@ -26,8 +31,9 @@ stream of a queued session waits on it to notice when its position may have move
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import attrs
@@ -35,6 +41,7 @@ import trio
 
 from .._gate import Gate, Ticket
 from ._errors import dumps
+from ._idle import call_when_idle
 
 QUEUED = "queued"
 ACTIVE = "active"
@@ -77,7 +84,7 @@ class SessionRecord:
     transitions: list[dict[str, Any]] = attrs.Factory(list)
     #: Event streams following this session; snapshots are kept only while there are.
     watchers: int = 0
-    #: The final session object, encoded once as the session ends (kept sessions only).
+    #: The final session object, encoded once (:meth:`final_document`).
     document: bytes | None = None
     #: Set at this session's next change of state (see :meth:`next_change`).
     _change: trio.Event | None = None
@@ -176,9 +183,16 @@ class SessionRecord:
 
     def encode(self, gate: Gate) -> bytes:
         """The session object as JSON: the final one once ended, else as of now."""
-        if self.document is not None:
-            return self.document
+        if self.ended:
+            return self.final_document(gate)
         return dumps(self.to_json(gate))
+
+    def final_document(self, gate: Gate) -> bytes:
+        """The ended session's object as JSON, encoded on first use."""
+        assert self.ended
+        if self.document is None:
+            self.document = dumps(self.to_json(gate))
+        return self.document
 
     def _wall(self, t: float | None) -> float | None:
         return None if t is None else t + self.wall_offset
@@ -186,17 +200,34 @@ class SessionRecord:
 
 @attrs.define(eq=False)
 class EndedSession:
-    """An ended session as the registry keeps it: its final session object, encoded."""
+    """An ended session as the registry keeps it: its final session object, encoded
+    (on first use, or when the loop is next idle: module docstring)."""
 
     id: str
     state: str
     #: When it ended (Trio clock), for the result TTL.
     ended_at: float
-    document: bytes
+    #: The document, once encoded.
+    _document: bytes | None = attrs.field(default=None, alias="document")
+    #: What encodes it until then (dropped once it has: the live record goes with it).
+    _encode: Callable[[], bytes] | None = attrs.field(default=None, alias="encode", repr=False)
 
     @property
     def ended(self) -> bool:
         return True
+
+    @property
+    def document(self) -> bytes:
+        """The final session object, encoded."""
+        self.settle()
+        assert self._document is not None
+        return self._document
+
+    def settle(self) -> None:
+        """Encode the document now, if that has not been done."""
+        if self._document is None:
+            assert self._encode is not None
+            self._document, self._encode = self._encode(), None
 
     def encode(self, gate: Gate) -> bytes:
         return self.document
@@ -269,16 +300,22 @@ class Registry:
     def finish(self, record: SessionRecord) -> None:
         """Move an ended record from live to ended (or forget a refusal at once)."""
         self.live.pop(record.id, None)
-        if not record.refused_at_once:
-            # Encoded once: kept, and the answer of a synchronous caller.
-            document = record.document = dumps(record.to_json(self.gate))
-            if self.result_max > 0 and self.result_ttl > 0:
-                assert record.ended_at is not None
-                self.ended[record.id] = EndedSession(
-                    record.id, record.state, record.ended_at, document
-                )
-                self._evict()
-                self._kept.set()
+        completed = record.state == COMPLETED
+        if completed:
+            # Encoded at once: the answer of a synchronous caller, and the result as the
+            # handler returned it (module docstring).
+            record.final_document(self.gate)
+        if not record.refused_at_once and self.result_max > 0 and self.result_ttl > 0:
+            assert record.ended_at is not None
+            if completed:
+                kept = EndedSession(record.id, record.state, record.ended_at, record.document)
+            else:
+                encode = functools.partial(record.final_document, self.gate)
+                kept = EndedSession(record.id, record.state, record.ended_at, encode=encode)
+                call_when_idle(kept.settle)
+            self.ended[record.id] = kept
+            self._evict()
+            self._kept.set()
         record.done.set()
         self.changed(record)
         if not self.live:

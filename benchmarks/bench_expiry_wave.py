@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _loadgen import build_request, read_response  # noqa: E402
+from _loadgen import build_request, open_stamped_connection, read_response  # noqa: E402
 from _metrics import git_rev, loadavg  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -83,27 +83,31 @@ async def one_wave(
     does; those requests are left to expire after the wave), and the server's CPU
     seconds from half-way through the wait to the last answer."""
     request = build_request("POST", HOST, port, "/sessions", b'{"duration": 0}')
-    conns = [await asyncio.open_connection(HOST, port) for _ in range(clients)]
+    conns = [await open_stamped_connection(HOST, port) for _ in range(clients)]
     await asyncio.sleep(0.3)  # every connection accepted and idle
     sent: list[float] = []
-    for _, writer in conns:
+    for _, writer, protocol in conns:
+        protocol.expect()
         writer.write(request)
         sent.append(time.time())
 
-    async def answer(i: int, reader: asyncio.StreamReader) -> float:
+    async def answer(i: int) -> float:
+        reader, writer, protocol = conns[i]
         status, _, _ = await read_response(reader)
         if status != 503:
             raise SystemExit(f"expected 503 queue_timeout, got {status}")
-        late = (time.time() - sent[i] - max_wait) * 1000
+        # As its first bytes were read (``_loadgen``: not after the generator's work).
+        late = ((protocol.first_bytes_at or time.time()) - sent[i] - max_wait) * 1000
         if resend:
-            conns[i][1].write(request)
+            protocol.expect()
+            writer.write(request)
         return late
 
     await asyncio.sleep(max_wait / 2)
     server_cpu = cpu_seconds(server_pid)
-    late = await asyncio.gather(*(answer(i, r) for i, (r, _) in enumerate(conns)))
+    late = await asyncio.gather(*(answer(i) for i in range(len(conns))))
     server_cpu = cpu_seconds(server_pid) - server_cpu
-    for _, writer in conns:
+    for _, writer, _ in conns:
         writer.close()
     return list(late), server_cpu
 

@@ -11,10 +11,13 @@ import struct
 import time
 from typing import Any
 
+import h11
 import httpx
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sessiongate.web import SessionGateApp, _hypercorn_fix, _pass_writes, _receive_stamps
 
@@ -1170,12 +1173,20 @@ async def test_the_writes_of_one_pass_are_made_together_as_it_ends() -> None:
         right.close()
 
 
-def _protocol_with_a_request(writes: list[bytes], cancel_point: bool = True) -> Any:
-    """Hypercorn's HTTP/1.1 protocol for one connection that has received a request,
-    with every write it makes collected in ``writes``."""
+def _protocol_with_a_request(
+    writes: list[bytes],
+    cancel_point: bool = True,
+    request: bytes = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    stream: bool = False,
+    closes: list[Any] | None = None,
+) -> Any:
+    """Hypercorn's HTTP/1.1 protocol for one connection that has received ``request``
+    (all of it), with every write it makes collected in ``writes`` (and every close in
+    ``closes``); with ``stream``, with the request's HTTP stream as Hypercorn makes it."""
     from hypercorn.config import Config
-    from hypercorn.events import RawData
+    from hypercorn.events import Closed, RawData
     from hypercorn.protocol.h11 import H11Protocol
+    from hypercorn.protocol.http_stream import HTTPStream
     from hypercorn.trio.worker_context import WorkerContext
 
     async def send(event: object) -> None:
@@ -1183,11 +1194,14 @@ def _protocol_with_a_request(writes: list[bytes], cancel_point: bool = True) -> 
             await trio.lowlevel.checkpoint_if_cancelled()  # as the real one: no schedule point
         if isinstance(event, RawData):
             writes.append(event.data)
+        elif isinstance(event, Closed) and closes is not None:
+            closes.append(event)
 
     _hypercorn_fix.apply()
+    config = Config()
     protocol = H11Protocol(
         None,
-        Config(),
+        config,
         WorkerContext(None),
         None,
         {},
@@ -1196,8 +1210,16 @@ def _protocol_with_a_request(writes: list[bytes], cancel_point: bool = True) -> 
         None,
         send,  # type: ignore[arg-type]
     )
-    protocol.connection.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    protocol.connection.next_event()
+    connection = protocol.connection
+    connection.receive_data(request)
+    head = connection.next_event()
+    while connection.next_event() not in (h11.NEED_DATA, h11.PAUSED):
+        pass  # the body and its end: the request is all in
+    if stream:
+        protocol.stream = HTTPStream(
+            None, config, None, None, False, None, None, protocol.stream_send, 1
+        )
+        protocol.stream.scope = {"method": head.method.decode(), "headers": list(head.headers)}
     return protocol
 
 
@@ -1253,6 +1275,146 @@ async def test_an_answer_whose_body_comes_in_parts_is_written_as_it_comes() -> N
     assert len(writes) == 1 and b"Transfer-Encoding: chunked" in writes[0]
     await protocol.stream_send(Body(stream_id=1, data=b"event"))
     assert writes[1] == b"5\r\nevent\r\n"
+
+
+def _h11_writes(request: bytes, status: int, headers: list[Any], body: bytes) -> bytes:
+    """What h11 itself writes for this answer to ``request`` (Hypercorn's way)."""
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(request)
+    while connection.next_event() not in (h11.NEED_DATA, h11.PAUSED):
+        pass
+    data = connection.send(h11.Response(headers=headers, status_code=status)) or b""
+    if body:
+        data += connection.send(h11.Data(data=body)) or b""
+    return data + (connection.send(h11.EndOfMessage()) or b"")
+
+
+@pytest.mark.parametrize(
+    ("request_head", "made_first"),
+    [
+        (b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", True),
+        (b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n", True),
+        # h11 answers these with "Connection: close" of its own, or no body: its bytes.
+        (b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", False),
+        (b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", False),
+        (b"GET /stats HTTP/1.0\r\n\r\n", False),
+        (b"HEAD /stats HTTP/1.1\r\nHost: x\r\n\r\n", False),
+        # Its body not all in: h11 is not done with the request.
+        (b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{}", False),
+    ],
+)
+async def test_a_sized_answer_is_made_before_h11_is_told_only_as_h11_writes_it(
+    request_head: bytes, made_first: bool
+) -> None:
+    """A sized answer's bytes are made without h11 and written before h11 is told of it
+    (its checks and state changes run after the write), where h11 is sure to write them
+    so; h11 then writes the same bytes, and is done with the answer. Any other answer's
+    bytes are h11's own, made before the write."""
+    from hypercorn.protocol.events import Body, EndBody, Response
+
+    writes: list[bytes] = []
+    protocol = _protocol_with_a_request(writes, request=request_head, stream=True)
+    states: list[Any] = []
+    send = protocol.send
+
+    async def noting_h11s_state(event: Any) -> None:
+        states.append(protocol.connection.our_state)
+        await send(event)
+
+    protocol.send = noting_h11s_state
+    body = b'{"error":"queue_timeout"}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await protocol.stream_send(Response(stream_id=1, headers=headers, status_code=503))
+    if not request_head.startswith(b"HEAD"):  # Hypercorn sends a HEAD's answer no body
+        await protocol.stream_send(Body(stream_id=1, data=body))
+    else:
+        body = b""
+    await protocol.stream_send(EndBody(stream_id=1))
+    server_fields = _hypercorn_fix._response_headers(protocol.config)
+    expected = _h11_writes(request_head, 503, headers + server_fields, body)
+    assert writes == [expected]
+    # Told after the write, or before.
+    assert (states[0] is h11.SEND_RESPONSE) is made_first
+    assert protocol.connection.our_state in (h11.DONE, h11.MUST_CLOSE)  # told, all of it
+
+
+made: list[bytes] = []
+_TOKEN = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+_VALID_NAMES = st.text(_TOKEN, min_size=1, max_size=8)
+_VALID_VALUES = st.text(st.sampled_from("ab1,:;=/"), max_size=8)
+
+
+@given(
+    status=st.sampled_from([200, 201, 204, 304, 404, 503, 999]),
+    fields=st.lists(
+        st.tuples(
+            # Mostly fields h11 takes as they are (weighted by repeating them).
+            st.one_of(
+                _VALID_NAMES,
+                _VALID_NAMES,
+                _VALID_NAMES,
+                st.sampled_from(["Content-Length", "connection", "Host", "x y", "é", ""]),
+            ),
+            st.one_of(
+                _VALID_VALUES,
+                _VALID_VALUES,
+                _VALID_VALUES,
+                st.text(st.sampled_from('ab 1\t,:;="é\x7f\x00\r\n'), max_size=8),
+                st.sampled_from(["0", "12", "-1", "1 2", "0" * 21]),
+            ),
+        ),
+        max_size=4,
+    ),
+    length_at=st.one_of(st.none(), st.integers(0, 5), st.integers(0, 5), st.integers(0, 5)),
+)
+@settings(max_examples=600, deadline=None)
+def test_a_head_made_without_h11_is_the_one_h11_writes(
+    status: int, fields: list[tuple[str, str]], length_at: int | None
+) -> None:
+    """Whatever the status and fields, a head made without h11 is the one h11 writes
+    for them (h11 accepts them, and adds or changes nothing); where that is not sure, it
+    is left to h11."""
+    if length_at is not None:  # most answers have one Content-Length
+        fields.insert(length_at, ("content-length", "25"))
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    headers = [(n.encode("utf-8"), v.encode("utf-8")) for n, v in fields]
+    protocol = _protocol_with_a_request([], request=request, stream=True)
+    head = _hypercorn_fix._head_as_h11_writes(protocol, status, headers)
+    if head is None:
+        return
+    made.append(head)
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(request)
+    connection.next_event()
+    connection.next_event()
+    assert connection.send(h11.Response(headers=headers, status_code=status)) == head
+
+
+async def test_an_answer_h11_would_write_otherwise_closes_its_connection(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check behind the answers made before h11 is told: bytes that differ from
+    h11's (a fault here) close the connection, with an error in the log."""
+    from hypercorn.protocol.events import Body, EndBody, Response
+
+    def a_wrong_head(self: Any, status: int, headers: Any) -> bytes:
+        return b"HTTP/1.1 %d \r\nx-not: h11s\r\n\r\n" % status
+
+    monkeypatch.setattr(_hypercorn_fix, "_head_as_h11_writes", a_wrong_head)
+    writes: list[bytes] = []
+    closes: list[Any] = []
+    request = b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n"
+    protocol = _protocol_with_a_request(writes, request=request, stream=True, closes=closes)
+    await protocol.stream_send(
+        Response(stream_id=1, headers=[(b"content-length", b"2")], status_code=200)
+    )
+    await protocol.stream_send(Body(stream_id=1, data=b"{}"))
+    await protocol.stream_send(EndBody(stream_id=1))
+    assert writes == [b"HTTP/1.1 200 \r\nx-not: h11s\r\n\r\n{}"]
+    assert len(closes) == 1
+    assert "differs from h11's" in caplog.text
 
 
 @pytest.mark.parametrize(

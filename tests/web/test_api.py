@@ -660,6 +660,7 @@ async def test_an_expired_sessions_document_is_encoded_when_the_loop_is_idle(
             service._end(record, "expired", error={"error": "queue_timeout", "detail": "x"})
             kept = registry.ended[record.id]
             assert kept._document is None and record.document is None  # not yet
+            assert record.body == {}  # held until then, but not its request body
         # Read before the loop was idle: encoded now, as it would have been at its end.
         assert registry.get(first.id).encode(service.gate) == dumps(first.to_json(service.gate))
         await trio.sleep(0.001)  # the loop is idle for a moment

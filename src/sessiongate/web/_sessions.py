@@ -310,6 +310,9 @@ class Registry:
             if completed:
                 kept = EndedSession(record.id, record.state, record.ended_at, record.document)
             else:
+                # The record is held until then: not its request body (up to --max-body),
+                # which nothing reads once the session has ended (an outside review).
+                record.body = {}
                 encode = functools.partial(record.final_document, self.gate)
                 kept = EndedSession(record.id, record.state, record.ended_at, encode=encode)
                 call_when_idle(kept.settle)

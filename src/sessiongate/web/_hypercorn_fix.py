@@ -350,14 +350,21 @@ class _ReadWhilePaused:
             return
         try:
             with trio.CancelScope() as self._reading:
-                await self._read_until_set(connection)
+                await self._read_until_set()
         finally:
             self._reading = None
 
-    async def _read_until_set(self, connection: h11.Connection) -> None:
+    async def _read_until_set(self) -> None:
         limit = self._server.config.h11_max_incomplete_size
         state = _connection_state(self._server)
-        while len(connection.trailing_data[0]) < limit:
+        protocol = self._protocol
+        # The protocol's h11 connection as it is at each step, not as it was when the
+        # wait began: an answer h11 was not told of gives the next exchange a new one
+        # (``_recycle_untold``), and a read that had taken its bytes from the kernel
+        # by then still ends (Trio yields after a read, and this scope's cancellation
+        # does not undo it). Fed to the old connection, those bytes were lost (an
+        # outside review: pipelined requests went unanswered, 3 rounds of 5).
+        while len(protocol.connection.trailing_data[0]) < limit:
             try:
                 data, ancillary, _, _ = await self._sock.recvmsg(
                     MAX_RECV, _receive_stamps.ANCILLARY
@@ -367,7 +374,7 @@ class _ReadWhilePaused:
             if not data:
                 raise _ClientGone
             _receive_stamps.latest_read.set((_receive_stamps.received(ancillary), state))
-            connection.receive_data(data)
+            protocol.connection.receive_data(data)
         # As much as h11 may hold: read no more (back-pressure, as Hypercorn does), but
         # still notice the client going away, which the kernel reports with the
         # unread bytes still queued (POLLRDHUP); Trio has no wait for that, so it is

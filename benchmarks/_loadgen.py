@@ -6,17 +6,22 @@ servers under test send (a status line, headers, a ``Content-Length`` or chunked
 which keeps the generator's own cost to a few tens of microseconds per exchange; the
 caller prints its CPU so a reader can tell it was not the bottleneck.
 
-An answer's receive time is taken as its first bytes are read from the socket (the
-connection's protocol, :class:`StampedProtocol`), before it is parsed: when a few
-hundred answers arrive at once (an overload's expiry wave), asyncio reads them all in
-one pass of its loop, then runs the clients one after another, each parsing its answer
-and sending its next request (~60 us on the 2-core VM here). Stamped after that, the
-last answer of a wave of 250 carried ~15 ms of the generator's own work.
+An answer's receive time is taken as its first bytes are read from the socket
+(:class:`StampedConnection`), before it is parsed: when a few hundred answers arrive at
+once (an overload's expiry wave), the loop reads the ones ready in one pass, then runs
+the clients one after another, each parsing its answer and sending its next request
+(~60 us on the 2-core VM here). Stamped after that, the last answer of a wave of 250
+carried ~15 ms of the generator's own work. An answer that arrives while the generator
+is busy with earlier ones is still read late; each read therefore also takes the
+kernel's receive stamp of its bytes (``SO_TIMESTAMPNS``, as the server stamps its
+requests): when the answer reached the client's host, whatever the generator was doing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -29,6 +34,8 @@ class Exchange:
     status: int
     body: bytes
     headers: dict[bytes, bytes]
+    #: The kernel's receive stamp of the answer's first bytes (time.time()), if known.
+    t_kernel: float | None = None
 
 
 def build_request(method: str, host: str, port: int, path: str, body: bytes) -> bytes:
@@ -39,31 +46,80 @@ def build_request(method: str, host: str, port: int, path: str, body: bytes) -> 
     return head.encode("ascii") + body
 
 
-class StampedProtocol(asyncio.StreamReaderProtocol):
-    """asyncio's stream protocol, noting when the first bytes since :meth:`expect` came."""
+#: Linux's SO_TIMESTAMPNS (the socket module may not name it), and room for its message.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 
-    first_bytes_at: float | None = None
+
+class StampedConnection:
+    """A client connection read with ``recvmsg`` into an asyncio ``StreamReader``,
+    noting when the first bytes since :meth:`expect` were read (``first_bytes_at``)
+    and the kernel's receive stamp of those bytes (``kernel_at``)."""
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock = sock
+        self.reader = asyncio.StreamReader(limit=2**16, loop=loop)
+        self.first_bytes_at: float | None = None
+        self.kernel_at: float | None = None
+        self._loop = loop
+        self._sending: set[asyncio.Task[None]] = set()
+        loop.add_reader(sock.fileno(), self._readable)
 
     def expect(self) -> None:
         """An answer is due: the next bytes read are its first."""
-        self.first_bytes_at = None
+        self.first_bytes_at = self.kernel_at = None
 
-    def data_received(self, data: bytes) -> None:
+    def _readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(65536, _ANCILLARY)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._loop.remove_reader(self.sock.fileno())
+            self.reader.set_exception(error)
+            return
         if self.first_bytes_at is None:
             self.first_bytes_at = time.time()
-        super().data_received(data)
+            for level, kind, stamp in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = _TIMESPEC.unpack_from(stamp)
+                    self.kernel_at = sec + nsec * 1e-9
+        if not data:
+            self._loop.remove_reader(self.sock.fileno())
+            self.reader.feed_eof()
+            return
+        self.reader.feed_data(data)
+
+    def write(self, data: bytes) -> None:
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):  # a full buffer (not with these small requests)
+            task = self._loop.create_task(self._loop.sock_sendall(self.sock, data[sent:]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    def close(self) -> None:
+        if self.sock.fileno() != -1:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
-async def open_stamped_connection(
-    host: str, port: int
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, StampedProtocol]:
-    """``asyncio.open_connection`` (as it is made), with a :class:`StampedProtocol`."""
+async def open_stamped_connection(host: str, port: int) -> StampedConnection:
+    """A connected :class:`StampedConnection` (``TCP_NODELAY``, as asyncio's own)."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=2**16, loop=loop)
-    protocol = StampedProtocol(reader, loop=loop)
-    transport, _ = await loop.create_connection(lambda: protocol, host, port)
-    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return reader, writer, protocol
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, (host, port))
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return StampedConnection(sock, loop)
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, bytes], bytes]:
@@ -104,28 +160,28 @@ async def closed_loop(
     errors: list[str],
 ) -> None:
     """One client: connect, wait for ``start``, then send/receive until ``stop_at[0]``."""
-    reader, writer, protocol = await open_stamped_connection(host, port)
+    conn = await open_stamped_connection(host, port)
     await start.wait()
     try:
         while time.time() < stop_at[0]:
             t_send = time.time()
             try:
-                protocol.expect()
-                writer.write(request)
-                status, headers, body = await read_response(reader)
+                conn.expect()
+                conn.write(request)
+                status, headers, body = await read_response(conn.reader)
             except (OSError, asyncio.IncompleteReadError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
-                writer.close()
+                conn.close()
                 await asyncio.sleep(0.01)
-                reader, writer, protocol = await open_stamped_connection(host, port)
+                conn = await open_stamped_connection(host, port)
                 continue
-            t_recv = protocol.first_bytes_at or time.time()
-            out.append(Exchange(index, t_send, t_recv, status, body, headers))
+            t_recv = conn.first_bytes_at or time.time()
+            out.append(Exchange(index, t_send, t_recv, status, body, headers, conn.kernel_at))
             if headers.get(b"connection", b"").lower() == b"close":
-                writer.close()
-                reader, writer, protocol = await open_stamped_connection(host, port)
+                conn.close()
+                conn = await open_stamped_connection(host, port)
     finally:
-        writer.close()
+        conn.close()
 
 
 async def run_clients(

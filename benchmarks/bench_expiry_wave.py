@@ -86,29 +86,29 @@ async def one_wave(
     conns = [await open_stamped_connection(HOST, port) for _ in range(clients)]
     await asyncio.sleep(0.3)  # every connection accepted and idle
     sent: list[float] = []
-    for _, writer, protocol in conns:
-        protocol.expect()
-        writer.write(request)
+    for conn in conns:
+        conn.expect()
+        conn.write(request)
         sent.append(time.time())
 
     async def answer(i: int) -> float:
-        reader, writer, protocol = conns[i]
-        status, _, _ = await read_response(reader)
+        conn = conns[i]
+        status, _, _ = await read_response(conn.reader)
         if status != 503:
             raise SystemExit(f"expected 503 queue_timeout, got {status}")
         # As its first bytes were read (``_loadgen``: not after the generator's work).
-        late = ((protocol.first_bytes_at or time.time()) - sent[i] - max_wait) * 1000
+        late = ((conn.first_bytes_at or time.time()) - sent[i] - max_wait) * 1000
         if resend:
-            protocol.expect()
-            writer.write(request)
+            conn.expect()
+            conn.write(request)
         return late
 
     await asyncio.sleep(max_wait / 2)
     server_cpu = cpu_seconds(server_pid)
     late = await asyncio.gather(*(answer(i) for i in range(len(conns))))
     server_cpu = cpu_seconds(server_pid) - server_cpu
-    for _, writer, _ in conns:
-        writer.close()
+    for conn in conns:
+        conn.close()
     return list(late), server_cpu
 
 

@@ -291,6 +291,12 @@ class Parsed:
     # send; answer time - (arrival stamp + deadline)
     before_app: list[float] = field(default_factory=list)
     late_from_stamp: list[float] = field(default_factory=list)
+    # expired: the kernel's receive stamp of the answer - (send + deadline)
+    late_client_kernel: list[float] = field(default_factory=list)
+
+
+#: The answers that say a session expired, by system.
+EXPIRY_ANSWERS = {("sessiongate", 503), ("article", 408), ("haproxy", 503)}
 
 
 def parse(system: str, exchanges: list[Exchange], deadline: float) -> Parsed:
@@ -305,6 +311,9 @@ def parse(system: str, exchanges: list[Exchange], deadline: float) -> Parsed:
                 out.latency_ok.append(latency)
             continue  # a plain endpoint: nothing to admit
         rec = Record(t_arrive=ex.t_send)
+        expired = (system, ex.status) in EXPIRY_ANSWERS
+        if expired and ex.t_kernel is not None:
+            out.late_client_kernel.append(ex.t_kernel - ex.t_send - deadline)
         try:
             if ex.status == 200:
                 j = json.loads(ex.body)
@@ -458,6 +467,7 @@ def summarise(system: str, sc: Scenario, run: dict[str, Any]) -> dict[str, Any]:
     for key, values in (
         ("late_server", parsed.late_server),
         ("late_client", parsed.late_client),
+        ("late_client_kernel", parsed.late_client_kernel),
         ("before_app", parsed.before_app),
         ("late_from_stamp", parsed.late_from_stamp),
     ):
@@ -768,6 +778,9 @@ QUEUED_ROWS = [
     ("expiry lateness, client p50", "late_client_p50", "ms"),
     ("expiry lateness, client p99", "late_client_p99", "ms"),
     ("expiry lateness, client max", "late_client_max", "ms"),
+    ("expiry lateness, client, kernel receive stamp p50", "late_client_kernel_p50", "ms"),
+    ("expiry lateness, client, kernel receive stamp p99", "late_client_kernel_p99", "ms"),
+    ("expiry lateness, client, kernel receive stamp max", "late_client_kernel_max", "ms"),
     ("(split) request reached the app after, p50", "before_app_p50", "ms"),
     ("(split) request reached the app after, p99", "before_app_p99", "ms"),
     ("(split) deadline from the stamp to the answer, p50", "late_from_stamp_p50", "ms"),
@@ -816,6 +829,7 @@ def dump_raw(name: str, exchanges: list[Exchange]) -> None:
                 "client": ex.client,
                 "t_send": ex.t_send,
                 "t_recv": ex.t_recv,
+                "t_kernel": ex.t_kernel,
                 "status": ex.status,
                 "body": ex.body.decode(errors="replace"),
                 "headers": {k.decode(): v.decode(errors="replace") for k, v in ex.headers.items()},

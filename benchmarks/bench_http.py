@@ -7,7 +7,7 @@ HAProxy's column needs ``apt-get install haproxy`` and is skipped without it)::
     .venv/bin/python benchmarks/bench_http.py --quick    # short windows, ~1.5 minutes
 
 Every system is started fresh for every scenario, on 127.0.0.1, and driven by the same
-closed-loop generator (``_loadgen.py``: asyncio streams, no HTTP library), whose own CPU
+closed-loop generator (``_loadgen.py``: asyncio, no HTTP library), whose own CPU
 is printed. Scenarios (scaled from the article's 50 sessions / 5 s / 60 s RTO):
 
 * **saturation**: capacity 50, 1 s sessions, 150 clients, 5 s queue deadline;

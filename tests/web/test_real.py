@@ -1439,6 +1439,51 @@ async def test_bytes_read_while_the_connection_is_renewed_go_to_the_new_one() ->
     assert isinstance(second, h11.Request) and second.target == b"/b"
 
 
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n",  # its answer made without h11
+        b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",  # h11's
+    ],
+)
+async def test_a_connection_ending_its_exchange_in_a_drain_is_closed_though_cancelled(
+    request_head: bytes,
+) -> None:
+    """In a drain the app's task is being cancelled as its exchange ends: the connection
+    is closed all the same (an unshielded close met the cancellation, and the client,
+    its pipelined requests unanswered, kept the connection until the grace ran out: an
+    outside review)."""
+    from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
+
+    writes: list[bytes] = []
+    closes: list[Any] = []
+    request = request_head + b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"  # one pipelined
+    protocol = _protocol_with_a_request(writes, request=request, stream=True, closes=closes)
+    protocol.stream.app_put = None
+    headers = [(b"content-length", b"2")]
+    await protocol.stream_send(Response(stream_id=1, headers=headers, status_code=200))
+    await protocol.stream_send(Body(stream_id=1, data=b"{}"))
+    await protocol.stream_send(EndBody(stream_id=1))
+    assert len(writes) == 1
+    await protocol.context.terminated.set()  # the server is shutting down
+    with trio.CancelScope() as scope:
+        scope.cancel()  # and the request's task is being cancelled
+        await protocol.stream_send(StreamClosed(stream_id=1))
+    assert len(closes) == 1
+
+
+async def test_a_connection_closed_meanwhile_counts_as_hung_up() -> None:
+    """The reading-on's hang-up check finds the connection closed by the server (a drain
+    closes it as its exchange ends): gone, not a fault (it raised ValueError, logged as
+    an error in the HTTP protocol)."""
+    left, right = socket.socketpair()
+    sock = trio.socket.from_stdlib_socket(left)
+    assert not _hypercorn_fix._hung_up(sock)
+    sock.close()
+    assert _hypercorn_fix._hung_up(sock)
+    right.close()
+
+
 async def test_an_answer_cancelled_before_its_write_closes_its_connection() -> None:
     """An answer made without h11 whose write never happened (its task cancelled just
     before): the exchange is not over, and the connection closes as it ends, as

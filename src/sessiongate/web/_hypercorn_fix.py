@@ -288,9 +288,13 @@ _HANGUP = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
 
 
 def _hung_up(sock: trio.socket.SocketType) -> bool:
-    """Whether the client closed or reset the connection, whatever it left unread."""
+    """Whether the client closed or reset the connection, whatever it left unread (or
+    the server closed it meanwhile: a drain closes a connection as its exchange ends)."""
+    fileno = sock.fileno()
+    if fileno == -1:
+        return True
     poller = select.poll()
-    poller.register(sock.fileno(), _HANGUP)
+    poller.register(fileno, _HANGUP)
     return bool(poller.poll(0))
 
 
@@ -739,8 +743,7 @@ async def _recycle_untold(self: H11Protocol) -> None:
     await self._close_stream()
     done = self.connection
     if self.context.terminated.is_set() or done.their_state is not h11.DONE:
-        await self.can_read.set()
-        await self.send(Closed())
+        await _close_shielded(self)
         return
     after, closed = done.trailing_data
     connection = h11.Connection(
@@ -755,6 +758,40 @@ async def _recycle_untold(self: H11Protocol) -> None:
     self.connection = connection
     await self.can_read.set()
     await self.send(Updated(idle=True))
+
+
+async def _close_shielded(self: H11Protocol) -> None:
+    """Close the connection once its exchange has ended, shielded: in a drain the app's
+    task is being cancelled (Quart-Trio cancels a finished request, the server's
+    shutdown cancels the rest), and an unshielded close met that cancellation and never
+    happened: the client, its pipelined requests unanswered, kept the connection open
+    until the shutdown grace ran out, and the process's exit waited for it (an outside
+    review: 8 pipelining connections, SIGTERM, exit after the whole 5 s grace)."""
+    with trio.CancelScope(shield=True):
+        await self.can_read.set()
+        await self.send(Closed())
+
+
+async def _recycle(self: H11Protocol) -> None:
+    """Hypercorn's ``_maybe_recycle`` (an exchange h11 was told of), with the close
+    shielded (:func:`_close_shielded`)."""
+    await self._close_stream()
+    connection = self.connection
+    if (
+        not self.context.terminated.is_set()
+        and connection.our_state is h11.DONE
+        and connection.their_state is h11.DONE
+    ):
+        try:
+            connection.start_next_cycle()
+        except h11.LocalProtocolError:
+            with trio.CancelScope(shield=True):
+                await self.send(Closed())
+        else:
+            await self.can_read.set()
+            await self.send(Updated(idle=True))
+    else:
+        await _close_shielded(self)
 
 
 def _answer_is_out(protocol: H11Protocol) -> bool:
@@ -870,9 +907,10 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
         try:
             await self._close_stream()
         finally:
-            with trio.CancelScope(shield=True):
-                await self.can_read.set()
-                await self.send(Closed())
+            await _close_shielded(self)
+        return
+    if isinstance(event, StreamClosed):
+        await _recycle(self)
         return
     await _original_stream_send(self, event)
 

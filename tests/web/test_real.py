@@ -1421,7 +1421,8 @@ async def test_bytes_read_while_the_connection_is_renewed_go_to_the_new_one() ->
             nonlocal calls
             calls += 1
             if calls == 1:  # the answer went out meanwhile: the exchange ends here
-                await _hypercorn_fix._recycle_untold(protocol)
+                _hypercorn_fix._answered_untold.add(protocol)
+                await _hypercorn_fix._recycle(protocol)
                 return b"st: x\r\n\r\n", [], 0, None  # taken from the kernel before
             await trio.sleep_forever()
             raise AssertionError

@@ -364,7 +364,7 @@ class _ReadWhilePaused:
         protocol = self._protocol
         # The protocol's h11 connection as it is at each step, not as it was when the
         # wait began: an answer h11 was not told of gives the next exchange a new one
-        # (``_recycle_untold``), and a read that had taken its bytes from the kernel
+        # (``_recycle``), and a read that had taken its bytes from the kernel
         # by then still ends (Trio yields after a read, and this scope's cancellation
         # does not undo it). Fed to the old connection, those bytes were lost (an
         # outside review: pipelined requests went unanswered, 3 rounds of 5).
@@ -735,31 +735,6 @@ def _head_as_h11_writes(
 _answered_untold: weakref.WeakSet[H11Protocol] = weakref.WeakSet()
 
 
-async def _recycle_untold(self: H11Protocol) -> None:
-    """Hypercorn's ``_maybe_recycle`` for an exchange whose answer h11 was never told
-    of: the connection's next exchange goes to a new h11 connection (what
-    ``start_next_cycle`` makes of the old one: both sides idle, the bytes already read
-    behind the request kept), or the connection closes as Hypercorn closes it."""
-    await self._close_stream()
-    done = self.connection
-    if self.context.terminated.is_set() or done.their_state is not h11.DONE:
-        await _close_shielded(self)
-        return
-    after, closed = done.trailing_data
-    connection = h11.Connection(
-        h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
-    )
-    if after:
-        connection.receive_data(after)
-    if closed:
-        connection.receive_data(b"")
-    # Swapped and the reading told in one go (no schedule point): a read still going
-    # on for the old connection (``_ReadWhilePaused``) is stopped before it can run.
-    self.connection = connection
-    await self.can_read.set()
-    await self.send(Updated(idle=True))
-
-
 async def _close_shielded(self: H11Protocol) -> None:
     """Close the connection once its exchange has ended, shielded: in a drain the app's
     task is being cancelled (Quart-Trio cancels a finished request, the server's
@@ -773,25 +748,44 @@ async def _close_shielded(self: H11Protocol) -> None:
 
 
 async def _recycle(self: H11Protocol) -> None:
-    """Hypercorn's ``_maybe_recycle`` (an exchange h11 was told of), with the close
-    shielded (:func:`_close_shielded`)."""
-    await self._close_stream()
+    """Hypercorn's ``_maybe_recycle``, as an exchange ends: the connection's next
+    exchange, or the connection closed (shielded: :func:`_close_shielded`; also when
+    telling the app its stream closed fails, which a shield would let block for ever).
+
+    After an answer h11 was never told of (``_answered_untold``), the next exchange goes
+    to a new h11 connection: what ``start_next_cycle`` makes of the old one, both sides
+    idle, with the bytes already read behind the request."""
+    untold = self in _answered_untold
+    _answered_untold.discard(self)
+    try:
+        await self._close_stream()
+    except BaseException:
+        await _close_shielded(self)
+        raise
     connection = self.connection
     if (
-        not self.context.terminated.is_set()
-        and connection.our_state is h11.DONE
-        and connection.their_state is h11.DONE
+        self.context.terminated.is_set()
+        or connection.their_state is not h11.DONE
+        or not (untold or connection.our_state is h11.DONE)  # h11 MUST_CLOSE, or unsent
     ):
-        try:
-            connection.start_next_cycle()
-        except h11.LocalProtocolError:
-            with trio.CancelScope(shield=True):
-                await self.send(Closed())
-        else:
-            await self.can_read.set()
-            await self.send(Updated(idle=True))
-    else:
         await _close_shielded(self)
+        return
+    if untold:
+        after, closed = connection.trailing_data
+        connection = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+        )
+        if after:
+            connection.receive_data(after)
+        if closed:
+            connection.receive_data(b"")
+        # Swapped and the reading told in one go (no schedule point): a read still going
+        # on for the old connection (``_ReadWhilePaused``) feeds the new one.
+        self.connection = connection
+    else:
+        connection.start_next_cycle()  # both sides are DONE: it cannot refuse
+    await self.can_read.set()
+    await self.send(Updated(idle=True))
 
 
 def _answer_is_out(protocol: H11Protocol) -> bool:
@@ -819,7 +813,7 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
     A sized answer's bytes are made without h11 where h11 would write them unchanged
     (:func:`_head_as_h11_writes`: a keep-alive HTTP/1.1 exchange), and h11 is never told
     of it: once it is written the exchange is over, and a new h11 connection takes the
-    connection's next one (:func:`_recycle_untold`). h11's part (its checks and state
+    connection's next one (:func:`_recycle`). h11's part (its checks and state
     changes for the answer, and its recycling: ~20 us of a request on the VM here) was a
     third of an expiry answer's step before its write, and under a wave every answer of
     the pass waits for all of them to be made (``_pass_writes``).
@@ -856,7 +850,7 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
         if isinstance(event, EndBody):
             if held.untold is not None and held.body_left == 0:
                 # Written as h11 would write it, and h11 never told: the exchange is
-                # over, and a new h11 connection takes the next (``_recycle_untold``).
+                # over, and a new h11 connection takes the next (``_recycle``).
                 _answered_untold.add(self)
                 try:
                     await self.send(RawData(data=held.data))
@@ -896,19 +890,6 @@ async def stream_send(self: H11Protocol, event: StreamEvent) -> None:
     # answers of the pass the answer was written in went out: its last write waited for
     # that pass to end (``_pass_writes``), so there is no yield here (there was one before
     # writes were made at the pass's end; 1.6 % of a request's instructions).
-    if isinstance(event, StreamClosed) and self in _answered_untold:
-        _answered_untold.discard(self)
-        await _recycle_untold(self)
-        return
-    if isinstance(event, StreamClosed) and self.connection.our_state is h11.MUST_CLOSE:
-        # Hypercorn's _maybe_recycle for a connection that closes, with only the
-        # close shielded: telling the app its stream closed can wait on the app,
-        # which a shield would let block for ever.
-        try:
-            await self._close_stream()
-        finally:
-            await _close_shielded(self)
-        return
     if isinstance(event, StreamClosed):
         await _recycle(self)
         return
